@@ -1,0 +1,1323 @@
+//! RFC 7523 JWT assertions: the client assertion of `private_key_jwt` and `client_secret_jwt`
+//! (RFC 7523 §2.2, OIDC Core §9) and the assertion of the JWT-bearer grant (RFC 7523 §2.1).
+//!
+//! This module owns loading a signing key and checking that it fits its algorithm (at
+//! configuration time, so a bad key fails `on_configure`, never a request), and building and
+//! signing one assertion. It does no I/O and reads no clock: the caller passes `now` and the
+//! random bytes of `jti`. Signing itself is `jsonwebtoken`'s RustCrypto backend; the JOSE header
+//! and claims are built here so that any header field (`kid`, `x5t`, `typ`...) can be set.
+
+use std::fmt;
+
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use jsonwebtoken::{Algorithm, EncodingKey};
+use serde_json::{Map, Value};
+
+use crate::core::secret::Secret;
+
+/// `client_assertion_type` of a token request authenticated with a JWT (RFC 7523 §2.2).
+pub const CLIENT_ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+/// `grant_type` of the JWT-bearer grant (RFC 7523 §2.1).
+pub const JWT_BEARER_GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+
+/// Shortest RSA modulus accepted, in bits (RFC 7518 §3.3 and §3.5: "2048 bits or larger MUST").
+pub const MIN_RSA_BITS: usize = 2048;
+
+/// `typ` of the JOSE header unless the template's `extra_header` sets another.
+pub const DEFAULT_TYP: &str = "JWT";
+
+/// Claims this module sets and `extra_claims` may not override: they must stay correct for
+/// every assertion (a fixed `exp` or `jti` would be replayed or expired).
+pub const RESERVED_CLAIMS: [&str; 4] = ["exp", "iat", "nbf", "jti"];
+
+/// Header fields `extra_header` may not set: `alg` is always the signer's.
+pub const RESERVED_HEADERS: [&str; 1] = ["alg"];
+
+/// A JWS signing algorithm (RFC 7518 §3.1, RFC 8037 for `EdDSA`) that an assertion can use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JwtAlgorithm {
+    HS256,
+    HS384,
+    HS512,
+    RS256,
+    RS384,
+    RS512,
+    PS256,
+    PS384,
+    PS512,
+    ES256,
+    ES384,
+    EdDSA,
+}
+
+impl JwtAlgorithm {
+    /// Every supported algorithm, for error messages that list the choices.
+    pub const ALL: [JwtAlgorithm; 12] = [
+        JwtAlgorithm::HS256,
+        JwtAlgorithm::HS384,
+        JwtAlgorithm::HS512,
+        JwtAlgorithm::RS256,
+        JwtAlgorithm::RS384,
+        JwtAlgorithm::RS512,
+        JwtAlgorithm::PS256,
+        JwtAlgorithm::PS384,
+        JwtAlgorithm::PS512,
+        JwtAlgorithm::ES256,
+        JwtAlgorithm::ES384,
+        JwtAlgorithm::EdDSA,
+    ];
+
+    /// The algorithm with this JWA name. Names are case-sensitive, as in JWA: `RS256`, `EdDSA`.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|alg| alg.name() == name)
+    }
+
+    /// The JWA name, as written in the `alg` header.
+    pub fn name(self) -> &'static str {
+        match self {
+            JwtAlgorithm::HS256 => "HS256",
+            JwtAlgorithm::HS384 => "HS384",
+            JwtAlgorithm::HS512 => "HS512",
+            JwtAlgorithm::RS256 => "RS256",
+            JwtAlgorithm::RS384 => "RS384",
+            JwtAlgorithm::RS512 => "RS512",
+            JwtAlgorithm::PS256 => "PS256",
+            JwtAlgorithm::PS384 => "PS384",
+            JwtAlgorithm::PS512 => "PS512",
+            JwtAlgorithm::ES256 => "ES256",
+            JwtAlgorithm::ES384 => "ES384",
+            JwtAlgorithm::EdDSA => "EdDSA",
+        }
+    }
+
+    /// True for the HMAC algorithms, which sign with the client secret (`client_secret_jwt`).
+    pub fn is_hmac(self) -> bool {
+        matches!(self, JwtAlgorithm::HS256 | JwtAlgorithm::HS384 | JwtAlgorithm::HS512)
+    }
+
+    /// Shortest HMAC key, in bytes: the hash output size (RFC 7518 §3.2; OIDC Core §16.19 applies
+    /// it to the client secret). `None` for the algorithms that sign with a private key.
+    pub fn hmac_min_secret_bytes(self) -> Option<usize> {
+        match self {
+            JwtAlgorithm::HS256 => Some(32),
+            JwtAlgorithm::HS384 => Some(48),
+            JwtAlgorithm::HS512 => Some(64),
+            _ => None,
+        }
+    }
+
+    /// What this algorithm signs with, for error messages.
+    fn key_needed(self) -> &'static str {
+        match self {
+            JwtAlgorithm::HS256 | JwtAlgorithm::HS384 | JwtAlgorithm::HS512 => "a client secret",
+            JwtAlgorithm::RS256
+            | JwtAlgorithm::RS384
+            | JwtAlgorithm::RS512
+            | JwtAlgorithm::PS256
+            | JwtAlgorithm::PS384
+            | JwtAlgorithm::PS512 => "an RSA key",
+            JwtAlgorithm::ES256 => "an EC P-256 key",
+            JwtAlgorithm::ES384 => "an EC P-384 key",
+            JwtAlgorithm::EdDSA => "an Ed25519 key",
+        }
+    }
+
+    fn to_jsonwebtoken(self) -> Algorithm {
+        match self {
+            JwtAlgorithm::HS256 => Algorithm::HS256,
+            JwtAlgorithm::HS384 => Algorithm::HS384,
+            JwtAlgorithm::HS512 => Algorithm::HS512,
+            JwtAlgorithm::RS256 => Algorithm::RS256,
+            JwtAlgorithm::RS384 => Algorithm::RS384,
+            JwtAlgorithm::RS512 => Algorithm::RS512,
+            JwtAlgorithm::PS256 => Algorithm::PS256,
+            JwtAlgorithm::PS384 => Algorithm::PS384,
+            JwtAlgorithm::PS512 => Algorithm::PS512,
+            JwtAlgorithm::ES256 => Algorithm::ES256,
+            JwtAlgorithm::ES384 => Algorithm::ES384,
+            JwtAlgorithm::EdDSA => Algorithm::EdDSA,
+        }
+    }
+}
+
+impl fmt::Display for JwtAlgorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Why a key was refused. Messages name the problem, never the key material.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyError {
+    /// No PEM block, a block without its END line, or a body that is not base64.
+    NotPem,
+    /// A PEM block of a kind that cannot sign: a public key, a certificate, an OpenSSH key...
+    UnsupportedPemLabel { label: String },
+    /// An encrypted private key: the filter has no passphrase to open it.
+    EncryptedKey,
+    /// The DER inside the PEM does not parse as the structure its label announces.
+    MalformedKey { format: &'static str },
+    /// A key type or curve no supported algorithm signs with (secp256k1, P-521, Ed448...).
+    UnsupportedKey { what: &'static str },
+    /// The key's type does not fit the algorithm: an RSA key with ES256.
+    WrongKeyType { key: &'static str, alg: JwtAlgorithm },
+    /// An EC key on the other curve: a P-384 key with ES256.
+    CurveMismatch { key_curve: &'static str, alg: JwtAlgorithm },
+    /// An RSA key shorter than [`MIN_RSA_BITS`].
+    RsaKeyTooShort { bits: usize },
+    /// A client secret shorter than the hash output of its HMAC algorithm.
+    HmacSecretTooShort { alg: JwtAlgorithm, min_bytes: usize },
+    /// An HMAC algorithm given a private key, or a private-key algorithm given the client secret.
+    AlgorithmNotForMethod { alg: JwtAlgorithm, method: &'static str },
+    /// The key parsed but the crypto backend could not sign with it.
+    KeyRejected { alg: JwtAlgorithm },
+}
+
+impl fmt::Display for KeyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeyError::NotPem => f.write_str(
+                "the private key is not PEM (expected -----BEGIN PRIVATE KEY----- ... \
+                 -----END PRIVATE KEY----- with a base64 body)",
+            ),
+            KeyError::UnsupportedPemLabel { label } => write!(
+                f,
+                "a PEM \"{label}\" block cannot sign: expected PRIVATE KEY (PKCS#8), \
+                 RSA PRIVATE KEY (PKCS#1) or EC PRIVATE KEY (SEC1)"
+            ),
+            KeyError::EncryptedKey => f.write_str(
+                "the private key is encrypted; store it decrypted, e.g. \
+                 `openssl pkcs8 -topk8 -nocrypt -in key.pem`",
+            ),
+            KeyError::MalformedKey { format } => write!(f, "the {format} private key is malformed"),
+            KeyError::UnsupportedKey { what } => {
+                write!(f, "{what} is not supported: use an RSA, EC P-256, EC P-384 or Ed25519 key")
+            }
+            KeyError::WrongKeyType { key, alg } => {
+                write!(f, "an {key} key cannot sign {alg} ({alg} needs {})", alg.key_needed())
+            }
+            KeyError::CurveMismatch { key_curve, alg } => {
+                write!(f, "an EC {key_curve} key cannot sign {alg} ({alg} needs {})", alg.key_needed())
+            }
+            KeyError::RsaKeyTooShort { bits } => {
+                write!(f, "the RSA key has {bits} bits; at least {MIN_RSA_BITS} are needed (RFC 7518 §3.3)")
+            }
+            KeyError::HmacSecretTooShort { alg, min_bytes } => write!(
+                f,
+                "the client secret is too short for {alg}: it needs at least {min_bytes} bytes \
+                 (RFC 7518 §3.2)"
+            ),
+            KeyError::AlgorithmNotForMethod { alg, method } => {
+                write!(f, "{alg} cannot be used with {method}: {alg} signs with {}", alg.key_needed())
+            }
+            KeyError::KeyRejected { alg } => {
+                write!(f, "the key was read but cannot sign {alg}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for KeyError {}
+
+/// A signing key checked against its algorithm at configuration time.
+///
+/// `Debug` prints the algorithm only. The key bytes live in `jsonwebtoken`'s `EncodingKey`, which
+/// also redacts its `Debug` and zeroizes them on drop.
+#[derive(Clone)]
+pub struct AssertionSigner {
+    alg: JwtAlgorithm,
+    key: EncodingKey,
+}
+
+impl AssertionSigner {
+    /// `private_key_jwt`: a PEM private key, PKCS#8 (`PRIVATE KEY`: RSA, EC, Ed25519), PKCS#1
+    /// (`RSA PRIVATE KEY`) or SEC1 (`EC PRIVATE KEY`). Other blocks (`EC PARAMETERS`) are skipped;
+    /// the first private key is used. Literal `\n` sequences (a PEM squeezed onto one line in an
+    /// environment variable) are read as line breaks.
+    ///
+    /// The key must fit `alg`: RSA of [`MIN_RSA_BITS`] or more for RS*/PS*, P-256 for ES256,
+    /// P-384 for ES384, Ed25519 for EdDSA. A test signature proves it can sign.
+    pub fn from_private_key_pem(alg: JwtAlgorithm, pem: &Secret) -> Result<Self, KeyError> {
+        if alg.is_hmac() {
+            return Err(KeyError::AlgorithmNotForMethod { alg, method: "private_key_jwt" });
+        }
+        let (format, der) = pem::private_key(pem.expose())?;
+        let parsed = match format {
+            pem::KeyFormat::Pkcs8 => parse_pkcs8(&der)?,
+            pem::KeyFormat::Pkcs1 => ParsedKey::Rsa { pkcs1: der },
+            pem::KeyFormat::Sec1 => parse_sec1(&der)?,
+        };
+        let key = match (alg, parsed) {
+            (
+                JwtAlgorithm::RS256
+                | JwtAlgorithm::RS384
+                | JwtAlgorithm::RS512
+                | JwtAlgorithm::PS256
+                | JwtAlgorithm::PS384
+                | JwtAlgorithm::PS512,
+                ParsedKey::Rsa { pkcs1 },
+            ) => {
+                let bits = rsa_modulus_bits(&pkcs1).ok_or(KeyError::MalformedKey { format: "PKCS#1 RSA" })?;
+                if bits < MIN_RSA_BITS {
+                    return Err(KeyError::RsaKeyTooShort { bits });
+                }
+                EncodingKey::from_rsa_der(&pkcs1)
+            }
+            (JwtAlgorithm::ES256 | JwtAlgorithm::ES384, ParsedKey::Ec { curve, pkcs8 }) => {
+                let needed = match alg {
+                    JwtAlgorithm::ES256 => EcCurve::P256,
+                    _ => EcCurve::P384,
+                };
+                if curve != needed {
+                    return Err(KeyError::CurveMismatch { key_curve: curve.name(), alg });
+                }
+                EncodingKey::from_ec_der(&pkcs8)
+            }
+            (JwtAlgorithm::EdDSA, ParsedKey::Ed25519 { pkcs8 }) => EncodingKey::from_ed_der(&pkcs8),
+            (_, parsed) => {
+                return Err(KeyError::WrongKeyType { key: parsed.kind(), alg });
+            }
+        };
+        Self::checked(alg, key)
+    }
+
+    /// `client_secret_jwt`: HMAC keyed with the octets of the client secret (RFC 7523 §2.2,
+    /// OIDC Core §9). A secret shorter than the hash output (32, 48, 64 bytes for HS256, HS384,
+    /// HS512) is refused, as RFC 7518 §3.2 and OIDC Core §16.19 require.
+    pub fn from_client_secret(alg: JwtAlgorithm, secret: &Secret) -> Result<Self, KeyError> {
+        let Some(min_bytes) = alg.hmac_min_secret_bytes() else {
+            return Err(KeyError::AlgorithmNotForMethod { alg, method: "client_secret_jwt" });
+        };
+        let bytes = secret.expose().as_bytes();
+        if bytes.len() < min_bytes {
+            return Err(KeyError::HmacSecretTooShort { alg, min_bytes });
+        }
+        Self::checked(alg, EncodingKey::from_secret(bytes))
+    }
+
+    pub fn algorithm(&self) -> JwtAlgorithm {
+        self.alg
+    }
+
+    /// Proves the key signs with `alg` before anyone relies on it.
+    fn checked(alg: JwtAlgorithm, key: EncodingKey) -> Result<Self, KeyError> {
+        let signer = AssertionSigner { alg, key };
+        signer.sign(b"oauth2-cc key check").map_err(|_| KeyError::KeyRejected { alg })?;
+        Ok(signer)
+    }
+
+    /// The base64url signature of `message`.
+    fn sign(&self, message: &[u8]) -> Result<String, jsonwebtoken::errors::Error> {
+        jsonwebtoken::crypto::sign(message, &self.key, self.alg.to_jsonwebtoken())
+    }
+}
+
+impl fmt::Debug for AssertionSigner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AssertionSigner").field("algorithm", &self.alg).finish_non_exhaustive()
+    }
+}
+
+/// The `aud` claim: one string, or an array of strings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AssertionAudience {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl AssertionAudience {
+    fn is_valid(&self) -> bool {
+        match self {
+            AssertionAudience::One(aud) => !aud.is_empty(),
+            AssertionAudience::Many(auds) => !auds.is_empty() && auds.iter().all(|aud| !aud.is_empty()),
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        match self {
+            AssertionAudience::One(aud) => Value::from(aud.as_str()),
+            AssertionAudience::Many(auds) => Value::from(auds.clone()),
+        }
+    }
+}
+
+/// What every assertion of a profile says; [`sign_assertion`] adds the time and `jti`.
+///
+/// Claims: `iss`, `sub`, `aud` from the fields, then `extra_claims` (which may override those
+/// three, e.g. to send a differently shaped `aud`), then `iat`, `exp = iat + lifetime_s`, `nbf =
+/// iat` if `include_nbf`, and `jti`, which `extra_claims` may not set ([`RESERVED_CLAIMS`]).
+/// Header: `alg` (always the signer's, [`RESERVED_HEADERS`]), `typ` = [`DEFAULT_TYP`], then
+/// `extra_header` (`kid`, `x5t`, or another `typ` such as `client-authentication+jwt`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AssertionTemplate {
+    /// `iss`: the client_id for client authentication.
+    pub issuer: String,
+    /// `sub`: the client_id for client authentication.
+    pub subject: String,
+    /// `aud`: the authorization server, usually its token endpoint URL or issuer identifier.
+    pub audience: AssertionAudience,
+    /// Seconds from `iat` to `exp`; must be at least 1.
+    pub lifetime_s: u64,
+    pub include_nbf: bool,
+    pub extra_header: Map<String, Value>,
+    pub extra_claims: Map<String, Value>,
+}
+
+impl AssertionTemplate {
+    /// Checks what does not depend on the time: call it when loading the configuration, so that
+    /// [`sign_assertion`] only fails on a clock overflow or a crypto failure.
+    pub fn validate(&self) -> Result<(), AssertionError> {
+        if self.issuer.is_empty() {
+            return Err(AssertionError::MissingClaim { claim: "iss" });
+        }
+        if self.subject.is_empty() {
+            return Err(AssertionError::MissingClaim { claim: "sub" });
+        }
+        if !self.audience.is_valid() {
+            return Err(AssertionError::MissingClaim { claim: "aud" });
+        }
+        if self.lifetime_s == 0 {
+            return Err(AssertionError::ZeroLifetime);
+        }
+        if let Some(name) = RESERVED_HEADERS.into_iter().find(|name| self.extra_header.contains_key(*name)) {
+            return Err(AssertionError::ReservedHeader { name });
+        }
+        if let Some(name) = RESERVED_CLAIMS.into_iter().find(|name| self.extra_claims.contains_key(*name)) {
+            return Err(AssertionError::ReservedClaim { name });
+        }
+        Ok(())
+    }
+}
+
+/// Why an assertion could not be built. Messages never contain key material.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AssertionError {
+    /// `iss`, `sub` or `aud` is empty (RFC 7523 §3 requires them).
+    MissingClaim { claim: &'static str },
+    /// `lifetime_s` is 0: the assertion would be expired when issued.
+    ZeroLifetime,
+    /// `extra_header` sets a field the signer owns (`alg`).
+    ReservedHeader { name: &'static str },
+    /// `extra_claims` sets a claim computed per assertion (`exp`, `iat`, `nbf`, `jti`).
+    ReservedClaim { name: &'static str },
+    /// The `jti` passed in is empty.
+    EmptyJti,
+    /// `now + lifetime_s` does not fit in a u64.
+    TimeOverflow,
+    /// The crypto backend failed to sign (e.g. no randomness for RSA blinding or a PSS salt).
+    Signing { alg: JwtAlgorithm, detail: String },
+}
+
+impl fmt::Display for AssertionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AssertionError::MissingClaim { claim } => {
+                write!(f, "the assertion needs a non-empty \"{claim}\" claim")
+            }
+            AssertionError::ZeroLifetime => f.write_str("the assertion lifetime must be at least 1 second"),
+            AssertionError::ReservedHeader { name } => {
+                write!(f, "the assertion header field \"{name}\" is set by the signer and cannot be configured")
+            }
+            AssertionError::ReservedClaim { name } => {
+                write!(f, "the assertion claim \"{name}\" is computed for each assertion and cannot be configured")
+            }
+            AssertionError::EmptyJti => f.write_str("the assertion needs a non-empty jti"),
+            AssertionError::TimeOverflow => f.write_str("the assertion expiry time overflows"),
+            AssertionError::Signing { alg, detail } => {
+                write!(f, "signing the {alg} assertion failed: {detail}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for AssertionError {}
+
+/// Builds and signs one assertion: a compact JWS `header.claims.signature`.
+///
+/// `now_unix_s` becomes `iat` (and `nbf`); `jti` must be unique per assertion (see
+/// [`jti_from_random`]), since authorization servers may refuse a replayed one.
+pub fn sign_assertion(
+    signer: &AssertionSigner,
+    template: &AssertionTemplate,
+    now_unix_s: u64,
+    jti: &str,
+) -> Result<String, AssertionError> {
+    template.validate()?;
+    if jti.is_empty() {
+        return Err(AssertionError::EmptyJti);
+    }
+    let exp = now_unix_s.checked_add(template.lifetime_s).ok_or(AssertionError::TimeOverflow)?;
+
+    let mut header = Map::new();
+    header.insert("typ".into(), Value::from(DEFAULT_TYP));
+    for (name, value) in &template.extra_header {
+        header.insert(name.clone(), value.clone());
+    }
+    // Last, so that the header names the signer's algorithm whatever `extra_header` holds.
+    header.insert("alg".into(), Value::from(signer.alg.name()));
+
+    let mut claims = Map::new();
+    claims.insert("iss".into(), Value::from(template.issuer.as_str()));
+    claims.insert("sub".into(), Value::from(template.subject.as_str()));
+    claims.insert("aud".into(), template.audience.to_json());
+    for (name, value) in &template.extra_claims {
+        claims.insert(name.clone(), value.clone());
+    }
+    claims.insert("iat".into(), Value::from(now_unix_s));
+    claims.insert("exp".into(), Value::from(exp));
+    if template.include_nbf {
+        claims.insert("nbf".into(), Value::from(now_unix_s));
+    }
+    claims.insert("jti".into(), Value::from(jti));
+
+    let signing_input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(Value::Object(header).to_string()),
+        URL_SAFE_NO_PAD.encode(Value::Object(claims).to_string()),
+    );
+    let signature = signer
+        .sign(signing_input.as_bytes())
+        .map_err(|error| AssertionError::Signing { alg: signer.alg, detail: error.to_string() })?;
+    Ok(format!("{signing_input}.{signature}"))
+}
+
+/// A `jti` from 128 random bits: their base64url encoding without padding (22 characters).
+pub fn jti_from_random(bytes: &[u8; 16]) -> String {
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// A private key, sorted by type, in the DER form `jsonwebtoken` takes for it.
+enum ParsedKey {
+    Rsa { pkcs1: Vec<u8> },
+    Ec { curve: EcCurve, pkcs8: Vec<u8> },
+    Ed25519 { pkcs8: Vec<u8> },
+}
+
+impl ParsedKey {
+    fn kind(&self) -> &'static str {
+        match self {
+            ParsedKey::Rsa { .. } => "RSA",
+            ParsedKey::Ec { curve, .. } => curve.key_kind(),
+            ParsedKey::Ed25519 { .. } => "Ed25519",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EcCurve {
+    P256,
+    P384,
+}
+
+impl EcCurve {
+    fn name(self) -> &'static str {
+        match self {
+            EcCurve::P256 => "P-256",
+            EcCurve::P384 => "P-384",
+        }
+    }
+
+    fn key_kind(self) -> &'static str {
+        match self {
+            EcCurve::P256 => "EC P-256",
+            EcCurve::P384 => "EC P-384",
+        }
+    }
+
+    fn oid(self) -> &'static [u8] {
+        match self {
+            EcCurve::P256 => oid::P256,
+            EcCurve::P384 => oid::P384,
+        }
+    }
+
+    fn from_oid(curve: &[u8]) -> Result<Self, KeyError> {
+        match curve {
+            oid::P256 => Ok(EcCurve::P256),
+            oid::P384 => Ok(EcCurve::P384),
+            oid::P521 => Err(KeyError::UnsupportedKey { what: "an EC P-521 key" }),
+            oid::SECP256K1 => Err(KeyError::UnsupportedKey { what: "an EC secp256k1 key" }),
+            _ => Err(KeyError::UnsupportedKey { what: "an EC key on an unknown curve" }),
+        }
+    }
+}
+
+/// Object identifiers, as the content bytes of their DER encoding.
+mod oid {
+    /// rsaEncryption, 1.2.840.113549.1.1.1
+    pub const RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01];
+    /// id-RSASSA-PSS, 1.2.840.113549.1.1.10
+    pub const RSA_PSS: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0a];
+    /// id-ecPublicKey, 1.2.840.10045.2.1
+    pub const EC: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
+    /// prime256v1 (P-256), 1.2.840.10045.3.1.7
+    pub const P256: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+    /// secp384r1 (P-384), 1.3.132.0.34
+    pub const P384: &[u8] = &[0x2b, 0x81, 0x04, 0x00, 0x22];
+    /// secp521r1 (P-521), 1.3.132.0.35
+    pub const P521: &[u8] = &[0x2b, 0x81, 0x04, 0x00, 0x23];
+    /// secp256k1, 1.3.132.0.10
+    pub const SECP256K1: &[u8] = &[0x2b, 0x81, 0x04, 0x00, 0x0a];
+    /// id-Ed25519, 1.3.101.112
+    pub const ED25519: &[u8] = &[0x2b, 0x65, 0x70];
+    /// id-Ed448, 1.3.101.113
+    pub const ED448: &[u8] = &[0x2b, 0x65, 0x71];
+}
+
+/// PKCS#8 `PrivateKeyInfo` (RFC 5208, RFC 5958): sorts the key by its algorithm identifier.
+fn parse_pkcs8(der: &[u8]) -> Result<ParsedKey, KeyError> {
+    const MALFORMED: KeyError = KeyError::MalformedKey { format: "PKCS#8" };
+    let info = der::whole(der, der::SEQUENCE).ok_or(MALFORMED)?;
+    let (_version, rest) = der::take(info, der::INTEGER).ok_or(MALFORMED)?;
+    let (algorithm, rest) = der::take(rest, der::SEQUENCE).ok_or(MALFORMED)?;
+    let (private_key, _attributes) = der::take(rest, der::OCTET_STRING).ok_or(MALFORMED)?;
+    let (algorithm_oid, parameters) = der::take(algorithm, der::OID).ok_or(MALFORMED)?;
+    match algorithm_oid {
+        // The private key of rsaEncryption is a PKCS#1 RSAPrivateKey.
+        oid::RSA => Ok(ParsedKey::Rsa { pkcs1: private_key.to_vec() }),
+        oid::EC => {
+            let (curve, _) = der::take(parameters, der::OID)
+                .ok_or(KeyError::UnsupportedKey { what: "an EC key without a named curve" })?;
+            Ok(ParsedKey::Ec { curve: EcCurve::from_oid(curve)?, pkcs8: der.to_vec() })
+        }
+        oid::ED25519 => Ok(ParsedKey::Ed25519 { pkcs8: der.to_vec() }),
+        oid::ED448 => Err(KeyError::UnsupportedKey { what: "an Ed448 key" }),
+        oid::RSA_PSS => Err(KeyError::UnsupportedKey { what: "an RSA-PSS-only key (id-RSASSA-PSS)" }),
+        _ => Err(KeyError::UnsupportedKey { what: "a key of an unknown algorithm" }),
+    }
+}
+
+/// SEC1 `ECPrivateKey` (RFC 5915), rewrapped as PKCS#8 since that is what the signer reads.
+fn parse_sec1(der: &[u8]) -> Result<ParsedKey, KeyError> {
+    const MALFORMED: KeyError = KeyError::MalformedKey { format: "SEC1 EC" };
+    let key = der::whole(der, der::SEQUENCE).ok_or(MALFORMED)?;
+    let (_version, rest) = der::take(key, der::INTEGER).ok_or(MALFORMED)?;
+    let (_private_key, mut rest) = der::take(rest, der::OCTET_STRING).ok_or(MALFORMED)?;
+    // Optional [0] parameters (the named curve) and [1] public key.
+    let mut curve = None;
+    while !rest.is_empty() {
+        let (tag, value, next) = der::read(rest).ok_or(MALFORMED)?;
+        if tag == der::CONTEXT_0 {
+            let (curve_oid, _) = der::take(value, der::OID)
+                .ok_or(KeyError::UnsupportedKey { what: "an EC key without a named curve" })?;
+            curve = Some(EcCurve::from_oid(curve_oid)?);
+        }
+        rest = next;
+    }
+    let curve = curve.ok_or(KeyError::UnsupportedKey { what: "an EC key without a named curve" })?;
+    let algorithm =
+        der::encode(der::SEQUENCE, &[der::encode(der::OID, oid::EC), der::encode(der::OID, curve.oid())].concat());
+    let pkcs8 = der::encode(
+        der::SEQUENCE,
+        &[der::encode(der::INTEGER, &[0]), algorithm, der::encode(der::OCTET_STRING, der)].concat(),
+    );
+    Ok(ParsedKey::Ec { curve, pkcs8 })
+}
+
+/// Bit length of the modulus of a PKCS#1 `RSAPrivateKey` (RFC 8017 §A.1.2).
+fn rsa_modulus_bits(pkcs1: &[u8]) -> Option<usize> {
+    let key = der::whole(pkcs1, der::SEQUENCE)?;
+    let (_version, rest) = der::take(key, der::INTEGER)?;
+    let (modulus, _) = der::take(rest, der::INTEGER)?;
+    let leading_zeros = modulus.iter().take_while(|byte| **byte == 0).count();
+    let significant = modulus.get(leading_zeros..)?;
+    let first = significant.first()?;
+    Some((significant.len() - 1) * 8 + (8 - first.leading_zeros() as usize))
+}
+
+/// Just enough DER to find our way in key structures; the crypto crates validate the keys.
+mod der {
+    pub const INTEGER: u8 = 0x02;
+    pub const OCTET_STRING: u8 = 0x04;
+    pub const OID: u8 = 0x06;
+    pub const SEQUENCE: u8 = 0x30;
+    pub const CONTEXT_0: u8 = 0xa0;
+
+    /// One element from the front of `input`: (tag, contents, rest). Definite lengths only.
+    pub fn read(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        let (&tag, rest) = input.split_first()?;
+        if tag & 0x1f == 0x1f {
+            return None; // multi-byte tags do not occur in key structures
+        }
+        let (&first, rest) = rest.split_first()?;
+        let (len, rest) = if first < 0x80 {
+            (usize::from(first), rest)
+        } else {
+            let count = usize::from(first & 0x7f);
+            if count == 0 || count > 4 {
+                return None; // indefinite length (not DER), or absurdly long
+            }
+            let (len_bytes, rest) = rest.split_at_checked(count)?;
+            let len = len_bytes.iter().fold(0usize, |len, byte| (len << 8) | usize::from(*byte));
+            (len, rest)
+        };
+        let (contents, rest) = rest.split_at_checked(len)?;
+        Some((tag, contents, rest))
+    }
+
+    /// The contents of an element with this tag at the front of `input`, and what follows it.
+    pub fn take(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
+        let (found, contents, rest) = read(input)?;
+        (found == tag).then_some((contents, rest))
+    }
+
+    /// The contents of `input` when it is exactly one element with this tag.
+    pub fn whole(input: &[u8], tag: u8) -> Option<&[u8]> {
+        let (contents, rest) = take(input, tag)?;
+        rest.is_empty().then_some(contents)
+    }
+
+    pub fn encode(tag: u8, contents: &[u8]) -> Vec<u8> {
+        let len_bytes = contents.len().to_be_bytes();
+        let skip = len_bytes.iter().take_while(|byte| **byte == 0).count();
+        let significant = len_bytes.get(skip..).unwrap_or_default();
+        let mut out = Vec::with_capacity(contents.len().saturating_add(10));
+        out.push(tag);
+        match significant {
+            [] => out.push(0),
+            [short] if *short < 0x80 => out.push(*short),
+            // At most 8 length bytes (a usize), so the count fits the low 7 bits.
+            long => {
+                out.push(0x80 | long.len() as u8);
+                out.extend_from_slice(long);
+            }
+        }
+        out.extend_from_slice(contents);
+        out
+    }
+}
+
+/// PEM armor (RFC 7468), read leniently: any whitespace, CRLF, or literal `\n` in the body.
+mod pem {
+    use super::{Engine, KeyError, STANDARD};
+
+    pub enum KeyFormat {
+        /// `PRIVATE KEY`
+        Pkcs8,
+        /// `RSA PRIVATE KEY`
+        Pkcs1,
+        /// `EC PRIVATE KEY`
+        Sec1,
+    }
+
+    /// The DER of the first private key block in `text`.
+    pub fn private_key(text: &str) -> Result<(KeyFormat, Vec<u8>), KeyError> {
+        let mut refused = None;
+        let mut rest = text;
+        while let Some((_, after_begin)) = rest.split_once("-----BEGIN ") {
+            let (label, after_label) = after_begin.split_once("-----").ok_or(KeyError::NotPem)?;
+            if label.len() > 64 || !label.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+                return Err(KeyError::NotPem);
+            }
+            let end = format!("-----END {label}-----");
+            let (body, after_end) = after_label.split_once(end.as_str()).ok_or(KeyError::NotPem)?;
+            rest = after_end;
+            let format = match label {
+                "PRIVATE KEY" => KeyFormat::Pkcs8,
+                "RSA PRIVATE KEY" => KeyFormat::Pkcs1,
+                "EC PRIVATE KEY" => KeyFormat::Sec1,
+                "ENCRYPTED PRIVATE KEY" => {
+                    refused.get_or_insert(KeyError::EncryptedKey);
+                    continue;
+                }
+                // Skipped, so that the key after an `EC PARAMETERS` block (written by
+                // `openssl ecparam -genkey`) or in a key + certificate bundle is found.
+                other => {
+                    refused.get_or_insert(KeyError::UnsupportedPemLabel { label: other.to_string() });
+                    continue;
+                }
+            };
+            // Legacy OpenSSL encryption: `Proc-Type: 4,ENCRYPTED` and `DEK-Info:` headers.
+            if body.contains("Proc-Type:") || body.contains("DEK-Info:") {
+                return Err(KeyError::EncryptedKey);
+            }
+            let base64: String =
+                body.replace("\\n", "").replace("\\r", "").chars().filter(|c| !c.is_ascii_whitespace()).collect();
+            let der = STANDARD.decode(base64).map_err(|_| KeyError::NotPem)?;
+            return Ok((format, der));
+        }
+        Err(refused.unwrap_or(KeyError::NotPem))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{DecodingKey, Validation, decode, decode_header};
+    use serde_json::json;
+
+    const RSA_PKCS8: &str = include_str!("../../tests/fixtures/keys/rsa_pkcs8.pem");
+    const RSA_PKCS1: &str = include_str!("../../tests/fixtures/keys/rsa_pkcs1.pem");
+    const RSA_PUBLIC: &str = include_str!("../../tests/fixtures/keys/rsa_public.pem");
+    const RSA_1024: &str = include_str!("../../tests/fixtures/keys/rsa_1024_pkcs8.pem");
+    const EC_P256_SEC1: &str = include_str!("../../tests/fixtures/keys/ec_p256_sec1.pem");
+    const EC_P256_PKCS8: &str = include_str!("../../tests/fixtures/keys/ec_p256_pkcs8.pem");
+    const EC_P256_PUBLIC: &str = include_str!("../../tests/fixtures/keys/ec_p256_public.pem");
+    const EC_P384_PKCS8: &str = include_str!("../../tests/fixtures/keys/ec_p384_pkcs8.pem");
+    const EC_P384_PUBLIC: &str = include_str!("../../tests/fixtures/keys/ec_p384_public.pem");
+    const EC_SECP256K1: &str = include_str!("../../tests/fixtures/keys/ec_secp256k1_pkcs8.pem");
+    const ED25519_PKCS8: &str = include_str!("../../tests/fixtures/keys/ed25519_pkcs8.pem");
+    const ED25519_PUBLIC: &str = include_str!("../../tests/fixtures/keys/ed25519_public.pem");
+
+    const SECRET_64: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    const AUD: &str = "https://idp.example.com/oauth2/token";
+
+    fn template() -> AssertionTemplate {
+        let mut extra_header = Map::new();
+        extra_header.insert("kid".into(), json!("key-1"));
+        let mut extra_claims = Map::new();
+        extra_claims.insert("tenant".into(), json!("acme"));
+        AssertionTemplate {
+            issuer: "svc-a".into(),
+            subject: "svc-a".into(),
+            audience: AssertionAudience::One(AUD.into()),
+            lifetime_s: 60,
+            include_nbf: true,
+            extra_header,
+            extra_claims,
+        }
+    }
+
+    fn now() -> u64 {
+        jsonwebtoken::get_current_timestamp()
+    }
+
+    fn pem_signer(alg: JwtAlgorithm, pem: &str) -> AssertionSigner {
+        AssertionSigner::from_private_key_pem(alg, &Secret::new(pem)).expect("key loads")
+    }
+
+    /// Verifies `token` with `key` the way a token server would and returns its claims.
+    fn verify(token: &str, alg: JwtAlgorithm, key: &DecodingKey, aud: &str) -> Value {
+        let mut validation = Validation::new(alg.to_jsonwebtoken());
+        validation.set_audience(&[aud]);
+        validation.set_issuer(&["svc-a"]);
+        validation.sub = Some("svc-a".into());
+        validation.validate_nbf = true;
+        validation.leeway = 0;
+        validation.set_required_spec_claims(&["iss", "sub", "aud", "exp", "iat", "nbf"]);
+        decode::<Value>(token, key, &validation)
+            .unwrap_or_else(|error| panic!("{alg} assertion does not verify: {error}"))
+            .claims
+    }
+
+    #[test]
+    fn every_algorithm_signs_an_assertion_its_public_key_verifies() {
+        let hmac = |len: usize| DecodingKey::from_secret(&SECRET_64.as_bytes()[..len]);
+        let public = |pem: &str| -> DecodingKey {
+            match pem {
+                _ if pem == RSA_PUBLIC => DecodingKey::from_rsa_pem(pem.as_bytes()),
+                _ if pem == ED25519_PUBLIC => DecodingKey::from_ed_pem(pem.as_bytes()),
+                _ => DecodingKey::from_ec_pem(pem.as_bytes()),
+            }
+            .expect("public key loads")
+        };
+        let cases: Vec<(&str, AssertionSigner, DecodingKey)> = vec![
+            (
+                "HS256, 32-byte secret",
+                AssertionSigner::from_client_secret(JwtAlgorithm::HS256, &Secret::new(&SECRET_64[..32]))
+                    .expect("secret loads"),
+                hmac(32),
+            ),
+            (
+                "HS384, 48-byte secret",
+                AssertionSigner::from_client_secret(JwtAlgorithm::HS384, &Secret::new(&SECRET_64[..48]))
+                    .expect("secret loads"),
+                hmac(48),
+            ),
+            (
+                "HS512, 64-byte secret",
+                AssertionSigner::from_client_secret(JwtAlgorithm::HS512, &Secret::new(SECRET_64))
+                    .expect("secret loads"),
+                hmac(64),
+            ),
+            ("RS256, PKCS#8", pem_signer(JwtAlgorithm::RS256, RSA_PKCS8), public(RSA_PUBLIC)),
+            ("RS256, PKCS#1", pem_signer(JwtAlgorithm::RS256, RSA_PKCS1), public(RSA_PUBLIC)),
+            ("RS384", pem_signer(JwtAlgorithm::RS384, RSA_PKCS8), public(RSA_PUBLIC)),
+            ("RS512", pem_signer(JwtAlgorithm::RS512, RSA_PKCS1), public(RSA_PUBLIC)),
+            ("PS256", pem_signer(JwtAlgorithm::PS256, RSA_PKCS8), public(RSA_PUBLIC)),
+            ("PS384", pem_signer(JwtAlgorithm::PS384, RSA_PKCS1), public(RSA_PUBLIC)),
+            ("PS512", pem_signer(JwtAlgorithm::PS512, RSA_PKCS8), public(RSA_PUBLIC)),
+            ("ES256, SEC1", pem_signer(JwtAlgorithm::ES256, EC_P256_SEC1), public(EC_P256_PUBLIC)),
+            ("ES256, PKCS#8", pem_signer(JwtAlgorithm::ES256, EC_P256_PKCS8), public(EC_P256_PUBLIC)),
+            ("ES384", pem_signer(JwtAlgorithm::ES384, EC_P384_PKCS8), public(EC_P384_PUBLIC)),
+            ("EdDSA", pem_signer(JwtAlgorithm::EdDSA, ED25519_PKCS8), public(ED25519_PUBLIC)),
+        ];
+        for (name, signer, key) in cases {
+            let alg = signer.algorithm();
+            let now = now();
+            let token =
+                sign_assertion(&signer, &template(), now, "jti-1").unwrap_or_else(|error| panic!("{name}: {error}"));
+
+            let header = decode_header(&token).expect("header decodes");
+            assert_eq!(header.alg, alg.to_jsonwebtoken(), "{name}");
+            assert_eq!(header.kid.as_deref(), Some("key-1"), "{name}");
+            assert_eq!(header.typ.as_deref(), Some("JWT"), "{name}");
+
+            let claims = verify(&token, alg, &key, AUD);
+            assert_eq!(claims["iss"], "svc-a", "{name}");
+            assert_eq!(claims["sub"], "svc-a", "{name}");
+            assert_eq!(claims["aud"], AUD, "{name}");
+            assert_eq!(claims["iat"], now, "{name}");
+            assert_eq!(claims["nbf"], now, "{name}");
+            assert_eq!(claims["exp"], now + 60, "{name}");
+            assert_eq!(claims["jti"], "jti-1", "{name}");
+            assert_eq!(claims["tenant"], "acme", "{name}");
+        }
+    }
+
+    #[test]
+    fn a_key_verifies_only_its_own_assertions() {
+        let token =
+            sign_assertion(&pem_signer(JwtAlgorithm::ES256, EC_P256_SEC1), &template(), now(), "j").expect("signs");
+        // Flip one character of the claims: the signature no longer matches.
+        let mut parts: Vec<String> = token.split('.').map(str::to_string).collect();
+        parts[1] = URL_SAFE_NO_PAD.encode(
+            String::from_utf8(URL_SAFE_NO_PAD.decode(&parts[1]).expect("b64")).expect("utf8").replace("svc-a", "svc-b"),
+        );
+        let tampered = parts.join(".");
+        let key = DecodingKey::from_ec_pem(EC_P256_PUBLIC.as_bytes()).expect("loads");
+        let mut validation = Validation::new(Algorithm::ES256);
+        validation.set_audience(&[AUD]);
+        assert!(decode::<Value>(&token, &key, &validation).is_ok());
+        assert!(decode::<Value>(&tampered, &key, &validation).is_err());
+    }
+
+    #[test]
+    fn the_jwt_is_compact_base64url_json() {
+        let signer = pem_signer(JwtAlgorithm::EdDSA, ED25519_PKCS8);
+        let token = sign_assertion(&signer, &template(), 1_700_000_000, "abc").expect("signs");
+        let parts: Vec<&str> = token.split('.').collect();
+        assert_eq!(parts.len(), 3);
+        for part in &parts {
+            assert!(
+                part.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+                "{part} is not unpadded base64url"
+            );
+        }
+        let header: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[0]).expect("b64")).expect("json");
+        assert_eq!(header, json!({"alg": "EdDSA", "typ": "JWT", "kid": "key-1"}));
+        let claims: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).expect("b64")).expect("json");
+        assert_eq!(
+            claims,
+            json!({
+                "iss": "svc-a", "sub": "svc-a", "aud": AUD, "tenant": "acme",
+                "iat": 1_700_000_000u64, "nbf": 1_700_000_000u64, "exp": 1_700_000_060u64,
+                "jti": "abc",
+            })
+        );
+        // Ed25519 signatures are deterministic: 64 bytes.
+        assert_eq!(URL_SAFE_NO_PAD.decode(parts[2]).expect("b64").len(), 64);
+    }
+
+    #[test]
+    fn template_options_shape_the_header_and_claims() {
+        let signer = AssertionSigner::from_client_secret(JwtAlgorithm::HS256, &Secret::new(SECRET_64)).expect("loads");
+        let decoded = |template: &AssertionTemplate| -> (Value, Value) {
+            let token = sign_assertion(&signer, template, 1_000, "j").expect("signs");
+            let mut parts = token
+                .split('.')
+                .map(|part| serde_json::from_slice::<Value>(&URL_SAFE_NO_PAD.decode(part).expect("b64")));
+            let header = parts.next().expect("header").expect("json");
+            let claims = parts.next().expect("claims").expect("json");
+            (header, claims)
+        };
+
+        // (what, change to the template, field, expected value in header or claims)
+        type Change = fn(&mut AssertionTemplate);
+        let cases: [(&str, Change, bool, &str, Value); 7] = [
+            ("no nbf", |t| t.include_nbf = false, false, "nbf", Value::Null),
+            (
+                "several audiences",
+                |t| t.audience = AssertionAudience::Many(vec!["a".into(), "b".into()]),
+                false,
+                "aud",
+                json!(["a", "b"]),
+            ),
+            (
+                "extra claims may override aud",
+                |t| {
+                    t.extra_claims.insert("aud".into(), json!(["x"]));
+                },
+                false,
+                "aud",
+                json!(["x"]),
+            ),
+            (
+                "extra claims may override iss",
+                |t| {
+                    t.extra_claims.insert("iss".into(), json!("other"));
+                },
+                false,
+                "iss",
+                json!("other"),
+            ),
+            ("lifetime", |t| t.lifetime_s = 300, false, "exp", json!(1_300)),
+            (
+                "typ can be replaced",
+                |t| {
+                    t.extra_header.insert("typ".into(), json!("client-authentication+jwt"));
+                },
+                true,
+                "typ",
+                json!("client-authentication+jwt"),
+            ),
+            (
+                "any header field",
+                |t| {
+                    t.extra_header.insert("x5t#S256".into(), json!("thumb"));
+                },
+                true,
+                "x5t#S256",
+                json!("thumb"),
+            ),
+        ];
+        for (name, change, in_header, field, expected) in cases {
+            let mut template = template();
+            change(&mut template);
+            let (header, claims) = decoded(&template);
+            let actual = if in_header { &header } else { &claims };
+            assert_eq!(actual.get(field).unwrap_or(&Value::Null), &expected, "{name}");
+            assert_eq!(header["alg"], "HS256", "{name}");
+        }
+    }
+
+    #[test]
+    fn distinct_randomness_gives_distinct_jti() {
+        let zero = jti_from_random(&[0; 16]);
+        assert_eq!(zero, "AAAAAAAAAAAAAAAAAAAAAA");
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..=255u8 {
+            let mut bytes = [0u8; 16];
+            bytes[15] = i;
+            bytes[0] = i.wrapping_mul(7);
+            let jti = jti_from_random(&bytes);
+            assert_eq!(jti.len(), 22);
+            assert!(jti.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+            assert!(seen.insert(jti), "jti repeated for {bytes:?}");
+        }
+        assert_eq!(jti_from_random(&[0xff; 16]), "_____________________w");
+    }
+
+    #[test]
+    fn private_keys_that_do_not_fit_are_refused() {
+        let encrypted = "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIB\n-----END ENCRYPTED PRIVATE KEY-----\n";
+        let legacy_encrypted = RSA_PKCS1.replace(
+            "-----BEGIN RSA PRIVATE KEY-----\n",
+            "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,00\n\n",
+        );
+        let not_base64 = "-----BEGIN PRIVATE KEY-----\nnot*base64!\n-----END PRIVATE KEY-----\n";
+        let not_der = "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n";
+        let no_end = "-----BEGIN PRIVATE KEY-----\nAAAA\n";
+        let truncated = {
+            let mut lines: Vec<&str> = RSA_PKCS8.lines().collect();
+            lines.remove(3);
+            lines.join("\n")
+        };
+        let openssh = "-----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\n-----END OPENSSH PRIVATE KEY-----\n";
+        let cases: Vec<(&str, JwtAlgorithm, &str, KeyError)> = vec![
+            ("empty", JwtAlgorithm::RS256, "", KeyError::NotPem),
+            ("not PEM", JwtAlgorithm::RS256, "hello", KeyError::NotPem),
+            ("no END line", JwtAlgorithm::RS256, no_end, KeyError::NotPem),
+            ("bad base64", JwtAlgorithm::RS256, not_base64, KeyError::NotPem),
+            ("not DER", JwtAlgorithm::RS256, not_der, KeyError::MalformedKey { format: "PKCS#8" }),
+            ("truncated", JwtAlgorithm::RS256, &truncated, KeyError::MalformedKey { format: "PKCS#8" }),
+            ("encrypted", JwtAlgorithm::RS256, encrypted, KeyError::EncryptedKey),
+            ("legacy encrypted", JwtAlgorithm::RS256, &legacy_encrypted, KeyError::EncryptedKey),
+            (
+                "public key",
+                JwtAlgorithm::RS256,
+                RSA_PUBLIC,
+                KeyError::UnsupportedPemLabel { label: "PUBLIC KEY".into() },
+            ),
+            (
+                "OpenSSH key",
+                JwtAlgorithm::EdDSA,
+                openssh,
+                KeyError::UnsupportedPemLabel { label: "OPENSSH PRIVATE KEY".into() },
+            ),
+            (
+                "RSA key for ES256",
+                JwtAlgorithm::ES256,
+                RSA_PKCS8,
+                KeyError::WrongKeyType { key: "RSA", alg: JwtAlgorithm::ES256 },
+            ),
+            (
+                "PKCS#1 RSA key for EdDSA",
+                JwtAlgorithm::EdDSA,
+                RSA_PKCS1,
+                KeyError::WrongKeyType { key: "RSA", alg: JwtAlgorithm::EdDSA },
+            ),
+            (
+                "Ed25519 key for RS256",
+                JwtAlgorithm::RS256,
+                ED25519_PKCS8,
+                KeyError::WrongKeyType { key: "Ed25519", alg: JwtAlgorithm::RS256 },
+            ),
+            (
+                "P-256 key for PS256",
+                JwtAlgorithm::PS256,
+                EC_P256_SEC1,
+                KeyError::WrongKeyType { key: "EC P-256", alg: JwtAlgorithm::PS256 },
+            ),
+            (
+                "P-256 key for EdDSA",
+                JwtAlgorithm::EdDSA,
+                EC_P256_PKCS8,
+                KeyError::WrongKeyType { key: "EC P-256", alg: JwtAlgorithm::EdDSA },
+            ),
+            (
+                "P-384 key for ES256",
+                JwtAlgorithm::ES256,
+                EC_P384_PKCS8,
+                KeyError::CurveMismatch { key_curve: "P-384", alg: JwtAlgorithm::ES256 },
+            ),
+            (
+                "P-256 key for ES384",
+                JwtAlgorithm::ES384,
+                EC_P256_SEC1,
+                KeyError::CurveMismatch { key_curve: "P-256", alg: JwtAlgorithm::ES384 },
+            ),
+            (
+                "secp256k1 key",
+                JwtAlgorithm::ES256,
+                EC_SECP256K1,
+                KeyError::UnsupportedKey { what: "an EC secp256k1 key" },
+            ),
+            ("RSA 1024", JwtAlgorithm::RS256, RSA_1024, KeyError::RsaKeyTooShort { bits: 1024 }),
+            (
+                "HMAC algorithm for a private key",
+                JwtAlgorithm::HS256,
+                RSA_PKCS8,
+                KeyError::AlgorithmNotForMethod { alg: JwtAlgorithm::HS256, method: "private_key_jwt" },
+            ),
+        ];
+        for (name, alg, pem, expected) in cases {
+            let result = AssertionSigner::from_private_key_pem(alg, &Secret::new(pem));
+            assert_eq!(result.err(), Some(expected), "{name}");
+        }
+    }
+
+    #[test]
+    fn client_secrets_shorter_than_the_hash_are_refused() {
+        let cases = [(JwtAlgorithm::HS256, 32), (JwtAlgorithm::HS384, 48), (JwtAlgorithm::HS512, 64)];
+        for (alg, min_bytes) in cases {
+            let short = Secret::new(&SECRET_64[..min_bytes - 1]);
+            assert_eq!(
+                AssertionSigner::from_client_secret(alg, &short).err(),
+                Some(KeyError::HmacSecretTooShort { alg, min_bytes }),
+                "{alg}"
+            );
+            let enough = Secret::new(&SECRET_64[..min_bytes]);
+            let signer = AssertionSigner::from_client_secret(alg, &enough).expect("loads");
+            assert_eq!(signer.algorithm(), alg);
+        }
+        assert_eq!(
+            AssertionSigner::from_client_secret(JwtAlgorithm::HS256, &Secret::new("")).err(),
+            Some(KeyError::HmacSecretTooShort { alg: JwtAlgorithm::HS256, min_bytes: 32 })
+        );
+        // Bytes, not characters: 11 three-byte characters are 33 bytes.
+        let multibyte = Secret::new("€€€€€€€€€€€");
+        assert!(AssertionSigner::from_client_secret(JwtAlgorithm::HS256, &multibyte).is_ok());
+        assert_eq!(
+            AssertionSigner::from_client_secret(JwtAlgorithm::RS256, &Secret::new(SECRET_64)).err(),
+            Some(KeyError::AlgorithmNotForMethod { alg: JwtAlgorithm::RS256, method: "client_secret_jwt" })
+        );
+    }
+
+    #[test]
+    fn pem_is_read_leniently() {
+        let escaped = RSA_PKCS8.trim_end().replace('\n', "\\n");
+        let crlf = EC_P256_PKCS8.replace('\n', "\r\n");
+        let indented = ED25519_PKCS8.lines().map(|line| format!("    {line}")).collect::<Vec<_>>().join("\n");
+        let with_params =
+            format!("-----BEGIN EC PARAMETERS-----\nBggqhkjOPQMBBw==\n-----END EC PARAMETERS-----\n{EC_P256_SEC1}");
+        let bundle = format!("{RSA_PUBLIC}{RSA_PKCS1}");
+        let cases: [(&str, JwtAlgorithm, &str); 5] = [
+            ("literal \\n", JwtAlgorithm::RS256, &escaped),
+            ("CRLF", JwtAlgorithm::ES256, &crlf),
+            ("indented", JwtAlgorithm::EdDSA, &indented),
+            ("EC PARAMETERS first", JwtAlgorithm::ES256, &with_params),
+            ("public key first", JwtAlgorithm::RS256, &bundle),
+        ];
+        for (name, alg, pem) in cases {
+            let result = AssertionSigner::from_private_key_pem(alg, &Secret::new(pem));
+            assert!(result.is_ok(), "{name}: {:?}", result.err());
+        }
+    }
+
+    #[test]
+    fn a_sec1_key_without_its_curve_is_refused() {
+        // Rebuild the SEC1 key with only its version, private key and public key.
+        let body: String = EC_P256_SEC1.lines().filter(|line| !line.starts_with("-----")).collect();
+        let der = STANDARD.decode(body).expect("b64");
+        let key = der::whole(&der, der::SEQUENCE).expect("sequence");
+        let mut rest = key;
+        let mut kept = Vec::new();
+        while let Some((tag, contents, next)) = der::read(rest) {
+            if tag != der::CONTEXT_0 {
+                kept.extend(der::encode(tag, contents));
+            }
+            rest = next;
+        }
+        let stripped = der::encode(der::SEQUENCE, &kept);
+        let pem =
+            format!("-----BEGIN EC PRIVATE KEY-----\n{}\n-----END EC PRIVATE KEY-----\n", STANDARD.encode(stripped));
+        assert_eq!(
+            AssertionSigner::from_private_key_pem(JwtAlgorithm::ES256, &Secret::new(pem)).err(),
+            Some(KeyError::UnsupportedKey { what: "an EC key without a named curve" })
+        );
+    }
+
+    #[test]
+    fn der_lengths_round_trip() {
+        for len in [0usize, 1, 127, 128, 255, 256, 65_535, 65_536] {
+            let contents = vec![7u8; len];
+            let encoded = der::encode(der::OCTET_STRING, &contents);
+            assert_eq!(der::whole(&encoded, der::OCTET_STRING), Some(contents.as_slice()), "{len}");
+        }
+        // Indefinite length, a length past the end, a multi-byte tag.
+        for bad in [&[0x30, 0x80, 0, 0][..], &[0x04, 0x05, 1], &[0x1f, 0x01, 0x00]] {
+            assert_eq!(der::read(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn templates_that_cannot_make_a_valid_assertion_are_refused() {
+        type Change = fn(&mut AssertionTemplate);
+        let cases: [(&str, Change, AssertionError); 9] = [
+            ("empty iss", |t| t.issuer.clear(), AssertionError::MissingClaim { claim: "iss" }),
+            ("empty sub", |t| t.subject.clear(), AssertionError::MissingClaim { claim: "sub" }),
+            (
+                "empty aud",
+                |t| t.audience = AssertionAudience::One(String::new()),
+                AssertionError::MissingClaim { claim: "aud" },
+            ),
+            (
+                "no audience",
+                |t| t.audience = AssertionAudience::Many(Vec::new()),
+                AssertionError::MissingClaim { claim: "aud" },
+            ),
+            ("zero lifetime", |t| t.lifetime_s = 0, AssertionError::ZeroLifetime),
+            (
+                "alg in header",
+                |t| {
+                    t.extra_header.insert("alg".into(), json!("none"));
+                },
+                AssertionError::ReservedHeader { name: "alg" },
+            ),
+            (
+                "exp claim",
+                |t| {
+                    t.extra_claims.insert("exp".into(), json!(1));
+                },
+                AssertionError::ReservedClaim { name: "exp" },
+            ),
+            (
+                "jti claim",
+                |t| {
+                    t.extra_claims.insert("jti".into(), json!("fixed"));
+                },
+                AssertionError::ReservedClaim { name: "jti" },
+            ),
+            (
+                "iat claim",
+                |t| {
+                    t.extra_claims.insert("iat".into(), json!(0));
+                },
+                AssertionError::ReservedClaim { name: "iat" },
+            ),
+        ];
+        let signer = AssertionSigner::from_client_secret(JwtAlgorithm::HS256, &Secret::new(SECRET_64)).expect("loads");
+        for (name, change, expected) in cases {
+            let mut template = template();
+            change(&mut template);
+            assert_eq!(template.validate(), Err(expected.clone()), "{name}");
+            assert_eq!(sign_assertion(&signer, &template, 1, "j"), Err(expected), "{name}");
+        }
+        assert_eq!(sign_assertion(&signer, &template(), 1, ""), Err(AssertionError::EmptyJti));
+        assert_eq!(sign_assertion(&signer, &template(), u64::MAX - 59, "j"), Err(AssertionError::TimeOverflow));
+        assert!(sign_assertion(&signer, &template(), u64::MAX - 60, "j").is_ok());
+    }
+
+    #[test]
+    fn debug_and_errors_never_show_key_material() {
+        let secret_signer =
+            AssertionSigner::from_client_secret(JwtAlgorithm::HS512, &Secret::new(SECRET_64)).expect("loads");
+        let rsa_signer = pem_signer(JwtAlgorithm::RS256, RSA_PKCS8);
+        let cases = [
+            (format!("{secret_signer:?}"), "HS512"),
+            (format!("{rsa_signer:?}"), "RS256"),
+            (format!("{:#?}", rsa_signer.clone()), "RS256"),
+        ];
+        let key_body_line = RSA_PKCS8.lines().nth(2).expect("a body line");
+        for (debug, alg) in cases {
+            assert!(debug.starts_with("AssertionSigner"), "{debug}");
+            assert!(debug.contains(alg), "{debug}");
+            assert!(!debug.contains("0123456789abcdef"), "{debug}");
+            assert!(!debug.contains(&key_body_line[..16]), "{debug}");
+            assert!(debug.len() < 60, "{debug}");
+        }
+        let error =
+            AssertionSigner::from_private_key_pem(JwtAlgorithm::ES256, &Secret::new(RSA_PKCS8)).expect_err("refused");
+        assert!(!format!("{error} {error:?}").contains(&key_body_line[..16]));
+    }
+
+    #[test]
+    fn error_messages_say_what_is_wrong() {
+        let cases = [
+            (
+                KeyError::WrongKeyType { key: "RSA", alg: JwtAlgorithm::ES256 },
+                "an RSA key cannot sign ES256 (ES256 needs an EC P-256 key)",
+            ),
+            (
+                KeyError::CurveMismatch { key_curve: "P-384", alg: JwtAlgorithm::ES256 },
+                "an EC P-384 key cannot sign ES256 (ES256 needs an EC P-256 key)",
+            ),
+            (
+                KeyError::HmacSecretTooShort { alg: JwtAlgorithm::HS384, min_bytes: 48 },
+                "the client secret is too short for HS384: it needs at least 48 bytes (RFC 7518 §3.2)",
+            ),
+            (
+                KeyError::RsaKeyTooShort { bits: 1024 },
+                "the RSA key has 1024 bits; at least 2048 are needed (RFC 7518 §3.3)",
+            ),
+            (
+                KeyError::AlgorithmNotForMethod { alg: JwtAlgorithm::HS256, method: "private_key_jwt" },
+                "HS256 cannot be used with private_key_jwt: HS256 signs with a client secret",
+            ),
+            (
+                KeyError::AlgorithmNotForMethod { alg: JwtAlgorithm::PS256, method: "client_secret_jwt" },
+                "PS256 cannot be used with client_secret_jwt: PS256 signs with an RSA key",
+            ),
+        ];
+        for (error, message) in cases {
+            assert_eq!(error.to_string(), message);
+        }
+        assert_eq!(
+            AssertionError::ReservedClaim { name: "exp" }.to_string(),
+            "the assertion claim \"exp\" is computed for each assertion and cannot be configured"
+        );
+    }
+
+    #[test]
+    fn algorithm_names_round_trip() {
+        for alg in JwtAlgorithm::ALL {
+            assert_eq!(JwtAlgorithm::parse(alg.name()), Some(alg));
+            assert_eq!(alg.to_string(), alg.name());
+            assert_eq!(alg.is_hmac(), alg.name().starts_with("HS"));
+            assert_eq!(alg.is_hmac(), alg.hmac_min_secret_bytes().is_some());
+            assert_eq!(format!("{:?}", alg.to_jsonwebtoken()), alg.name(), "mapped to the same jsonwebtoken algorithm");
+        }
+        for name in ["rs256", "none", "", "ES512", "ED25519", "HS256 "] {
+            assert_eq!(JwtAlgorithm::parse(name), None, "{name}");
+        }
+    }
+
+    #[test]
+    fn rfc_7523_constants() {
+        assert_eq!(CLIENT_ASSERTION_TYPE, "urn:ietf:params:oauth:client-assertion-type:jwt-bearer");
+        assert_eq!(JWT_BEARER_GRANT_TYPE, "urn:ietf:params:oauth:grant-type:jwt-bearer");
+    }
+}

@@ -1,0 +1,404 @@
+//! The per-profile token cache entry kept in proxy-wasm shared data, and every decision about it.
+//!
+//! One entry per profile holds the token, when to refresh it and when it stops being usable, the
+//! fetch lease (which VM is fetching, until when), and the failure state (count, no retry before).
+//! All VMs of the Envoy process read and write it with compare-and-swap; the functions here take an
+//! entry and the time and return what to do or the entry to write, so the host only carries out.
+//!
+//! The encoding is a fixed little-endian header followed by the token, so the request path reads
+//! it without parsing JSON or allocating.
+
+use crate::core::config::{BackoffPolicy, LifetimePolicy};
+use crate::core::token_response::{FailureClass, TokenGrant};
+
+const VERSION: u8 = 1;
+const HEADER_LEN: usize = 1 + 8 * 7 + 4 + 1 + 4;
+
+/// A decoded cache entry.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Entry {
+    /// Increases each time a new token is stored; identifies the token without comparing bytes.
+    pub generation: u64,
+    /// When the request that got this token was sent (ms since the epoch).
+    pub token_sent_at_ms: u64,
+    /// From then on, a background refresh is due.
+    pub refresh_at_ms: u64,
+    /// From then on, the token must not be injected.
+    pub expires_at_ms: u64,
+    /// The VM fetching now (0: nobody).
+    pub lease_holder: u64,
+    pub lease_until_ms: u64,
+    /// Consecutive failed fetches.
+    pub failures: u32,
+    /// No fetch before this time (backoff, Retry-After).
+    pub retry_at_ms: u64,
+    pub last_failure: Option<FailureClass>,
+    /// Empty when there is no token.
+    pub token: String,
+}
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Entry")
+            .field("generation", &self.generation)
+            .field("token", &if self.token.is_empty() { "" } else { "[redacted]" })
+            .field("refresh_at_ms", &self.refresh_at_ms)
+            .field("expires_at_ms", &self.expires_at_ms)
+            .field("lease_holder", &self.lease_holder)
+            .field("lease_until_ms", &self.lease_until_ms)
+            .field("failures", &self.failures)
+            .field("retry_at_ms", &self.retry_at_ms)
+            .finish()
+    }
+}
+
+impl Entry {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER_LEN + self.token.len());
+        out.push(VERSION);
+        for value in [
+            self.generation,
+            self.token_sent_at_ms,
+            self.refresh_at_ms,
+            self.expires_at_ms,
+            self.lease_holder,
+            self.lease_until_ms,
+            self.retry_at_ms,
+        ] {
+            out.extend_from_slice(&value.to_le_bytes());
+        }
+        out.extend_from_slice(&self.failures.to_le_bytes());
+        out.push(match self.last_failure {
+            None => 0,
+            Some(FailureClass::Transient) => 1,
+            Some(FailureClass::ConfigurationFault) => 2,
+        });
+        out.extend_from_slice(&(self.token.len() as u32).to_le_bytes());
+        out.extend_from_slice(self.token.as_bytes());
+        out
+    }
+
+    /// Decodes an entry; `None` for anything this version did not write (treated as empty).
+    pub fn decode(bytes: &[u8]) -> Option<Entry> {
+        let view = EntryView::decode(bytes)?;
+        let mut reader = Reader { bytes: &bytes[1..] };
+        let generation = reader.u64()?;
+        let token_sent_at_ms = reader.u64()?;
+        let refresh_at_ms = reader.u64()?;
+        let expires_at_ms = reader.u64()?;
+        let lease_holder = reader.u64()?;
+        let lease_until_ms = reader.u64()?;
+        let retry_at_ms = reader.u64()?;
+        let failures = reader.u32()?;
+        let last_failure = match reader.u8()? {
+            1 => Some(FailureClass::Transient),
+            2 => Some(FailureClass::ConfigurationFault),
+            _ => None,
+        };
+        Some(Entry {
+            generation,
+            token_sent_at_ms,
+            refresh_at_ms,
+            expires_at_ms,
+            lease_holder,
+            lease_until_ms,
+            failures,
+            retry_at_ms,
+            last_failure,
+            token: view.token.to_string(),
+        })
+    }
+
+    fn has_usable_token(&self, now_ms: u64) -> bool {
+        !self.token.is_empty() && now_ms < self.expires_at_ms
+    }
+}
+
+/// The fields the request path needs, borrowed from the shared-data bytes (no allocation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryView<'a> {
+    pub generation: u64,
+    pub expires_at_ms: u64,
+    pub retry_at_ms: u64,
+    pub token: &'a str,
+}
+
+impl<'a> EntryView<'a> {
+    pub fn decode(bytes: &'a [u8]) -> Option<EntryView<'a>> {
+        if bytes.len() < HEADER_LEN || bytes[0] != VERSION {
+            return None;
+        }
+        let field = |index: usize| -> Option<u64> {
+            let start = 1 + index * 8;
+            Some(u64::from_le_bytes(bytes.get(start..start + 8)?.try_into().ok()?))
+        };
+        let token_len = u32::from_le_bytes(bytes.get(HEADER_LEN - 4..HEADER_LEN)?.try_into().ok()?) as usize;
+        let token = std::str::from_utf8(bytes.get(HEADER_LEN..HEADER_LEN.checked_add(token_len)?)?).ok()?;
+        Some(EntryView { generation: field(0)?, expires_at_ms: field(3)?, retry_at_ms: field(6)?, token })
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+}
+
+impl Reader<'_> {
+    fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let (head, rest) = self.bytes.split_at_checked(N)?;
+        self.bytes = rest;
+        head.try_into().ok()
+    }
+    fn u64(&mut self) -> Option<u64> {
+        self.take::<8>().map(u64::from_le_bytes)
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take::<4>().map(u32::from_le_bytes)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take::<1>().map(|[b]| b)
+    }
+}
+
+/// What to do with a request that needs a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestDecision<'a> {
+    /// Inject this token now.
+    Inject { token: &'a str, generation: u64 },
+    /// No usable token yet, a fetch is or may be under way: pause the request.
+    Wait,
+    /// No usable token and the last fetch failed recently: reply with the failure now.
+    Fail,
+}
+
+/// The request path's decision from the cached entry (`None`: nothing cached yet).
+pub fn decide_request<'a>(entry: Option<&EntryView<'a>>, now_ms: u64) -> RequestDecision<'a> {
+    match entry {
+        Some(view) if !view.token.is_empty() && now_ms < view.expires_at_ms => {
+            RequestDecision::Inject { token: view.token, generation: view.generation }
+        }
+        Some(view) if now_ms < view.retry_at_ms => RequestDecision::Fail,
+        _ => RequestDecision::Wait,
+    }
+}
+
+/// If this VM should fetch a token now, the entry to write (with its lease) before dispatching.
+/// A fetch is due when there is no usable token or its refresh time has come, no backoff forbids
+/// it, and no other VM holds a live lease.
+pub fn claim_fetch(entry: &Entry, now_ms: u64, holder: u64, lease_ms: u64) -> Option<Entry> {
+    let due = !entry.has_usable_token(now_ms) || now_ms >= entry.refresh_at_ms;
+    let backing_off = now_ms < entry.retry_at_ms;
+    let leased = entry.lease_holder != 0 && now_ms < entry.lease_until_ms;
+    if !due || backing_off || leased {
+        return None;
+    }
+    Some(Entry { lease_holder: holder, lease_until_ms: now_ms.saturating_add(lease_ms), ..entry.clone() })
+}
+
+/// Refresh and expiry times for a token whose request was sent at `sent_at_ms`.
+///
+/// Counted from when the request was sent, not when the answer came: the IdP stamps `exp` from its
+/// own clock. The skew margin shrinks to a tenth of the lifetime so short-lived tokens stay usable.
+pub fn token_times(sent_at_ms: u64, lifetime_s: u64, policy: &LifetimePolicy) -> (u64, u64) {
+    let lifetime_ms = lifetime_s.saturating_mul(1000);
+    let margin_ms = policy.skew_s.saturating_mul(1000).min(lifetime_ms / 10);
+    let expires_at = sent_at_ms.saturating_add(lifetime_ms - margin_ms);
+    let refresh_at = sent_at_ms.saturating_add((lifetime_ms as f64 * policy.ahead_ratio) as u64).min(expires_at);
+    (refresh_at, expires_at)
+}
+
+/// The entry after a successful fetch by `holder`.
+pub fn after_success(
+    entry: &Entry,
+    holder: u64,
+    grant: &TokenGrant,
+    sent_at_ms: u64,
+    policy: &LifetimePolicy,
+) -> Entry {
+    let mut next = entry.clone();
+    if entry.lease_holder == holder {
+        next.lease_holder = 0;
+        next.lease_until_ms = 0;
+    }
+    if !entry.token.is_empty() && entry.token_sent_at_ms > sent_at_ms {
+        // A newer token landed meanwhile (this fetch's lease had been taken over): keep it.
+        return next;
+    }
+    let lifetime_s = grant.expires_in_s.unwrap_or(policy.default_ttl_s);
+    let (refresh_at_ms, expires_at_ms) = token_times(sent_at_ms, lifetime_s, policy);
+    Entry {
+        generation: entry.generation.wrapping_add(1),
+        token_sent_at_ms: sent_at_ms,
+        refresh_at_ms,
+        expires_at_ms,
+        failures: 0,
+        retry_at_ms: 0,
+        last_failure: None,
+        token: grant.access_token.clone(),
+        ..next
+    }
+}
+
+/// The entry after a failed fetch by `holder`: the token (if any, still valid or not) is kept,
+/// the next attempt is pushed back. `jitter` is a random number in [0, 1).
+pub fn after_failure(
+    entry: &Entry,
+    holder: u64,
+    class: FailureClass,
+    now_ms: u64,
+    retry_after_ms: Option<u64>,
+    policy: &BackoffPolicy,
+    jitter: f64,
+) -> Entry {
+    let failures = entry.failures.saturating_add(1);
+    let delay = backoff_delay_ms(failures, class, policy, jitter).max(retry_after_ms.unwrap_or(0));
+    let mut next = entry.clone();
+    if entry.lease_holder == holder {
+        next.lease_holder = 0;
+        next.lease_until_ms = 0;
+    }
+    Entry { failures, retry_at_ms: now_ms.saturating_add(delay), last_failure: Some(class), ..next }
+}
+
+/// Exponential backoff with jitter: the ceiling doubles per failure from `base_ms` up to `max_ms`,
+/// and the delay is drawn from the upper half of it ("equal jitter"), so retries spread out yet the
+/// IdP is never called again sooner than half the ceiling. A configuration fault (the IdP rejects
+/// the client) goes straight to the longest ceiling: retrying soon cannot fix it.
+pub fn backoff_delay_ms(failures: u32, class: FailureClass, policy: &BackoffPolicy, jitter: f64) -> u64 {
+    let ceiling = match class {
+        FailureClass::ConfigurationFault => policy.max_ms,
+        FailureClass::Transient => {
+            let exponent = failures.saturating_sub(1).min(32);
+            policy.base_ms.saturating_mul(1u64 << exponent).min(policy.max_ms)
+        }
+    };
+    let jitter = if jitter.is_finite() { jitter.clamp(0.0, 1.0) } else { 0.0 };
+    ceiling / 2 + ((ceiling - ceiling / 2) as f64 * jitter) as u64
+}
+
+/// The entry with the token dropped, if `generation` is still the cached token (an upstream
+/// rejected it); `None` when there is nothing to drop.
+pub fn purge(entry: &Entry, generation: u64) -> Option<Entry> {
+    if entry.token.is_empty() || entry.generation != generation {
+        return None;
+    }
+    Some(Entry { token: String::new(), refresh_at_ms: 0, expires_at_ms: 0, ..entry.clone() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: LifetimePolicy = LifetimePolicy { ahead_ratio: 0.8, default_ttl_s: 300, skew_s: 5 };
+    const BACKOFF: BackoffPolicy = BackoffPolicy { base_ms: 1_000, max_ms: 60_000 };
+
+    fn grant(token: &str, expires_in_s: Option<u64>) -> TokenGrant {
+        TokenGrant { access_token: token.into(), expires_in_s }
+    }
+
+    fn with_token(now: u64) -> Entry {
+        after_success(&Entry::default(), 7, &grant("tok", Some(100)), now, &POLICY)
+    }
+
+    #[test]
+    fn codec_round_trip_and_view() {
+        let entry = Entry {
+            generation: 3,
+            token_sent_at_ms: 10,
+            refresh_at_ms: 20,
+            expires_at_ms: 30,
+            lease_holder: 40,
+            lease_until_ms: 50,
+            failures: 2,
+            retry_at_ms: 60,
+            last_failure: Some(FailureClass::ConfigurationFault),
+            token: "abc.def".into(),
+        };
+        let bytes = entry.encode();
+        assert_eq!(Entry::decode(&bytes), Some(entry));
+        assert_eq!(
+            EntryView::decode(&bytes),
+            Some(EntryView { generation: 3, expires_at_ms: 30, retry_at_ms: 60, token: "abc.def" })
+        );
+        assert_eq!(Entry::decode(&bytes[..bytes.len() - 1]), None);
+        assert_eq!(Entry::decode(&[]), None);
+        let mut other_version = bytes.clone();
+        other_version[0] = 9;
+        assert_eq!(Entry::decode(&other_version), None);
+    }
+
+    #[test]
+    fn token_times_count_from_send_and_shrink_the_margin() {
+        // 100 s token: margin 5 s, refresh at 80 s.
+        assert_eq!(token_times(1_000, 100, &POLICY), (81_000, 96_000));
+        // 3 s token: margin capped at 0.3 s so it stays usable; refresh at 2.4 s.
+        assert_eq!(token_times(0, 3, &POLICY), (2_400, 2_700));
+        // ahead_ratio 1: refresh no later than expiry.
+        let late = LifetimePolicy { ahead_ratio: 1.0, ..POLICY };
+        assert_eq!(token_times(0, 100, &late), (95_000, 95_000));
+    }
+
+    #[test]
+    fn request_decisions() {
+        let fresh = with_token(0).encode();
+        let view = EntryView::decode(&fresh);
+        assert_eq!(decide_request(view.as_ref(), 50_000), RequestDecision::Inject { token: "tok", generation: 1 });
+        assert_eq!(decide_request(view.as_ref(), 95_000), RequestDecision::Wait, "expired: never injected");
+        assert_eq!(decide_request(None, 0), RequestDecision::Wait);
+        let failed = after_failure(&Entry::default(), 1, FailureClass::Transient, 1_000, None, &BACKOFF, 0.0).encode();
+        let view = EntryView::decode(&failed);
+        assert_eq!(decide_request(view.as_ref(), 1_200), RequestDecision::Fail);
+        assert_eq!(decide_request(view.as_ref(), 1_500), RequestDecision::Wait, "backoff over: try again");
+    }
+
+    #[test]
+    fn single_flight_lease() {
+        let empty = Entry::default();
+        let claimed = claim_fetch(&empty, 1_000, 7, 6_000).expect("due");
+        assert_eq!((claimed.lease_holder, claimed.lease_until_ms), (7, 7_000));
+        assert_eq!(claim_fetch(&claimed, 2_000, 8, 6_000), None, "someone else holds the lease");
+        assert_eq!(
+            claim_fetch(&claimed, 7_000, 8, 6_000).map(|e| e.lease_holder),
+            Some(8),
+            "a stuck lease is taken over"
+        );
+        let fresh = with_token(0);
+        assert_eq!(claim_fetch(&fresh, 50_000, 7, 6_000), None, "not due");
+        assert!(claim_fetch(&fresh, 80_000, 7, 6_000).is_some(), "refresh due");
+        let backing_off = after_failure(&fresh, 7, FailureClass::Transient, 80_000, Some(10_000), &BACKOFF, 0.0);
+        assert_eq!(claim_fetch(&backing_off, 85_000, 7, 6_000), None, "Retry-After honoured");
+        assert!(claim_fetch(&backing_off, 90_000, 7, 6_000).is_some());
+    }
+
+    #[test]
+    fn success_and_failure_transitions() {
+        let claimed = claim_fetch(&Entry::default(), 0, 7, 6_000).expect("due");
+        let stored = after_success(&claimed, 7, &grant("t1", None), 0, &POLICY);
+        assert_eq!((stored.generation, stored.lease_holder, stored.token.as_str()), (1, 0, "t1"));
+        assert_eq!(stored.expires_at_ms, 295_000, "default TTL used");
+        let failed = after_failure(&stored, 7, FailureClass::Transient, 240_000, None, &BACKOFF, 0.5);
+        assert_eq!(failed.token, "t1", "a still-valid token is kept through failures");
+        assert_eq!((failed.failures, failed.retry_at_ms), (1, 240_750));
+        let newer = after_success(&stored, 7, &grant("t2", Some(100)), 10_000, &POLICY);
+        let stale = after_success(&newer, 9, &grant("t-old", Some(100)), 5_000, &POLICY);
+        assert_eq!(stale.token, "t2", "an older fetch never replaces a newer token");
+    }
+
+    #[test]
+    fn backoff_grows_caps_and_separates_configuration_faults() {
+        let delays: Vec<u64> = (1..=8).map(|n| backoff_delay_ms(n, FailureClass::Transient, &BACKOFF, 0.0)).collect();
+        assert_eq!(delays, vec![500, 1_000, 2_000, 4_000, 8_000, 16_000, 30_000, 30_000]);
+        assert_eq!(backoff_delay_ms(1, FailureClass::Transient, &BACKOFF, 0.999_999), 999);
+        assert_eq!(backoff_delay_ms(1, FailureClass::ConfigurationFault, &BACKOFF, 0.0), 30_000);
+        assert_eq!(backoff_delay_ms(u32::MAX, FailureClass::Transient, &BACKOFF, f64::NAN), 30_000);
+    }
+
+    #[test]
+    fn purge_only_the_token_that_was_rejected() {
+        let fresh = with_token(0);
+        let purged = purge(&fresh, fresh.generation).expect("purged");
+        assert!(purged.token.is_empty());
+        assert!(claim_fetch(&purged, 1_000, 7, 6_000).is_some());
+        assert_eq!(purge(&fresh, fresh.generation + 1), None, "a newer token is kept");
+        assert_eq!(purge(&purged, fresh.generation), None);
+    }
+}

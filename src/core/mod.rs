@@ -1,0 +1,17 @@
+//! The pure core of oauth2-cc: everything that decides, none of it does I/O.
+//!
+//! Nothing under `core` imports `proxy_wasm`: functions take values (the time, bytes, headers) and
+//! return plans (a token request to send, what to do with a request, a parsed token, an error). The
+//! `host` layer carries those plans out. This keeps the logic testable natively with `cargo test`
+//! and fuzzable, and keeps the host glue thin.
+
+pub mod assertion;
+pub mod cache;
+pub mod config;
+pub mod route;
+pub mod secret;
+pub mod token_request;
+pub mod token_response;
+pub mod url;
+
+pub mod wake_registry;

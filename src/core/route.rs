@@ -1,0 +1,317 @@
+//! Which profile, if any, a request gets: the route table compiled from `routes`.
+//!
+//! Matchers are checked in order and the first that matches wins; a matching route with no profile
+//! opts the request out. Request facts come through [`RequestFacts`] so the host fetches only what a
+//! matcher actually looks at (a header or the Envoy route name costs a host call).
+
+/// What a matcher may ask about a request.
+pub trait RequestFacts {
+    fn authority(&mut self) -> Option<&str>;
+    fn path(&mut self) -> Option<&str>;
+    fn method(&mut self) -> Option<&str>;
+    fn header(&mut self, lower_case_name: &str) -> Option<String>;
+    fn route_name(&mut self) -> Option<String>;
+}
+
+/// A `Host`/`:authority` pattern. Matching is case-insensitive and ignores a trailing dot on the
+/// host; a pattern without a port matches any port, a pattern with one needs that exact port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthorityPattern {
+    host: HostPattern,
+    port: Option<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum HostPattern {
+    Exact(String),
+    /// `*.example.com`: any host ending in `.example.com` (not `example.com` itself).
+    Suffix(String),
+}
+
+impl AuthorityPattern {
+    pub fn parse(pattern: &str) -> Option<AuthorityPattern> {
+        let (host, port) = split_host_port(pattern)?;
+        let host = normalize_host(host);
+        if host.is_empty() {
+            return None;
+        }
+        let host = match host.strip_prefix("*.") {
+            Some(suffix) if !suffix.is_empty() && !suffix.contains('*') => HostPattern::Suffix(format!(".{suffix}")),
+            Some(_) => return None,
+            None if host.contains('*') => return None,
+            None => HostPattern::Exact(host),
+        };
+        Some(AuthorityPattern { host, port })
+    }
+
+    pub fn matches(&self, authority: &str) -> bool {
+        let Some((host, port)) = split_host_port(authority) else {
+            return false;
+        };
+        if self.port.is_some() && self.port != port {
+            return false;
+        }
+        let host = host.strip_suffix('.').unwrap_or(host);
+        match &self.host {
+            HostPattern::Exact(expected) => host.eq_ignore_ascii_case(expected),
+            HostPattern::Suffix(suffix) => {
+                host.len() > suffix.len()
+                    && host.is_char_boundary(host.len() - suffix.len())
+                    && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+            }
+        }
+    }
+}
+
+fn normalize_host(host: &str) -> String {
+    host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase()
+}
+
+/// Splits `host[:port]` (IPv6 literals in brackets). `None` when the port is not a number.
+fn split_host_port(authority: &str) -> Option<(&str, Option<u16>)> {
+    if authority.starts_with('[') {
+        let close = authority.find(']')?;
+        let host = &authority[..=close];
+        return match &authority[close + 1..] {
+            "" => Some((host, None)),
+            rest => Some((host, Some(rest.strip_prefix(':')?.parse().ok()?))),
+        };
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) => Some((host, Some(port.parse().ok()?))),
+        None => Some((authority, None)),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathMatch {
+    Any,
+    /// Matches the path (query excluded) starting with this prefix.
+    Prefix(String),
+    /// Matches the path (query excluded) exactly.
+    Exact(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderCondition {
+    /// Lower-case name.
+    pub name: String,
+    /// `None`: the header must be present; `Some(v)`: its value must equal `v`.
+    pub value: Option<String>,
+}
+
+/// One compiled entry of `routes`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteMatcher {
+    pub authority: Option<AuthorityPattern>,
+    pub path: PathMatch,
+    /// Upper-case method.
+    pub method: Option<String>,
+    pub headers: Vec<HeaderCondition>,
+    /// Envoy's route name (`xds.route_name`).
+    pub route_name: Option<String>,
+    /// Index into the profile list; `None` opts the request out.
+    pub profile: Option<usize>,
+}
+
+impl RouteMatcher {
+    fn matches(&self, facts: &mut dyn RequestFacts) -> bool {
+        if let Some(pattern) = &self.authority
+            && !facts.authority().is_some_and(|a| pattern.matches(a))
+        {
+            return false;
+        }
+        match &self.path {
+            PathMatch::Any => {}
+            PathMatch::Prefix(prefix) => {
+                if !facts.path().is_some_and(|p| path_only(p).starts_with(prefix.as_str())) {
+                    return false;
+                }
+            }
+            PathMatch::Exact(exact) => {
+                if facts.path().map(path_only) != Some(exact.as_str()) {
+                    return false;
+                }
+            }
+        }
+        if let Some(method) = &self.method
+            && !facts.method().is_some_and(|m| m.eq_ignore_ascii_case(method))
+        {
+            return false;
+        }
+        for condition in &self.headers {
+            match (facts.header(&condition.name), &condition.value) {
+                (None, _) => return false,
+                (Some(actual), Some(expected)) if &actual != expected => return false,
+                _ => {}
+            }
+        }
+        if let Some(name) = &self.route_name
+            && facts.route_name().as_deref() != Some(name.as_str())
+        {
+            return false;
+        }
+        true
+    }
+}
+
+fn path_only(path: &str) -> &str {
+    path.split(['?', '#']).next().unwrap_or(path)
+}
+
+/// The ordered route matchers.
+#[derive(Debug, Clone, Default)]
+pub struct RouteTable {
+    matchers: Vec<RouteMatcher>,
+    uses_route_name: bool,
+}
+
+impl RouteTable {
+    pub fn new(matchers: Vec<RouteMatcher>) -> Self {
+        let uses_route_name = matchers.iter().any(|m| m.route_name.is_some());
+        RouteTable { matchers, uses_route_name }
+    }
+
+    /// The profile index for a request: the first matching route decides; no match, no profile.
+    pub fn select(&self, facts: &mut dyn RequestFacts) -> Option<usize> {
+        self.matchers.iter().find(|m| m.matches(facts)).and_then(|m| m.profile)
+    }
+
+    /// Whether any matcher looks at Envoy's route name (the host can skip the property read).
+    pub fn uses_route_name(&self) -> bool {
+        self.uses_route_name
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.matchers.is_empty()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    pub(crate) struct FakeRequest {
+        pub authority: Option<String>,
+        pub path: Option<String>,
+        pub method: Option<String>,
+        pub headers: Vec<(String, String)>,
+        pub route_name: Option<String>,
+    }
+
+    impl RequestFacts for FakeRequest {
+        fn authority(&mut self) -> Option<&str> {
+            self.authority.as_deref()
+        }
+        fn path(&mut self) -> Option<&str> {
+            self.path.as_deref()
+        }
+        fn method(&mut self) -> Option<&str> {
+            self.method.as_deref()
+        }
+        fn header(&mut self, name: &str) -> Option<String> {
+            self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone())
+        }
+        fn route_name(&mut self) -> Option<String> {
+            self.route_name.clone()
+        }
+    }
+
+    fn request(authority: &str, path: &str) -> FakeRequest {
+        FakeRequest {
+            authority: Some(authority.into()),
+            path: Some(path.into()),
+            method: Some("GET".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn authority_patterns() {
+        let cases = [
+            ("billing.internal", "billing.internal", true),
+            ("billing.internal", "BILLING.Internal", true),
+            ("billing.internal", "billing.internal.", true),
+            ("billing.internal", "billing.internal:8080", true),
+            ("billing.internal.", "billing.internal", true),
+            ("billing.internal:8080", "billing.internal:8080", true),
+            ("billing.internal:8080", "billing.internal", false),
+            ("billing.internal:8080", "billing.internal:9090", false),
+            ("billing.internal", "evil-billing.internal", false),
+            ("billing.internal", "billing.internal.evil.com", false),
+            ("*.example.com", "api.example.com", true),
+            ("*.example.com", "a.b.EXAMPLE.com:443", true),
+            ("*.example.com", "example.com", false),
+            ("*.example.com", "badexample.com", false),
+            ("[::1]:8080", "[::1]:8080", true),
+            ("billing.internal", "billing.internal:notaport", false),
+        ];
+        for (pattern, authority, expected) in cases {
+            let compiled = AuthorityPattern::parse(pattern).expect(pattern);
+            assert_eq!(compiled.matches(authority), expected, "{pattern} vs {authority}");
+        }
+        for bad in ["", "*.", "a.*.com", "host:port", "*"] {
+            assert!(AuthorityPattern::parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    fn matcher(profile: usize) -> RouteMatcher {
+        RouteMatcher {
+            authority: None,
+            path: PathMatch::Any,
+            method: None,
+            headers: vec![],
+            route_name: None,
+            profile: Some(profile),
+        }
+    }
+
+    #[test]
+    fn first_match_wins_and_null_profile_opts_out() {
+        let table = RouteTable::new(vec![
+            RouteMatcher { path: PathMatch::Exact("/health".into()), profile: None, ..matcher(0) },
+            RouteMatcher { path: PathMatch::Prefix("/v1/".into()), ..matcher(1) },
+            RouteMatcher { authority: AuthorityPattern::parse("billing.internal"), ..matcher(2) },
+        ]);
+        let cases = [
+            ("billing.internal", "/health", None),
+            ("billing.internal", "/health?x=1", None),
+            ("other", "/v1/items?q=1", Some(1)),
+            ("billing.internal", "/v2/x", Some(2)),
+            ("other", "/v2/x", None),
+            ("other", "/v1", None),
+        ];
+        for (authority, path, expected) in cases {
+            assert_eq!(table.select(&mut request(authority, path)), expected, "{authority}{path}");
+        }
+    }
+
+    #[test]
+    fn method_headers_and_route_name() {
+        let table = RouteTable::new(vec![
+            RouteMatcher { method: Some("POST".into()), ..matcher(0) },
+            RouteMatcher {
+                headers: vec![HeaderCondition { name: "x-tenant".into(), value: Some("a".into()) }],
+                ..matcher(1)
+            },
+            RouteMatcher { headers: vec![HeaderCondition { name: "x-use-token".into(), value: None }], ..matcher(2) },
+            RouteMatcher { route_name: Some("billing-route".into()), ..matcher(3) },
+        ]);
+        assert!(table.uses_route_name());
+        let mut post = request("h", "/");
+        post.method = Some("post".into());
+        assert_eq!(table.select(&mut post), Some(0));
+        let mut tenant = request("h", "/");
+        tenant.headers = vec![("x-tenant".into(), "a".into())];
+        assert_eq!(table.select(&mut tenant), Some(1));
+        tenant.headers = vec![("x-tenant".into(), "b".into())];
+        assert_eq!(table.select(&mut tenant), None);
+        tenant.headers = vec![("x-use-token".into(), "".into())];
+        assert_eq!(table.select(&mut tenant), Some(2));
+        let mut named = request("h", "/");
+        named.route_name = Some("billing-route".into());
+        assert_eq!(table.select(&mut named), Some(3));
+        assert_eq!(table.select(&mut request("h", "/")), None);
+    }
+}

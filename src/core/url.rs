@@ -1,0 +1,149 @@
+//! The token endpoint URL: the one URL shape the filter accepts and the parts a callout needs.
+//!
+//! Envoy routes a callout to a named cluster; the URL only supplies `:authority`, `:path` and the
+//! scheme. So the parser is deliberately strict and small: absolute `http`/`https`, a host (with an
+//! optional port), no user info, no fragment.
+
+use std::fmt;
+
+/// A parsed absolute http(s) URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpUrl {
+    pub scheme: &'static str,
+    pub authority: String,
+    /// Path and query, always starting with `/`.
+    pub path_and_query: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UrlError {
+    NotAbsoluteHttp,
+    MissingHost,
+    UserInfo,
+    Fragment,
+    BadCharacter,
+    BadPort,
+}
+
+impl fmt::Display for UrlError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            UrlError::NotAbsoluteHttp => "not an absolute http(s) URL",
+            UrlError::MissingHost => "the URL has no host",
+            UrlError::UserInfo => "user info in the URL is not supported (use client_id/client_secret)",
+            UrlError::Fragment => "a token URL cannot have a fragment",
+            UrlError::BadCharacter => "the URL contains a space or control character",
+            UrlError::BadPort => "the URL's port is not a number from 1 to 65535",
+        })
+    }
+}
+
+impl HttpUrl {
+    pub fn parse(input: &str) -> Result<HttpUrl, UrlError> {
+        if input.bytes().any(|b| b <= b' ' || b == 0x7f) {
+            return Err(UrlError::BadCharacter);
+        }
+        let (scheme, rest) = split_scheme(input).ok_or(UrlError::NotAbsoluteHttp)?;
+        if rest.contains('#') {
+            return Err(UrlError::Fragment);
+        }
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(authority_end);
+        if authority.contains('@') {
+            return Err(UrlError::UserInfo);
+        }
+        validate_authority(authority)?;
+        let path_and_query = match tail.chars().next() {
+            None => "/".to_string(),
+            Some('?') => format!("/{tail}"),
+            Some(_) => tail.to_string(),
+        };
+        Ok(HttpUrl { scheme, authority: authority.to_string(), path_and_query })
+    }
+}
+
+fn split_scheme(input: &str) -> Option<(&'static str, &str)> {
+    for scheme in ["https", "http"] {
+        let prefix_len = scheme.len() + 3;
+        if input.len() > prefix_len
+            && input.is_char_boundary(prefix_len)
+            && input[..prefix_len].eq_ignore_ascii_case(&format!("{scheme}://"))
+        {
+            return Some((scheme, &input[prefix_len..]));
+        }
+    }
+    None
+}
+
+fn validate_authority(authority: &str) -> Result<(), UrlError> {
+    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
+        // An IPv6 literal: "[::1]:8443".
+        let close = rest.find(']').ok_or(UrlError::MissingHost)?;
+        let after = &rest[close + 1..];
+        let port = match after.strip_prefix(':') {
+            Some(port) => Some(port),
+            None if after.is_empty() => None,
+            None => return Err(UrlError::BadPort),
+        };
+        (&rest[..close], port)
+    } else {
+        match authority.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        }
+    };
+    if host.is_empty() {
+        return Err(UrlError::MissingHost);
+    }
+    if let Some(port) = port {
+        match port.parse::<u16>() {
+            Ok(p) if p > 0 && !port.starts_with('+') => {}
+            _ => return Err(UrlError::BadPort),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_accepted_shapes() {
+        let cases = [
+            ("https://idp.example.com/oauth2/token", "https", "idp.example.com", "/oauth2/token"),
+            ("http://idp:8080", "http", "idp:8080", "/"),
+            ("HTTPS://IdP.example.com/t?a=b", "https", "IdP.example.com", "/t?a=b"),
+            ("https://idp.example.com?x=1", "https", "idp.example.com", "/?x=1"),
+            ("https://[::1]:8443/token", "https", "[::1]:8443", "/token"),
+        ];
+        for (input, scheme, authority, path) in cases {
+            let url = HttpUrl::parse(input).unwrap_or_else(|e| panic!("{input}: {e}"));
+            assert_eq!(
+                (url.scheme, url.authority.as_str(), url.path_and_query.as_str()),
+                (scheme, authority, path),
+                "{input}"
+            );
+        }
+    }
+
+    #[test]
+    fn refuses_bad_shapes() {
+        let cases = [
+            ("idp.example.com/token", UrlError::NotAbsoluteHttp),
+            ("ftp://idp/token", UrlError::NotAbsoluteHttp),
+            ("https://", UrlError::NotAbsoluteHttp),
+            ("https:///token", UrlError::MissingHost),
+            ("https://user:pw@idp/token", UrlError::UserInfo),
+            ("https://idp/token#frag", UrlError::Fragment),
+            ("https://idp/to ken", UrlError::BadCharacter),
+            ("https://idp:0/token", UrlError::BadPort),
+            ("https://idp:99999/token", UrlError::BadPort),
+            ("https://idp:abc/token", UrlError::BadPort),
+            ("", UrlError::NotAbsoluteHttp),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(HttpUrl::parse(input), Err(expected), "{input}");
+        }
+    }
+}

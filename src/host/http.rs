@@ -1,0 +1,188 @@
+//! The http context: picks the profile for a request and writes the token, or pauses the request
+//! until one lands, or answers with the failure reply.
+//!
+//! The hit path is one shared-data read and one header write. A request that must wait is listed
+//! with the VM's root context, which resumes it when a token lands (see `root`).
+
+use std::rc::Rc;
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::{Action, MapType};
+
+use crate::core::cache::{self, EntryView, RequestDecision};
+use crate::core::config::Config;
+use crate::core::route::RequestFacts;
+use crate::host::root::kick_message;
+use crate::host::vm::{RequestState, VmState, Waiter};
+use crate::host::{abi, clock, shared};
+
+pub struct TokenInjector {
+    context_id: u32,
+    vm: Rc<VmState>,
+    profile: Option<usize>,
+    request: Rc<RequestState>,
+}
+
+impl TokenInjector {
+    pub fn new(context_id: u32, vm: Rc<VmState>) -> Self {
+        TokenInjector { context_id, vm, profile: None, request: Rc::new(RequestState::default()) }
+    }
+
+    fn pause_until_token(&mut self, profile_index: usize, now_ms: u64) -> Action {
+        let config = &self.vm.config;
+        let Some(profile) = config.profiles.get(profile_index) else { return Action::Continue };
+        let Ok(mut waiters) = self.vm.waiters.try_borrow_mut() else {
+            send_failure_reply(config, profile_index);
+            return Action::Pause;
+        };
+        if waiters.len() >= config.max_paused_requests {
+            drop(waiters);
+            log::warn!(
+                "profile {:?}: {} requests already wait for a token on this worker (max_paused_requests); failing this one",
+                profile.name,
+                config.max_paused_requests
+            );
+            send_failure_reply(config, profile_index);
+            return Action::Pause;
+        }
+        self.request.waiting.set(true);
+        waiters.push(Waiter {
+            context_id: self.context_id,
+            profile: profile_index,
+            deadline_ms: now_ms.saturating_add(profile.max_wait_ms),
+            shared: Rc::clone(&self.request),
+        });
+        drop(waiters);
+        // Ask this VM's root context to fetch now rather than at its next tick.
+        if let Some(queue) = self.vm.own_queue.get() {
+            let _ = hostcalls::enqueue_shared_queue(queue, Some(&kick_message(profile_index)));
+        }
+        Action::Pause
+    }
+
+    fn forget_waiter(&self) {
+        if self.request.waiting.get()
+            && let Ok(mut waiters) = self.vm.waiters.try_borrow_mut()
+        {
+            waiters.retain(|w| w.context_id != self.context_id);
+        }
+    }
+}
+
+/// Answers the effective context's request with the configured failure status and a small JSON
+/// body naming the profile; never the IdP's body, never a secret.
+pub fn send_failure_reply(config: &Config, profile_index: usize) {
+    let name = config.profiles.get(profile_index).map_or("", |p| p.name.as_str());
+    // Profile names are restricted to [A-Za-z0-9._-] at configuration time: safe inside JSON.
+    let body = format!(r#"{{"error":"token_unavailable","profile":"{name}"}}"#);
+    let _ = abi::send_local_response(
+        config.failure_status,
+        "oauth2_cc_token_unavailable",
+        &[("content-type", "application/json")],
+        body.as_bytes(),
+    );
+}
+
+impl Context for TokenInjector {}
+
+impl HttpContext for TokenInjector {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let config = Rc::clone(&self.vm.config);
+        let mut facts = HostRequestFacts::default();
+        let Some(profile_index) = config.routes.select(&mut facts) else {
+            return Action::Continue;
+        };
+        let Some(profile) = config.profiles.get(profile_index) else {
+            return Action::Continue;
+        };
+        self.profile = Some(profile_index);
+        if profile.inject.keep_existing && header(&profile.inject.header).is_some() {
+            return Action::Continue;
+        }
+        let now_ms = clock::now_ms();
+        let (bytes, _) = shared::read(&profile.cache_key);
+        let view = bytes.as_deref().and_then(EntryView::decode);
+        match cache::decide_request(view.as_ref(), now_ms) {
+            RequestDecision::Inject { token, generation } => {
+                let value = format!("{}{}", profile.inject.prefix, token);
+                if abi::set_request_header(&profile.inject.header, &value).is_err() {
+                    send_failure_reply(&config, profile_index);
+                    return Action::Pause;
+                }
+                self.request.injected.set(Some(generation));
+                Action::Continue
+            }
+            RequestDecision::Fail => {
+                log::debug!("profile {:?}: no token and the last fetch failed; failing fast", profile.name);
+                send_failure_reply(&config, profile_index);
+                Action::Pause
+            }
+            RequestDecision::Wait => self.pause_until_token(profile_index, now_ms),
+        }
+    }
+
+    fn on_http_request_body(&mut self, _body_size: usize, _end_of_stream: bool) -> Action {
+        // Continuing body data would also release the paused headers, without a token.
+        if self.request.waiting.get() { Action::Pause } else { Action::Continue }
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        if self.request.waiting.get() { Action::Pause } else { Action::Continue }
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let (Some(profile_index), Some(generation)) = (self.profile, self.request.injected.get()) else {
+            return Action::Continue;
+        };
+        let Some(profile) = self.vm.config.profiles.get(profile_index) else { return Action::Continue };
+        let status = hostcalls::get_map_value(MapType::HttpResponseHeaders, ":status")
+            .ok()
+            .flatten()
+            .and_then(|s| s.parse::<u32>().ok());
+        if status.is_some_and(|s| profile.purge_on_status.contains(&s))
+            && shared::update(&profile.cache_key, |entry| cache::purge(entry, generation)).is_some()
+        {
+            log::info!(
+                "profile {:?}: upstream answered {} to the token; dropped it, a new one will be fetched",
+                profile.name,
+                status.unwrap_or(0)
+            );
+        }
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        self.forget_waiter();
+    }
+}
+
+fn header(name: &str) -> Option<String> {
+    hostcalls::get_map_value(MapType::HttpRequestHeaders, name).ok().flatten()
+}
+
+/// Request facts read from the host on first use only.
+#[derive(Default)]
+struct HostRequestFacts {
+    authority: Option<Option<String>>,
+    path: Option<Option<String>>,
+    method: Option<Option<String>>,
+}
+
+impl RequestFacts for HostRequestFacts {
+    fn authority(&mut self) -> Option<&str> {
+        self.authority.get_or_insert_with(|| header(":authority")).as_deref()
+    }
+    fn path(&mut self) -> Option<&str> {
+        self.path.get_or_insert_with(|| header(":path")).as_deref()
+    }
+    fn method(&mut self) -> Option<&str> {
+        self.method.get_or_insert_with(|| header(":method")).as_deref()
+    }
+    fn header(&mut self, lower_case_name: &str) -> Option<String> {
+        header(lower_case_name)
+    }
+    fn route_name(&mut self) -> Option<String> {
+        hostcalls::get_property(vec!["xds", "route_name"]).ok().flatten().and_then(|b| String::from_utf8(b).ok())
+    }
+}

@@ -1,0 +1,320 @@
+"""Fixtures for the oauth2-cc end-to-end tests (real Envoy, fake IdP, echo upstream).
+
+Fixtures (all function-scoped):
+  token_server   servers.TokenServer on a free loopback port
+  upstream       servers.EchoUpstream on a free loopback port
+  make_token_server  ``make_token_server(**kw)``: more TokenServers (multi-profile tests)
+  plugin_config  a fresh copy of plugin_config.SAMPLE (profile "default" on cluster "idp")
+  wasm_file      path of the oauth2-cc build; skips the test when it is absent
+                 (fails instead when E2E_REQUIRE_WASM=1, as CI should set)
+  envoy_factory  EnvoyFactory: ``envoy_factory(plugin_config, env=..., routes=...)``
+                 builds a bootstrap (ports chosen by the kernel), starts Envoy,
+                 waits until /ready says LIVE and stops it after the test.
+
+Checks done for every test that started Envoy through the factory: after the test
+body, its Envoys are stopped and the test fails if any wrote a ``critical`` wasm
+record or a wasm VM failure (see Envoy.wasm_failure_lines), unless the test is
+marked ``@pytest.mark.allow_wasm_failures`` or the Envoy was started with
+``allow_critical=True`` (the default for ``expect_ready=False``), or if an Envoy
+died by itself. A failing test's report gets the last 200 lines of each Envoy log
+and the requests the token server and upstream saw.
+
+Environment: ENVOY_BIN, OAUTH2_CC_WASM, E2E_REQUIRE_WASM, E2E_ENVOY_LOG_LEVEL
+(default info), E2E_ENVOY_COMPONENT_LOG_LEVEL (e.g. "wasm:debug").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import pytest
+
+import plugin_config as pc
+from envoy import Envoy, bootstrap, wasm_path
+from servers import EchoUpstream, TokenServer
+
+ENVOYS = pytest.StashKey[list]()
+SERVERS = pytest.StashKey[dict]()
+LOG_TAIL_LINES = 200
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "allow_wasm_failures: do not fail the test on critical wasm log records / VM failures"
+    )
+
+
+# --------------------------------------------------------------------------- #
+# Servers
+# --------------------------------------------------------------------------- #
+
+
+@pytest.fixture
+def token_server(request) -> Iterable[TokenServer]:
+    s = TokenServer().start()
+    request.node.stash.setdefault(SERVERS, {})["token_server"] = s
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture
+def upstream(request) -> Iterable[EchoUpstream]:
+    s = EchoUpstream().start()
+    request.node.stash.setdefault(SERVERS, {})["upstream"] = s
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture
+def make_token_server(request) -> Iterable:
+    """``make_token_server(**kw) -> TokenServer``: extra token servers (e.g. one per
+    profile cluster), started now and stopped after the test."""
+    made: list[TokenServer] = []
+
+    def make(**kw) -> TokenServer:
+        s = TokenServer(**kw).start()
+        made.append(s)
+        request.node.stash.setdefault(SERVERS, {})[f"token_server{len(made) + 1}"] = s
+        return s
+
+    try:
+        yield make
+    finally:
+        for s in made:
+            s.stop()
+
+
+@pytest.fixture
+def plugin_config() -> dict:
+    return pc.sample()
+
+
+def _require_wasm() -> bool:
+    return os.environ.get("E2E_REQUIRE_WASM", "") not in ("", "0", "false", "no")
+
+
+def check_wasm_file(path: str | None = None) -> str:
+    """Return the wasm path, or skip (fail under E2E_REQUIRE_WASM=1) when it is missing."""
+    path = path or wasm_path()
+    if not Path(path).is_file():
+        msg = (
+            f"oauth2-cc wasm not found at {path}: run `cargo build --release --target "
+            f"wasm32-wasip1` or set OAUTH2_CC_WASM"
+        )
+        if _require_wasm():
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture
+def wasm_file() -> str:
+    return check_wasm_file()
+
+
+# --------------------------------------------------------------------------- #
+# Envoy factory
+# --------------------------------------------------------------------------- #
+
+
+class EnvoyFactory:
+    """Builds bootstraps and starts Envoys for one test; every Envoy is stopped
+    at the end of the test (even on failure)."""
+
+    def __init__(self, tmp_path: Path, token_server: TokenServer, upstream: EchoUpstream, item):
+        self.tmp_path = tmp_path
+        self.token_server = token_server
+        self.upstream = upstream
+        self.item = item
+        self.envoys: list[Envoy] = item.stash.setdefault(ENVOYS, [])
+
+    def config_text(
+        self,
+        plugin_config: Mapping[str, Any] | str | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        routes: list[dict] | None = None,
+        token_clusters: Mapping[str, Any] | None = None,
+        wasm: bool = True,
+        wasm_file: str | None = None,
+        listener_port: int = 0,
+        admin_port: int = 0,
+        **bootstrap_kw: Any,
+    ) -> str:
+        """The bootstrap text. plugin_config None means the sample config.
+        token_clusters default: every cluster named by a profile -> token_server."""
+        if plugin_config is None:
+            plugin_config = pc.sample()
+        if token_clusters is None:
+            token_clusters = {name: self.token_server for name in pc.clusters_of(plugin_config)}
+            if wasm and not token_clusters:
+                token_clusters = {pc.DEFAULT_CLUSTER: self.token_server}
+        if wasm:
+            wasm_file = check_wasm_file(wasm_file)
+        bootstrap_kw.setdefault("upstream_port", self.upstream.port)
+        return bootstrap(
+            plugin_config,
+            listener_port=listener_port,
+            admin_port=admin_port,
+            token_clusters=token_clusters,
+            env=env,
+            routes=routes,
+            wasm=wasm,
+            wasm_file=wasm_file,
+            **bootstrap_kw,
+        )
+
+    def _new(self, text: str, name: str | None, concurrency: int, log_level: str | None,
+             component_log_level: str | None, extra_args: Iterable[str]) -> Envoy:
+        name = name or f"envoy{len(self.envoys)}"
+        e = Envoy(
+            text,
+            self.tmp_path / name,
+            concurrency=concurrency,
+            log_level=log_level or os.environ.get("E2E_ENVOY_LOG_LEVEL", "info"),
+            component_log_level=component_log_level or os.environ.get("E2E_ENVOY_COMPONENT_LOG_LEVEL") or None,
+            extra_args=extra_args,
+            name=name,
+        )
+        return e
+
+    def start(
+        self,
+        plugin_config: Mapping[str, Any] | str | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        routes: list[dict] | None = None,
+        expect_ready: bool = True,
+        token_clusters: Mapping[str, Any] | None = None,
+        wasm: bool = True,
+        wasm_file: str | None = None,
+        concurrency: int = 2,
+        log_level: str | None = None,
+        component_log_level: str | None = None,
+        allow_critical: bool | None = None,
+        ready_timeout: float = 30,
+        extra_args: Iterable[str] = (),
+        name: str | None = None,
+        **bootstrap_kw: Any,
+    ) -> Envoy:
+        """Start Envoy; with expect_ready (default) wait until it is LIVE.
+        With expect_ready=False it only starts: call ``wait_exit()`` for a config
+        Envoy must refuse. Extra keyword arguments go to ``envoy.bootstrap``
+        (failure_policy, reload_base_interval, extra_clusters, virtual_hosts, ...)."""
+        text = self.config_text(
+            plugin_config, env=env, routes=routes, token_clusters=token_clusters,
+            wasm=wasm, wasm_file=wasm_file, **bootstrap_kw,
+        )
+        e = self._new(text, name, concurrency, log_level, component_log_level, extra_args)
+        e.allow_critical = (not expect_ready) if allow_critical is None else allow_critical
+        e.expect_running = expect_ready
+        self.envoys.append(e)
+        e.start()
+        if expect_ready:
+            e.wait_ready(ready_timeout)
+        return e
+
+    __call__ = start
+
+    def validate(self, plugin_config: Mapping[str, Any] | str | None = None, *, name: str | None = None,
+                 **kw: Any) -> tuple[int, str]:
+        """``envoy --mode validate`` on the bootstrap: (exit code, output). Note that
+        validate mode loads the wasm module and runs on_vm_start / on_configure, so a
+        plugin config the filter rejects fails validation too."""
+        text = self.config_text(plugin_config, **kw)
+        e = self._new(text, name or f"validate{len(self.envoys)}", 1, None, None, ())
+        return e.validate()
+
+    def stop_all(self):
+        for e in self.envoys:
+            try:
+                e.stop()
+            except Exception:
+                pass
+
+
+@pytest.fixture
+def envoy_factory(request, tmp_path, token_server, upstream) -> Iterable[EnvoyFactory]:
+    f = EnvoyFactory(tmp_path, token_server, upstream, request.node)
+    try:
+        yield f
+    finally:
+        f.stop_all()
+
+
+# --------------------------------------------------------------------------- #
+# Checks and failure reports
+# --------------------------------------------------------------------------- #
+
+
+def wasm_failures(envoys: Iterable[Envoy]) -> list[str]:
+    """Critical wasm records / VM failures of the Envoys that do not allow them."""
+    out = []
+    for e in envoys:
+        if getattr(e, "allow_critical", False):
+            continue
+        out += [f"{e.name}: {line}" for line in e.wasm_failure_lines()]
+    return out
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """After the test body: stop this test's Envoys (flushes their logs), then fail
+    the test on critical wasm records or an Envoy that died by itself."""
+    envoys: list[Envoy] = item.stash.get(ENVOYS, [])
+    try:
+        result = yield
+    except BaseException:
+        for e in envoys:
+            e.stop()
+        raise
+    died = [
+        f"{e.name} exited by itself with code {e.proc.returncode}"
+        for e in envoys
+        if getattr(e, "expect_running", False)
+        and not e.stopped_by_us
+        and e.proc is not None
+        and e.proc.poll() is not None
+    ]
+    for e in envoys:
+        e.stop()
+    problems = died
+    if not item.get_closest_marker("allow_wasm_failures"):
+        problems += wasm_failures(envoys)
+    if problems:
+        pytest.fail("Envoy problems after the test:\n" + "\n".join(problems), pytrace=False)
+    return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        for e in item.stash.get(ENVOYS, []):
+            try:
+                report.sections.append(
+                    (f"envoy log {e.name} ({e.tmpdir}), last {LOG_TAIL_LINES} lines", e.log_tail(LOG_TAIL_LINES))
+                )
+            except Exception as exc:  # never hide the real failure
+                report.sections.append((f"envoy log {e.name}", f"<unreadable: {exc!r}>"))
+        for name, s in item.stash.get(SERVERS, {}).items():
+            try:
+                reqs = s.requests
+                text = "\n".join(r.summary() for r in reqs[-50:]) or "<none>"
+                if s.errors:
+                    text += "\nhandler errors:\n" + "\n".join(s.errors[-3:])
+                report.sections.append((f"{name} requests ({len(reqs)}, last 50)", text))
+            except Exception:
+                pass
+    return report
+
+
+def dump(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True)
