@@ -11,6 +11,9 @@ use std::fmt;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 
+use crate::core::assertion::{
+    AssertionAudience, AssertionSigner, AssertionTemplate, JWT_BEARER_GRANT_TYPE, JwtAlgorithm,
+};
 use crate::core::route::{AuthorityPattern, HeaderCondition, PathMatch, RouteMatcher, RouteTable};
 use crate::core::secret::Secret;
 use crate::core::url::HttpUrl;
@@ -89,6 +92,29 @@ struct RawProfile {
     backoff: RawBackoff,
     #[serde(default)]
     purge_on_status: Option<Vec<u32>>,
+    #[serde(default)]
+    jwt: Option<RawJwt>,
+}
+
+/// Settings of the RFC 7523 assertions (`private_key_jwt`, `client_secret_jwt`, JWT-bearer grant).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawJwt {
+    algorithm: Option<String>,
+    private_key: Option<SecretSource>,
+    kid: Option<String>,
+    #[serde(default)]
+    audience: OneOrMany,
+    issuer: Option<String>,
+    subject: Option<String>,
+    #[serde(default)]
+    headers: serde_json::Map<String, serde_json::Value>,
+    #[serde(default)]
+    claims: serde_json::Map<String, serde_json::Value>,
+    lifetime_s: Option<u64>,
+    #[serde(default)]
+    include_nbf: bool,
+    send_client_id: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -217,6 +243,10 @@ pub enum AuthMethod {
     None,
     /// RFC 8705 mutual TLS: like `none` on the wire; the certificate is the cluster's.
     TlsClientAuth,
+    /// RFC 7523 §2.2: a JWT signed with HMAC over the client secret.
+    ClientSecretJwt,
+    /// RFC 7523 §2.2: a JWT signed with the client's private key.
+    PrivateKeyJwt,
 }
 
 impl AuthMethod {
@@ -226,11 +256,13 @@ impl AuthMethod {
             AuthMethod::ClientSecretPost => "client_secret_post",
             AuthMethod::None => "none",
             AuthMethod::TlsClientAuth => "tls_client_auth",
+            AuthMethod::ClientSecretJwt => "client_secret_jwt",
+            AuthMethod::PrivateKeyJwt => "private_key_jwt",
         }
     }
 
     fn needs_client_secret(self) -> bool {
-        matches!(self, AuthMethod::ClientSecretBasic | AuthMethod::ClientSecretPost)
+        matches!(self, AuthMethod::ClientSecretBasic | AuthMethod::ClientSecretPost | AuthMethod::ClientSecretJwt)
     }
 }
 
@@ -268,7 +300,21 @@ pub enum ClientAuth {
     },
     /// `none` and `tls_client_auth`: only `client_id` is sent.
     ClientIdOnly,
+    /// `client_secret_jwt` and `private_key_jwt`: a fresh signed assertion per token request.
+    Jwt {
+        assertion: JwtAssertion,
+        send_client_id: bool,
+    },
 }
+
+/// How to make the RFC 7523 assertions of a profile: the checked key and the fixed claims.
+#[derive(Debug, Clone)]
+pub struct JwtAssertion {
+    pub signer: AssertionSigner,
+    pub template: AssertionTemplate,
+}
+
+pub const DEFAULT_ASSERTION_LIFETIME_S: u64 = 60;
 
 /// One named way of getting a token.
 #[derive(Debug, Clone)]
@@ -294,6 +340,8 @@ pub struct Profile {
     pub inject: Injection,
     pub lifetime: LifetimePolicy,
     pub backoff: BackoffPolicy,
+    /// RFC 7523 §2.1 JWT-bearer grant: the assertion sent as `assertion`.
+    pub grant_assertion: Option<JwtAssertion>,
     /// Upstream statuses that mean "this token was rejected": the cached token is dropped.
     pub purge_on_status: Vec<u32>,
     /// The shared-data key of this profile's cache entry; changes when what the token depends on changes.
@@ -402,7 +450,7 @@ fn compile(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Confi
 
 fn compile_profile(
     name: String,
-    raw: RawProfile,
+    mut raw: RawProfile,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Profile, ConfigError> {
     let at = |field: &str| format!("profiles.{name}.{field}");
@@ -420,9 +468,32 @@ fn compile_profile(
         return Err(ConfigError::new(at("client_id"), "must not be empty"));
     }
 
-    let secret = match raw.client_secret {
+    let secret = match raw.client_secret.take() {
         Some(source) => Some(resolve_secret(source, &at("client_secret"), env)?),
         None => None,
+    };
+    let grant_type = raw.grant_type.take().unwrap_or_else(|| DEFAULT_GRANT_TYPE.to_string());
+    let jwt_bearer_grant = grant_type == JWT_BEARER_GRANT_TYPE;
+    let uses_jwt =
+        matches!(raw.auth_method, AuthMethod::ClientSecretJwt | AuthMethod::PrivateKeyJwt) || jwt_bearer_grant;
+    let jwt = match (raw.jwt.take(), uses_jwt) {
+        (Some(jwt), true) => Some(compile_jwt(jwt, &raw, secret.as_ref(), &at, env)?),
+        (None, true) if raw.auth_method == AuthMethod::ClientSecretJwt => {
+            Some(compile_jwt(RawJwt::default(), &raw, secret.as_ref(), &at, env)?)
+        }
+        (None, true) => {
+            return Err(ConfigError::new(
+                at("jwt"),
+                "is required with auth_method private_key_jwt and with the JWT-bearer grant (algorithm, private_key)",
+            ));
+        }
+        (Some(_), false) => {
+            return Err(ConfigError::new(
+                at("jwt"),
+                "is only used with auth_method client_secret_jwt or private_key_jwt, or the JWT-bearer grant",
+            ));
+        }
+        (None, false) => None,
     };
     let client_auth = match (raw.auth_method, secret) {
         (AuthMethod::ClientSecretBasic, Some(secret)) => ClientAuth::Basic { secret },
@@ -433,7 +504,13 @@ fn compile_profile(
                 format!("is required with auth_method {}", method.name()),
             ));
         }
-        (AuthMethod::None | AuthMethod::TlsClientAuth, Some(_)) => {
+        (AuthMethod::ClientSecretJwt | AuthMethod::PrivateKeyJwt, _) => match &jwt {
+            Some(compiled) => {
+                ClientAuth::Jwt { assertion: compiled.assertion.clone(), send_client_id: compiled.send_client_id }
+            }
+            None => return Err(ConfigError::new(at("jwt"), "is required with this auth_method")),
+        },
+        (AuthMethod::None | AuthMethod::TlsClientAuth, Some(_)) if !jwt_bearer_grant => {
             return Err(ConfigError::new(
                 at("client_secret"),
                 "is not used with auth_method none or tls_client_auth; remove it",
@@ -441,8 +518,8 @@ fn compile_profile(
         }
         (_, _) => ClientAuth::ClientIdOnly,
     };
+    let grant_assertion = if jwt_bearer_grant { jwt.as_ref().map(|j| j.assertion.clone()) } else { None };
 
-    let grant_type = raw.grant_type.unwrap_or_else(|| DEFAULT_GRANT_TYPE.to_string());
     if grant_type.is_empty() {
         return Err(ConfigError::new(at("grant_type"), "must not be empty"));
     }
@@ -567,9 +644,84 @@ fn compile_profile(
         inject,
         lifetime,
         backoff,
+        grant_assertion,
         purge_on_status,
         cache_key,
     })
+}
+
+struct CompiledJwt {
+    assertion: JwtAssertion,
+    send_client_id: bool,
+}
+
+fn compile_jwt(
+    raw: RawJwt,
+    profile: &RawProfile,
+    client_secret: Option<&Secret>,
+    at: &dyn Fn(&str) -> String,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<CompiledJwt, ConfigError> {
+    let hmac_default = profile.auth_method == AuthMethod::ClientSecretJwt;
+    let algorithm = match &raw.algorithm {
+        Some(name) => JwtAlgorithm::parse(name).ok_or_else(|| {
+            ConfigError::new(
+                at("jwt.algorithm"),
+                format!(
+                    "unknown algorithm {name:?}; one of {}",
+                    JwtAlgorithm::ALL.iter().map(|a| a.name()).collect::<Vec<_>>().join(", ")
+                ),
+            )
+        })?,
+        None if hmac_default => JwtAlgorithm::HS256,
+        None => JwtAlgorithm::RS256,
+    };
+    let signer = if algorithm.is_hmac() {
+        if raw.private_key.is_some() {
+            return Err(ConfigError::new(
+                at("jwt.private_key"),
+                format!("{} signs with the client secret; remove private_key", algorithm.name()),
+            ));
+        }
+        let secret = client_secret.ok_or_else(|| {
+            ConfigError::new(at("client_secret"), format!("is required to sign {} assertions", algorithm.name()))
+        })?;
+        AssertionSigner::from_client_secret(algorithm, secret)
+            .map_err(|e| ConfigError::new(at("client_secret"), e.to_string()))?
+    } else {
+        if profile.auth_method == AuthMethod::ClientSecretJwt {
+            return Err(ConfigError::new(
+                at("jwt.algorithm"),
+                "client_secret_jwt signs with HMAC: use HS256, HS384 or HS512",
+            ));
+        }
+        let source = raw.private_key.ok_or_else(|| {
+            ConfigError::new(at("jwt.private_key"), format!("is required to sign {} assertions", algorithm.name()))
+        })?;
+        let pem = resolve_secret(source, &at("jwt.private_key"), env)?;
+        AssertionSigner::from_private_key_pem(algorithm, &pem)
+            .map_err(|e| ConfigError::new(at("jwt.private_key"), e.to_string()))?
+    };
+    let audience = match raw.audience {
+        OneOrMany::None => AssertionAudience::One(profile.token_url.clone()),
+        OneOrMany::One(aud) => AssertionAudience::One(aud),
+        OneOrMany::Many(auds) => AssertionAudience::Many(auds),
+    };
+    let mut extra_header = raw.headers;
+    if let Some(kid) = raw.kid {
+        extra_header.insert("kid".into(), serde_json::Value::from(kid));
+    }
+    let template = AssertionTemplate {
+        issuer: raw.issuer.unwrap_or_else(|| profile.client_id.clone()),
+        subject: raw.subject.unwrap_or_else(|| profile.client_id.clone()),
+        audience,
+        lifetime_s: raw.lifetime_s.unwrap_or(DEFAULT_ASSERTION_LIFETIME_S),
+        include_nbf: raw.include_nbf,
+        extra_header,
+        extra_claims: raw.claims,
+    };
+    template.validate().map_err(|e| ConfigError::new(at("jwt"), e.to_string()))?;
+    Ok(CompiledJwt { assertion: JwtAssertion { signer, template }, send_client_id: raw.send_client_id.unwrap_or(true) })
 }
 
 fn compile_route(index: usize, raw: RawRoute, profiles: &[Profile]) -> Result<RouteMatcher, ConfigError> {
@@ -845,6 +997,130 @@ mod tests {
             let err = parse_value(&config).expect_err(what);
             assert_eq!(err.path, path, "{what}: {err}");
             assert!(!err.to_string().contains("s3cret"), "{what}: {err}");
+        }
+    }
+
+    fn jwt_profile(auth_method: &str, jwt: serde_json::Value) -> serde_json::Value {
+        let mut config = minimal();
+        config["profiles"]["billing"]["auth_method"] = json!(auth_method);
+        if auth_method == "private_key_jwt" {
+            config["profiles"]["billing"].as_object_mut().map(|p| p.remove("client_secret"));
+        }
+        config["profiles"]["billing"]["jwt"] = jwt;
+        config
+    }
+
+    const RSA_KEY: &str = include_str!("../../tests/fixtures/keys/rsa_pkcs8.pem");
+    const EC_KEY: &str = include_str!("../../tests/fixtures/keys/ec_p256_pkcs8.pem");
+
+    #[test]
+    fn jwt_client_auth_compiles() {
+        let config = parse_value(&jwt_profile(
+            "private_key_jwt",
+            json!({"algorithm": "ES256", "private_key": EC_KEY, "kid": "k1"}),
+        ))
+        .expect("valid");
+        match &config.profiles[0].client_auth {
+            ClientAuth::Jwt { assertion, send_client_id } => {
+                assert_eq!(assertion.signer.algorithm(), JwtAlgorithm::ES256);
+                assert_eq!(
+                    assertion.template.audience,
+                    AssertionAudience::One("https://idp.example.com/oauth2/token".into())
+                );
+                assert_eq!(assertion.template.issuer, "svc-a");
+                assert_eq!(assertion.template.lifetime_s, 60);
+                assert_eq!(assertion.template.extra_header.get("kid"), Some(&json!("k1")));
+                assert!(*send_client_id);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let mut hs = minimal();
+        hs["profiles"]["billing"]["auth_method"] = json!("client_secret_jwt");
+        hs["profiles"]["billing"]["client_secret"] = json!("x".repeat(32));
+        let config = parse_value(&hs).expect("valid");
+        assert!(
+            matches!(&config.profiles[0].client_auth, ClientAuth::Jwt { assertion, .. } if assertion.signer.algorithm() == JwtAlgorithm::HS256)
+        );
+        let grant = jwt_profile("none", json!({"private_key": RSA_KEY, "subject": "user-1"}));
+        let mut grant = grant;
+        grant["profiles"]["billing"]["grant_type"] = json!(JWT_BEARER_GRANT_TYPE);
+        grant["profiles"]["billing"].as_object_mut().map(|p| p.remove("client_secret"));
+        let config = parse_value(&grant).expect("valid");
+        let profile = &config.profiles[0];
+        assert_eq!(profile.grant_assertion.as_ref().map(|a| a.template.subject.as_str()), Some("user-1"));
+        assert!(matches!(profile.client_auth, ClientAuth::ClientIdOnly));
+        assert!(!format!("{config:?}").contains("PRIVATE KEY"));
+    }
+
+    #[test]
+    fn bad_jwt_settings_name_the_field() {
+        let cases: Vec<(&str, serde_json::Value, &str)> = vec![
+            (
+                "malformed key",
+                jwt_profile(
+                    "private_key_jwt",
+                    json!({"private_key": "-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----"}),
+                ),
+                "profiles.billing.jwt.private_key",
+            ),
+            (
+                "RSA key with ES256",
+                jwt_profile("private_key_jwt", json!({"algorithm": "ES256", "private_key": RSA_KEY})),
+                "profiles.billing.jwt.private_key",
+            ),
+            (
+                "unknown algorithm",
+                jwt_profile("private_key_jwt", json!({"algorithm": "RS999", "private_key": RSA_KEY})),
+                "profiles.billing.jwt.algorithm",
+            ),
+            (
+                "missing key",
+                jwt_profile("private_key_jwt", json!({"algorithm": "RS256"})),
+                "profiles.billing.jwt.private_key",
+            ),
+            (
+                "no jwt block",
+                {
+                    let mut c = jwt_profile("private_key_jwt", json!(null));
+                    c["profiles"]["billing"].as_object_mut().map(|p| p.remove("jwt"));
+                    c
+                },
+                "profiles.billing.jwt",
+            ),
+            (
+                "reserved claim",
+                jwt_profile("private_key_jwt", json!({"private_key": RSA_KEY, "claims": {"exp": 1}})),
+                "profiles.billing.jwt",
+            ),
+            (
+                "jwt without jwt auth",
+                jwt_profile("client_secret_basic", json!({"private_key": RSA_KEY})),
+                "profiles.billing.jwt",
+            ),
+            (
+                "short HS secret",
+                {
+                    let mut c = minimal();
+                    c["profiles"]["billing"]["auth_method"] = json!("client_secret_jwt");
+                    c
+                },
+                "profiles.billing.client_secret",
+            ),
+            (
+                "asymmetric alg for client_secret_jwt",
+                {
+                    let mut c = minimal();
+                    c["profiles"]["billing"]["auth_method"] = json!("client_secret_jwt");
+                    c["profiles"]["billing"]["jwt"] = json!({"algorithm": "RS256"});
+                    c
+                },
+                "profiles.billing.jwt.algorithm",
+            ),
+        ];
+        for (what, config, path) in cases {
+            let err = parse_value(&config).expect_err(what);
+            assert_eq!(err.path, path, "{what}: {err}");
+            assert!(!err.to_string().contains("PRIVATE KEY"), "{what}: {err}");
         }
     }
 

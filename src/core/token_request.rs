@@ -44,7 +44,7 @@ pub struct RequestExtras<'a> {
     pub grant_assertion: Option<&'a str>,
 }
 
-pub const CLIENT_ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+pub use crate::core::assertion::CLIENT_ASSERTION_TYPE;
 
 /// Builds the token request for `profile`.
 pub fn build(profile: &Profile, extras: &RequestExtras) -> TokenRequest {
@@ -76,6 +76,11 @@ pub fn build(profile: &Profile, extras: &RequestExtras) -> TokenRequest {
             params.push(("client_secret", secret.expose()));
         }
         ClientAuth::ClientIdOnly => params.push(("client_id", &profile.client_id)),
+        ClientAuth::Jwt { send_client_id, .. } => {
+            if *send_client_id {
+                params.push(("client_id", &profile.client_id));
+            }
+        }
     }
     if let Some(assertion) = extras.client_assertion {
         params.push(("client_assertion_type", CLIENT_ASSERTION_TYPE));

@@ -52,6 +52,8 @@ pub enum TokenError {
     TooLarge { limit: usize },
     /// No answer: the callout failed or timed out (status 0 or no headers).
     NoResponse,
+    /// The request was not sent: its RFC 7523 assertion could not be signed.
+    AssertionFailed,
 }
 
 impl fmt::Display for TokenError {
@@ -72,6 +74,7 @@ impl fmt::Display for TokenError {
                 write!(f, "token response has an invalid {field:?} (not a positive number of seconds)")
             }
             TokenError::TooLarge { limit } => write!(f, "token response is larger than {limit} bytes"),
+            TokenError::AssertionFailed => f.write_str("the JWT assertion could not be signed"),
             TokenError::NoResponse => {
                 f.write_str("no response from the token endpoint (connection failure or timeout)")
             }
@@ -115,6 +118,7 @@ impl TokenError {
             TokenError::BadExpiresIn { .. } => "bad_expires_in",
             TokenError::TooLarge { .. } => "too_large",
             TokenError::NoResponse => "no_response",
+            TokenError::AssertionFailed => "assertion_failed",
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Time and randomness from the host: wall-clock milliseconds and random numbers (WASI).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::UNIX_EPOCH;
 
 use proxy_wasm::hostcalls;
@@ -21,6 +22,21 @@ pub fn random_u64() -> u64 {
     }
     u64::from_le_bytes(bytes)
 }
+
+/// 128 random bits (for assertion `jti`s). Without host entropy, the clock and a counter keep them
+/// unique per VM, which is what a `jti` needs.
+pub fn random_128() -> [u8; 16] {
+    let mut bytes = [0u8; 16];
+    if getrandom::getrandom(&mut bytes).is_err() {
+        let high = random_u64().to_le_bytes();
+        let low = COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes();
+        bytes[..8].copy_from_slice(&high);
+        bytes[8..].copy_from_slice(&low);
+    }
+    bytes
+}
+
+static COUNTER: AtomicU64 = AtomicU64::new(1);
 
 /// A random number in [0, 1).
 pub fn random_unit() -> f64 {

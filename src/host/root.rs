@@ -14,8 +14,9 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType, MapType};
 
+use crate::core::assertion::{self, AssertionError};
 use crate::core::cache::{self, EntryView, RequestDecision};
-use crate::core::config::{self, Config};
+use crate::core::config::{self, ClientAuth, Config, JwtAssertion, Profile};
 use crate::core::token_request::{self, RequestExtras};
 use crate::core::token_response::{self, TokenError};
 use crate::host::http::{TokenInjector, send_failure_reply};
@@ -74,7 +75,19 @@ impl FilterRoot {
         if shared::update(&profile.cache_key, |entry| cache::claim_fetch(entry, now_ms, holder, lease_ms)).is_none() {
             return;
         }
-        let request = token_request::build(profile, &RequestExtras::default());
+        let (client_assertion, grant_assertion) = match sign_assertions(profile, now_ms) {
+            Ok(signed) => signed,
+            Err(error) => {
+                log::error!("profile {:?}: {error}", profile.name);
+                self.record_failure(profile_index, &TokenError::AssertionFailed, None, now_ms);
+                return;
+            }
+        };
+        let extras = RequestExtras {
+            client_assertion: client_assertion.as_deref(),
+            grant_assertion: grant_assertion.as_deref(),
+        };
+        let request = token_request::build(profile, &extras);
         let headers: Vec<(&str, &str)> = request.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
         match hostcalls::dispatch_http_call(
             &profile.cluster,
@@ -323,6 +336,21 @@ impl RootContext for FilterRoot {
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::HttpContext)
     }
+}
+
+/// Fresh RFC 7523 assertions for one token request: the client assertion and the grant assertion,
+/// each with its own `jti`. Signing happens here, in a root context, never on a request.
+fn sign_assertions(profile: &Profile, now_ms: u64) -> Result<(Option<String>, Option<String>), AssertionError> {
+    let sign = |jwt: &JwtAssertion| {
+        let jti = assertion::jti_from_random(&clock::random_128());
+        assertion::sign_assertion(&jwt.signer, &jwt.template, now_ms / 1000, &jti)
+    };
+    let client = match &profile.client_auth {
+        ClientAuth::Jwt { assertion, .. } => Some(sign(assertion)?),
+        _ => None,
+    };
+    let grant = profile.grant_assertion.as_ref().map(sign).transpose()?;
+    Ok((client, grant))
 }
 
 /// The message an http context enqueues on its own VM's queue to ask for a fetch now.

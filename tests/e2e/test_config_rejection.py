@@ -1,0 +1,175 @@
+"""Envoy refuses a plugin configuration the filter rejects, and its log names the JSON path of
+the bad field after "configuration rejected".
+
+``envoy --mode validate`` loads the wasm module and runs on_configure (Envoy 1.40), so a
+configuration the filter refuses fails validation with exit code 1 ("Unable to create Wasm plugin
+oauth2_cc"); one case is also started in serve mode to show Envoy refuses it at startup too.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+
+import plugin_config as pc
+
+
+def edit(path: list, value=None, *, delete: bool = False):
+    """A config edit: set (or delete) the field at ``path`` in a copy of the sample."""
+
+    def apply(config: dict) -> dict:
+        node = config
+        for key in path[:-1]:
+            node = node[key]
+        if delete:
+            del node[path[-1]]
+        else:
+            node[path[-1]] = value
+        return config
+
+    return apply
+
+
+P = ["profiles", "default"]
+
+# id -> (edit of the sample config, or a raw configuration string; regex the rejection line must match)
+CASES = {
+    "unknown_auth_method": (
+        edit(P + ["auth_method"], "magic"),
+        r"profiles\.default\.auth_method: unknown variant `magic`",
+    ),
+    # serde reports a missing field at the enclosing object; the field is named in the message
+    "missing_token_url": (
+        edit(P + ["token_url"], delete=True),
+        r"profiles\.default: missing field `token_url`",
+    ),
+    "route_unknown_profile": (
+        edit(["routes", 0, "profile"], "nope"),
+        r"routes\[0\]\.profile: no profile is named \\?\"nope\\?\"",
+    ),
+    "bad_url": (
+        edit(P + ["token_url"], "idp/token"),
+        r"profiles\.default\.token_url: ",
+    ),
+    "bad_url_scheme": (
+        edit(P + ["token_url"], "ftp://idp.test/token"),
+        r"profiles\.default\.token_url: ",
+    ),
+    "negative_ttl": (
+        edit(P + ["refresh"], {"default_ttl_s": -5}),
+        r"profiles\.default\.refresh\.default_ttl_s: ",
+    ),
+    "zero_ttl": (
+        edit(P + ["refresh"], {"default_ttl_s": 0}),
+        r"profiles\.default\.refresh\.default_ttl_s: must be from 1 second to a year",
+    ),
+    "unknown_field": (
+        edit(P + ["tokne_url"], "http://idp.test/t"),
+        r"profiles\.default\.tokne_url: unknown field `tokne_url`",
+    ),
+    "unknown_top_level_field": (
+        edit(["rotues"], []),
+        r"rotues: unknown field `rotues`",
+    ),
+    "missing_secret_for_basic": (
+        lambda c: edit(P + ["client_secret"], delete=True)(edit(P + ["auth_method"], "client_secret_basic")(c)),
+        r"profiles\.default\.client_secret: is required with auth_method client_secret_basic",
+    ),
+    "env_secret_not_set": (
+        edit(P + ["client_secret"], {"env": "OAUTH2_CC_NOT_SET"}),
+        r"profiles\.default\.client_secret: environment variable \\?\"OAUTH2_CC_NOT_SET\\?\" is not set",
+    ),
+    "ahead_ratio_1_5": (
+        edit(P + ["refresh"], {"ahead_ratio": 1.5}),
+        r"profiles\.default\.refresh\.ahead_ratio: must be greater than 0 and at most 1",
+    ),
+    "timeout_ms_0": (
+        edit(P + ["timeout_ms"], 0),
+        r"profiles\.default\.timeout_ms: must be greater than 0",
+    ),
+    "bad_inject_header": (
+        edit(P + ["inject"], {"header": "bad header"}),
+        r"profiles\.default\.inject\.header: not a header name the filter may set",
+    ),
+    "inject_pseudo_header": (
+        edit(P + ["inject"], {"header": ":path"}),
+        r"profiles\.default\.inject\.header: ",
+    ),
+    "on_failure_status_200": (
+        edit(["on_failure"], {"status": 200}),
+        r"on_failure\.status: must be an HTTP error status from 400 to 599",
+    ),
+    "bad_method": (
+        edit(P + ["method"], "PUT"),
+        r"profiles\.default\.method: unknown variant `PUT`",
+    ),
+    "scope_with_space": (
+        edit(P + ["scopes"], ["a b"]),
+        r"profiles\.default\.scopes\[0\]: ",
+    ),
+    "secret_with_auth_none": (
+        edit(P + ["auth_method"], "none"),
+        r"profiles\.default\.client_secret: is not used with auth_method none",
+    ),
+    "max_paused_requests_0": (
+        edit(["max_paused_requests"], 0),
+        r"max_paused_requests: must be at least 1",
+    ),
+    "header_value_newline": (
+        edit(P + ["token_request_headers"], {"x-api-key": "a\nb"}),
+        r"profiles\.default\.token_request_headers\.x-api-key: the value contains a control character",
+    ),
+    "invalid_json_text": (
+        '{"profiles": {"default": {not json',
+        r"configuration rejected: key must be a string",
+    ),
+    "trailing_garbage": (
+        lambda c: __import__("json").dumps(c) + " trailing",
+        r"configuration rejected: trailing characters",
+    ),
+}
+
+REJECTION_LINE = re.compile(r"\[error\]\[wasm\].*wasm log oauth2_cc oauth2_cc: configuration rejected: (?P<msg>.*)$")
+
+
+def make_config(case):
+    spec = CASES[case][0]
+    return spec if isinstance(spec, str) else spec(copy.deepcopy(pc.sample()))
+
+
+def rejection_lines(text: str) -> list[str]:
+    return [m.group(0) for m in map(REJECTION_LINE.search, text.splitlines()) if m]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_validate_rejects_bad_config(envoy_factory, case):
+    config = make_config(case)
+    rc, out = envoy_factory.validate(config, name=f"validate-{case}")
+    assert rc != 0, out[-3000:]
+    assert "Unable to create Wasm plugin oauth2_cc" in out, out[-3000:]
+    lines = rejection_lines(out)
+    assert lines, f"no 'configuration rejected' line:\n{out[-3000:]}"
+    pattern = CASES[case][1]
+    assert any(re.search(pattern, line) for line in lines), f"{pattern!r} not in:\n" + "\n".join(lines)
+    # the rejection never echoes the inline secret
+    assert pc.DEFAULT_CLIENT_SECRET not in "\n".join(lines)
+
+
+def test_validate_accepts_the_sample(envoy_factory):
+    """Control: the unedited sample passes validation, so the failures above are the edits."""
+    rc, out = envoy_factory.validate(pc.sample(), name="validate-sample")
+    assert rc == 0, out[-3000:]
+    assert rejection_lines(out) == []
+
+
+@pytest.mark.parametrize("case", ["timeout_ms_0", "route_unknown_profile"])
+def test_serve_mode_refuses_bad_config(envoy_factory, upstream, case):
+    e = envoy_factory.start(make_config(case), expect_ready=False)
+    rc = e.wait_exit(30)
+    assert rc != 0
+    lines = rejection_lines(e.log())
+    assert any(re.search(CASES[case][1], line) for line in lines), e.log_tail(40)
+    assert any("Plugin oauth2_cc failed to load" in line for line in e.critical_wasm_lines())
+    assert upstream.count() == 0
