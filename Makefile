@@ -9,7 +9,7 @@ MAX_WASM_BYTES := 786432
 
 export E2E_REQUIRE_WASM := 1
 
-.PHONY: all run test unit e2e lint fmt build size tools wasm-target clean bench bench-smoke
+.PHONY: all run test unit e2e lint fmt build size tools wasm-target clean bench bench-smoke schema
 
 all: build
 
@@ -58,3 +58,7 @@ fmt:
 clean:
 	cargo clean
 	rm -rf $(VENV) build
+
+## schema: rewrite schema/oauth2-cc.schema.json from the Rust config types (a unit test fails when it is stale)
+schema:
+	UPDATE_SCHEMA=1 cargo test --lib json_schema_is_up_to_date

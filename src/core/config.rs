@@ -41,127 +41,185 @@ impl fmt::Display for ConfigError {
 // The JSON model.
 
 #[derive(Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
+    /// Named ways of getting a token. Names use letters, digits, '-', '_' and '.'.
     profiles: BTreeMap<String, RawProfile>,
     #[serde(default)]
+    /// Which requests get which profile's token; the first matching route wins, no match means no token.
     routes: Vec<RawRoute>,
     #[serde(default)]
+    /// The local reply sent when no token can be had.
     on_failure: RawOnFailure,
     #[serde(default)]
+    /// Requests one worker may hold paused waiting for a token (default 1000); beyond it, the failure reply at once.
     max_paused_requests: Option<usize>,
 }
 
 #[derive(Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 struct RawProfile {
+    /// The Envoy cluster that reaches the token endpoint (its TLS settings do mTLS).
     cluster: String,
+    /// Absolute http(s) URL of the token endpoint: gives the callout's :authority and :path.
     token_url: String,
+    /// The OAuth client identifier.
     client_id: String,
     #[serde(default)]
+    /// The client secret (client_secret_basic, client_secret_post, client_secret_jwt).
     client_secret: Option<SecretSource>,
     #[serde(default)]
+    /// Client authentication at the token endpoint (default client_secret_basic).
     auth_method: AuthMethod,
     #[serde(default)]
+    /// grant_type parameter (default client_credentials; urn:ietf:params:oauth:grant-type:jwt-bearer sends a signed assertion).
     grant_type: Option<String>,
     #[serde(default)]
+    /// Scopes, sent space-joined as `scope`.
     scopes: Vec<String>,
     #[serde(default)]
+    /// `audience` parameter (Auth0, Okta and others).
     audience: Option<String>,
     #[serde(default)]
+    /// RFC 8707 resource indicator(s), one `resource` parameter each.
     resource: OneOrMany,
     #[serde(default)]
+    /// Extra parameters; one named like a filter parameter (scope, client_id, grant_type...) replaces it.
     params: BTreeMap<String, String>,
     #[serde(default)]
+    /// Extra headers on the token request.
     token_request_headers: BTreeMap<String, String>,
     #[serde(default)]
+    /// POST (form body, default) or GET (parameters in the query).
     method: TokenMethod,
     #[serde(default)]
+    /// Timeout of one token request (default 5000).
     timeout_ms: Option<u64>,
     #[serde(default)]
+    /// Longest a request waits for a token before the failure reply (default timeout_ms + 1000).
     max_wait_ms: Option<u64>,
     #[serde(default)]
+    /// Field of the token in the response JSON, dotted for nested objects (default access_token).
     token_field: Option<String>,
     #[serde(default)]
+    /// Field of the lifetime in seconds, dotted for nested objects (default expires_in).
     expires_in_field: Option<String>,
     #[serde(default)]
+    /// Where the token goes on the upstream request.
     inject: RawInject,
     #[serde(default)]
+    /// When to refresh and how long a token is trusted.
     refresh: RawRefresh,
     #[serde(default)]
+    /// Retry spacing after failed token requests.
     backoff: RawBackoff,
     #[serde(default)]
+    /// Upstream statuses that drop the token that was sent, so a new one is fetched (default [401]).
     purge_on_status: Option<Vec<u32>>,
     #[serde(default)]
+    /// RFC 7523 assertion settings (private_key_jwt, client_secret_jwt, JWT-bearer grant).
     jwt: Option<RawJwt>,
 }
 
 /// Settings of the RFC 7523 assertions (`private_key_jwt`, `client_secret_jwt`, JWT-bearer grant).
 #[derive(Deserialize, Default)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 struct RawJwt {
+    /// JWS algorithm: RS256/384/512, PS256/384/512, ES256, ES384, EdDSA, or HS256/384/512 (client_secret_jwt).
     algorithm: Option<String>,
+    /// PEM private key (PKCS#8, PKCS#1 RSA, SEC1 EC) for private_key_jwt.
     private_key: Option<SecretSource>,
+    /// `kid` header.
     kid: Option<String>,
     #[serde(default)]
     audience: OneOrMany,
+    /// `iss` claim (default client_id).
     issuer: Option<String>,
+    /// `sub` claim (default client_id).
     subject: Option<String>,
     #[serde(default)]
+    /// Extra JOSE header fields (x5t, typ...).
     headers: serde_json::Map<String, serde_json::Value>,
     #[serde(default)]
+    /// Extra claims; iat, exp, nbf and jti are the filter's.
     claims: serde_json::Map<String, serde_json::Value>,
+    /// Seconds from iat to exp (default 60).
     lifetime_s: Option<u64>,
     #[serde(default)]
+    /// Add nbf = iat.
     include_nbf: bool,
+    /// Send client_id in the body next to the assertion (default true).
     send_client_id: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 struct RawInject {
+    /// Header name (default authorization).
     header: Option<String>,
+    /// Written before the token (default "Bearer "; "" sends the raw token).
     prefix: Option<String>,
     #[serde(default)]
+    /// Keep a header the client already sent instead of overwriting it (default false).
     keep_existing: bool,
 }
 
 #[derive(Deserialize, Default)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 struct RawRefresh {
+    /// Fraction of the lifetime after which a background refresh starts (default 0.8).
     ahead_ratio: Option<f64>,
+    /// Lifetime assumed when the response has none (default 300).
     default_ttl_s: Option<u64>,
+    /// Seconds taken off the lifetime, at most a tenth of it (default 5).
     skew_s: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 struct RawBackoff {
+    /// First retry ceiling (default 1000); doubles per failure.
     base_ms: Option<u64>,
+    /// Largest retry ceiling (default 60000); configuration faults such as invalid_client use it at once.
     max_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 struct RawRoute {
     #[serde(rename = "match", default)]
     matcher: RawMatch,
+    /// The profile whose token the request gets; null opts the matching requests out.
     profile: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 struct RawMatch {
+    /// Host pattern: `host`, `host:port` or `*.suffix`; case-insensitive, trailing dot ignored, any port if none given.
     authority: Option<String>,
+    /// Path prefix (query excluded).
     path_prefix: Option<String>,
+    /// Exact path (query excluded).
     path_exact: Option<String>,
     method: Option<String>,
+    /// Envoy's route name (xds.route_name).
     route_name: Option<String>,
     #[serde(default)]
+    /// Headers that must be present (and equal `value` when given).
     headers: Vec<RawHeaderMatch>,
 }
 
 #[derive(Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 struct RawHeaderMatch {
     name: String,
@@ -169,13 +227,16 @@ struct RawHeaderMatch {
 }
 
 #[derive(Deserialize, Default)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 struct RawOnFailure {
+    /// HTTP status of the failure reply (default 503).
     status: Option<u32>,
 }
 
 /// A string or a list of strings (`"resource": "https://a"` or `["https://a", "https://b"]`).
 #[derive(Deserialize, Default)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(untagged)]
 enum OneOrMany {
     #[default]
@@ -199,6 +260,22 @@ impl OneOrMany {
 pub enum SecretSource {
     Inline(Secret),
     Env(String),
+}
+
+#[cfg(test)]
+impl schemars::JsonSchema for SecretSource {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "SecretSource".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "A secret: inline, or {\"env\": \"NAME\"} to read the VM's environment variable NAME (vm_config.environment_variables).",
+            "oneOf": [
+                {"type": "string", "minLength": 1},
+                {"type": "object", "properties": {"env": {"type": "string", "minLength": 1}}, "required": ["env"], "additionalProperties": false}
+            ]
+        })
+    }
 }
 
 impl<'de> Deserialize<'de> for SecretSource {
@@ -232,6 +309,7 @@ impl<'de> Deserialize<'de> for SecretSource {
 
 /// How the client authenticates to the token endpoint.
 #[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum AuthMethod {
     /// RFC 6749 §2.3.1: HTTP Basic with the form-urlencoded id and secret.
@@ -268,6 +346,7 @@ impl AuthMethod {
 
 /// The HTTP method of the token request.
 #[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 pub enum TokenMethod {
     #[default]
     #[serde(alias = "post")]
@@ -1122,6 +1201,22 @@ mod tests {
             assert_eq!(err.path, path, "{what}: {err}");
             assert!(!err.to_string().contains("PRIVATE KEY"), "{what}: {err}");
         }
+    }
+
+    /// The committed JSON Schema matches the Rust types; `make schema` rewrites it.
+    #[test]
+    fn json_schema_is_up_to_date() {
+        let mut schema =
+            schemars::generate::SchemaSettings::draft2020_12().into_generator().into_root_schema_for::<RawConfig>();
+        schema.insert("$id".into(), json!("https://github.com/oauth2-cc/oauth2-cc/schema/oauth2-cc.schema.json"));
+        schema.insert("title".into(), json!("oauth2-cc plugin configuration"));
+        let text = serde_json::to_string_pretty(&schema).expect("serializable") + "\n";
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/schema/oauth2-cc.schema.json");
+        if std::env::var_os("UPDATE_SCHEMA").is_some() {
+            std::fs::write(path, &text).expect("schema written");
+        }
+        let committed = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(committed == text, "schema/oauth2-cc.schema.json is stale: run `make schema`");
     }
 
     #[test]
