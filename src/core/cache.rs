@@ -12,7 +12,12 @@ use crate::core::config::{BackoffPolicy, LifetimePolicy};
 use crate::core::token_response::{FailureClass, TokenGrant};
 
 const VERSION: u8 = 1;
-const HEADER_LEN: usize = 1 + 8 * 7 + 4 + 1 + 4;
+const HEADER_LEN: usize = 1 + 8 * 8 + 4 + 4 + 1 + 4;
+/// The window of the per-profile fetch budget.
+pub const BUDGET_WINDOW_MS: u64 = 3_600_000;
+/// How long a worker leaves a due background refresh to the main-thread VMs (capped at half the
+/// time between refresh and expiry), so refreshes and their signing stay off the request threads.
+pub const WORKER_REFRESH_GRACE_MS: u64 = 1_000;
 
 /// A decoded cache entry.
 #[derive(Clone, PartialEq, Eq, Default)]
@@ -33,6 +38,9 @@ pub struct Entry {
     /// No fetch before this time (backoff, Retry-After).
     pub retry_at_ms: u64,
     pub last_failure: Option<FailureClass>,
+    /// Start of the current fetch-budget window, and fetches started in it.
+    pub budget_window_start_ms: u64,
+    pub budget_used: u32,
     /// Empty when there is no token.
     pub token: String,
 }
@@ -64,10 +72,12 @@ impl Entry {
             self.lease_holder,
             self.lease_until_ms,
             self.retry_at_ms,
+            self.budget_window_start_ms,
         ] {
             out.extend_from_slice(&value.to_le_bytes());
         }
         out.extend_from_slice(&self.failures.to_le_bytes());
+        out.extend_from_slice(&self.budget_used.to_le_bytes());
         out.push(match self.last_failure {
             None => 0,
             Some(FailureClass::Transient) => 1,
@@ -89,7 +99,9 @@ impl Entry {
         let lease_holder = reader.u64()?;
         let lease_until_ms = reader.u64()?;
         let retry_at_ms = reader.u64()?;
+        let budget_window_start_ms = reader.u64()?;
         let failures = reader.u32()?;
+        let budget_used = reader.u32()?;
         let last_failure = match reader.u8()? {
             1 => Some(FailureClass::Transient),
             2 => Some(FailureClass::ConfigurationFault),
@@ -105,6 +117,8 @@ impl Entry {
             failures,
             retry_at_ms,
             last_failure,
+            budget_window_start_ms,
+            budget_used,
             token: view.token.to_string(),
         })
     }
@@ -181,28 +195,85 @@ pub fn decide_request<'a>(entry: Option<&EntryView<'a>>, now_ms: u64) -> Request
     }
 }
 
-/// If this VM should fetch a token now, the entry to write (with its lease) before dispatching.
-/// A fetch is due when there is no usable token or its refresh time has come, no backoff forbids
-/// it, and no other VM holds a live lease.
-pub fn claim_fetch(entry: &Entry, now_ms: u64, holder: u64, lease_ms: u64) -> Option<Entry> {
-    let due = !entry.has_usable_token(now_ms) || now_ms >= entry.refresh_at_ms;
+/// How one VM takes part in fetching.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FetchRules {
+    /// This VM's identity in leases (never 0).
+    pub holder: u64,
+    /// How long a lease lasts: longer than a token request may take.
+    pub lease_ms: u64,
+    /// A worker VM: it leaves background refreshes to the main thread for a short grace.
+    pub defer_refresh: bool,
+    /// Token requests allowed per hour, if limited.
+    pub max_fetches_per_hour: Option<u32>,
+}
+
+/// The outcome of asking whether this VM should fetch now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// Nothing to do: the token is fresh, a backoff runs, or another VM holds the lease.
+    NotNeeded,
+    /// Write this entry (it holds our lease), then send the token request.
+    Claimed(Entry),
+    /// A fetch is due but the hourly budget is spent: write this entry (no attempt before the
+    /// window ends), log and count it once.
+    BudgetExhausted(Entry),
+}
+
+/// Whether this VM should fetch a token now. A fetch is due when there is no usable token or its
+/// refresh time has come; it is not started while a backoff runs or another VM holds a live lease.
+pub fn claim_fetch(entry: &Entry, now_ms: u64, rules: &FetchRules) -> Claim {
+    let usable = entry.has_usable_token(now_ms);
+    let grace = if usable && rules.defer_refresh {
+        WORKER_REFRESH_GRACE_MS.min(entry.expires_at_ms.saturating_sub(entry.refresh_at_ms) / 2)
+    } else {
+        0
+    };
+    let due = !usable || now_ms >= entry.refresh_at_ms.saturating_add(grace);
     let backing_off = now_ms < entry.retry_at_ms;
     let leased = entry.lease_holder != 0 && now_ms < entry.lease_until_ms;
     if !due || backing_off || leased {
-        return None;
+        return Claim::NotNeeded;
     }
-    Some(Entry { lease_holder: holder, lease_until_ms: now_ms.saturating_add(lease_ms), ..entry.clone() })
+    let window_over = now_ms.saturating_sub(entry.budget_window_start_ms) >= BUDGET_WINDOW_MS;
+    let (window_start, used) = if entry.budget_used == 0 || window_over {
+        (now_ms, 0)
+    } else {
+        (entry.budget_window_start_ms, entry.budget_used)
+    };
+    if let Some(max) = rules.max_fetches_per_hour
+        && used >= max
+    {
+        return Claim::BudgetExhausted(Entry {
+            retry_at_ms: window_start.saturating_add(BUDGET_WINDOW_MS),
+            budget_window_start_ms: window_start,
+            budget_used: used,
+            ..entry.clone()
+        });
+    }
+    Claim::Claimed(Entry {
+        lease_holder: rules.holder,
+        lease_until_ms: now_ms.saturating_add(rules.lease_ms),
+        budget_window_start_ms: window_start,
+        budget_used: used.saturating_add(1),
+        ..entry.clone()
+    })
 }
 
 /// Refresh and expiry times for a token whose request was sent at `sent_at_ms`.
 ///
 /// Counted from when the request was sent, not when the answer came: the IdP stamps `exp` from its
 /// own clock. The skew margin shrinks to a tenth of the lifetime so short-lived tokens stay usable.
-pub fn token_times(sent_at_ms: u64, lifetime_s: u64, policy: &LifetimePolicy) -> (u64, u64) {
+/// An IdP's `refresh_in` (seconds), when sent, replaces the `ahead_ratio` rule.
+pub fn token_times(sent_at_ms: u64, lifetime_s: u64, refresh_in_s: Option<u64>, policy: &LifetimePolicy) -> (u64, u64) {
     let lifetime_ms = lifetime_s.saturating_mul(1000);
     let margin_ms = policy.skew_s.saturating_mul(1000).min(lifetime_ms / 10);
     let expires_at = sent_at_ms.saturating_add(lifetime_ms - margin_ms);
-    let refresh_at = sent_at_ms.saturating_add((lifetime_ms as f64 * policy.ahead_ratio) as u64).min(expires_at);
+    let refresh_after_ms = match refresh_in_s {
+        Some(seconds) => seconds.saturating_mul(1000),
+        None => (lifetime_ms as f64 * policy.ahead_ratio) as u64,
+    };
+    let refresh_at = sent_at_ms.saturating_add(refresh_after_ms).min(expires_at);
     (refresh_at, expires_at)
 }
 
@@ -224,7 +295,7 @@ pub fn after_success(
         return next;
     }
     let lifetime_s = grant.expires_in_s.unwrap_or(policy.default_ttl_s);
-    let (refresh_at_ms, expires_at_ms) = token_times(sent_at_ms, lifetime_s, policy);
+    let (refresh_at_ms, expires_at_ms) = token_times(sent_at_ms, lifetime_s, grant.refresh_in_s, policy);
     Entry {
         generation: entry.generation.wrapping_add(1),
         token_sent_at_ms: sent_at_ms,
@@ -292,7 +363,16 @@ mod tests {
     const BACKOFF: BackoffPolicy = BackoffPolicy { base_ms: 1_000, max_ms: 60_000 };
 
     fn grant(token: &str, expires_in_s: Option<u64>) -> TokenGrant {
-        TokenGrant { access_token: token.into(), expires_in_s }
+        TokenGrant { access_token: token.into(), expires_in_s, refresh_in_s: None }
+    }
+
+    /// The entry to write when `holder` (a main-thread VM, no budget) claims a fetch.
+    fn claim(entry: &Entry, now: u64, holder: u64) -> Option<Entry> {
+        let rules = FetchRules { holder, lease_ms: 6_000, defer_refresh: false, max_fetches_per_hour: None };
+        match claim_fetch(entry, now, &rules) {
+            Claim::Claimed(next) => Some(next),
+            _ => None,
+        }
     }
 
     fn with_token(now: u64) -> Entry {
@@ -311,6 +391,8 @@ mod tests {
             failures: 2,
             retry_at_ms: 60,
             last_failure: Some(FailureClass::ConfigurationFault),
+            budget_window_start_ms: 70,
+            budget_used: 4,
             token: "abc.def".into(),
         };
         let bytes = entry.encode();
@@ -329,12 +411,15 @@ mod tests {
     #[test]
     fn token_times_count_from_send_and_shrink_the_margin() {
         // 100 s token: margin 5 s, refresh at 80 s.
-        assert_eq!(token_times(1_000, 100, &POLICY), (81_000, 96_000));
+        assert_eq!(token_times(1_000, 100, None, &POLICY), (81_000, 96_000));
         // 3 s token: margin capped at 0.3 s so it stays usable; refresh at 2.4 s.
-        assert_eq!(token_times(0, 3, &POLICY), (2_400, 2_700));
+        assert_eq!(token_times(0, 3, None, &POLICY), (2_400, 2_700));
         // ahead_ratio 1: refresh no later than expiry.
         let late = LifetimePolicy { ahead_ratio: 1.0, ..POLICY };
-        assert_eq!(token_times(0, 100, &late), (95_000, 95_000));
+        assert_eq!(token_times(0, 100, None, &late), (95_000, 95_000));
+        // refresh_in from the IdP wins over ahead_ratio, never past expiry.
+        assert_eq!(token_times(0, 100, Some(30), &POLICY), (30_000, 95_000));
+        assert_eq!(token_times(0, 100, Some(300), &POLICY), (95_000, 95_000));
     }
 
     #[test]
@@ -353,25 +438,50 @@ mod tests {
     #[test]
     fn single_flight_lease() {
         let empty = Entry::default();
-        let claimed = claim_fetch(&empty, 1_000, 7, 6_000).expect("due");
+        let claimed = claim(&empty, 1_000, 7).expect("due");
         assert_eq!((claimed.lease_holder, claimed.lease_until_ms), (7, 7_000));
-        assert_eq!(claim_fetch(&claimed, 2_000, 8, 6_000), None, "someone else holds the lease");
-        assert_eq!(
-            claim_fetch(&claimed, 7_000, 8, 6_000).map(|e| e.lease_holder),
-            Some(8),
-            "a stuck lease is taken over"
-        );
+        assert_eq!(claim(&claimed, 2_000, 8), None, "someone else holds the lease");
+        assert_eq!(claim(&claimed, 7_000, 8).map(|e| e.lease_holder), Some(8), "a stuck lease is taken over");
         let fresh = with_token(0);
-        assert_eq!(claim_fetch(&fresh, 50_000, 7, 6_000), None, "not due");
-        assert!(claim_fetch(&fresh, 80_000, 7, 6_000).is_some(), "refresh due");
+        assert_eq!(claim(&fresh, 50_000, 7), None, "not due");
+        assert!(claim(&fresh, 80_000, 7).is_some(), "refresh due");
         let backing_off = after_failure(&fresh, 7, FailureClass::Transient, 80_000, Some(10_000), &BACKOFF, 0.0);
-        assert_eq!(claim_fetch(&backing_off, 85_000, 7, 6_000), None, "Retry-After honoured");
-        assert!(claim_fetch(&backing_off, 90_000, 7, 6_000).is_some());
+        assert_eq!(claim(&backing_off, 85_000, 7), None, "Retry-After honoured");
+        assert!(claim(&backing_off, 90_000, 7).is_some());
+    }
+
+    #[test]
+    fn workers_leave_refreshes_to_the_main_thread_for_a_grace() {
+        let fresh = with_token(0); // refresh at 80 s, expiry at 95 s
+        let worker = FetchRules { holder: 9, lease_ms: 6_000, defer_refresh: true, max_fetches_per_hour: None };
+        assert_eq!(claim_fetch(&fresh, 80_500, &worker), Claim::NotNeeded);
+        assert!(matches!(claim_fetch(&fresh, 81_000, &worker), Claim::Claimed(_)));
+        let empty = Entry::default();
+        assert!(matches!(claim_fetch(&empty, 0, &worker), Claim::Claimed(_)), "no token: no grace");
+    }
+
+    #[test]
+    fn hourly_budget() {
+        let rules = FetchRules { holder: 7, lease_ms: 1_000, defer_refresh: false, max_fetches_per_hour: Some(2) };
+        let mut entry = Entry::default();
+        let mut now = 10_000;
+        for _ in 0..2 {
+            let Claim::Claimed(next) = claim_fetch(&entry, now, &rules) else { panic!("within budget") };
+            entry = after_failure(&next, 7, FailureClass::Transient, now, None, &BACKOFF, 0.0);
+            now = entry.retry_at_ms;
+        }
+        let Claim::BudgetExhausted(refused) = claim_fetch(&entry, now, &rules) else { panic!("budget spent") };
+        assert_eq!(refused.retry_at_ms, 10_000 + BUDGET_WINDOW_MS);
+        let view_bytes = refused.encode();
+        let view = EntryView::decode(&view_bytes);
+        assert_eq!(decide_request(view.as_ref(), now), RequestDecision::Fail, "fail fast while the budget is spent");
+        assert_eq!(claim_fetch(&refused, now + 1, &rules), Claim::NotNeeded, "refused once, then quiet");
+        assert!(matches!(claim_fetch(&refused, 10_000 + BUDGET_WINDOW_MS, &rules), Claim::Claimed(_)), "new window");
     }
 
     #[test]
     fn success_and_failure_transitions() {
-        let claimed = claim_fetch(&Entry::default(), 0, 7, 6_000).expect("due");
+        let claimed = claim(&Entry::default(), 0, 7).expect("due");
         let stored = after_success(&claimed, 7, &grant("t1", None), 0, &POLICY);
         assert_eq!((stored.generation, stored.lease_holder, stored.token.as_str()), (1, 0, "t1"));
         assert_eq!(stored.expires_at_ms, 295_000, "default TTL used");
@@ -397,7 +507,7 @@ mod tests {
         let fresh = with_token(0);
         let purged = purge(&fresh, fresh.generation).expect("purged");
         assert!(purged.token.is_empty());
-        assert!(claim_fetch(&purged, 1_000, 7, 6_000).is_some());
+        assert!(claim(&purged, 1_000, 7).is_some());
         assert_eq!(purge(&fresh, fresh.generation + 1), None, "a newer token is kept");
         assert_eq!(purge(&purged, fresh.generation), None);
     }

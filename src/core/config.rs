@@ -121,6 +121,9 @@ struct RawProfile {
     #[serde(default)]
     /// RFC 7523 assertion settings (private_key_jwt, client_secret_jwt, JWT-bearer grant).
     jwt: Option<RawJwt>,
+    /// Token requests allowed per hour (protects IdP quotas; unlimited if absent).
+    #[serde(default)]
+    max_fetches_per_hour: Option<u32>,
 }
 
 /// Settings of the RFC 7523 assertions (`private_key_jwt`, `client_secret_jwt`, JWT-bearer grant).
@@ -419,6 +422,8 @@ pub struct Profile {
     pub inject: Injection,
     pub lifetime: LifetimePolicy,
     pub backoff: BackoffPolicy,
+    /// Token requests allowed per hour, if limited.
+    pub max_fetches_per_hour: Option<u32>,
     /// RFC 7523 §2.1 JWT-bearer grant: the assertion sent as `assertion`.
     pub grant_assertion: Option<JwtAssertion>,
     /// Upstream statuses that mean "this token was rejected": the cached token is dropped.
@@ -685,6 +690,10 @@ fn compile_profile(
         return Err(ConfigError::new(format!("{}[{bad}]", at("purge_on_status")), "not an HTTP status"));
     }
 
+    if raw.max_fetches_per_hour == Some(0) {
+        return Err(ConfigError::new(at("max_fetches_per_hour"), "must be at least 1 (omit it for no limit)"));
+    }
+
     let params: Vec<(String, String)> = raw.params.into_iter().collect();
     let cache_key = cache_key(
         &name,
@@ -723,6 +732,7 @@ fn compile_profile(
         inject,
         lifetime,
         backoff,
+        max_fetches_per_hour: raw.max_fetches_per_hour,
         grant_assertion,
         purge_on_status,
         cache_key,

@@ -22,6 +22,8 @@ pub struct TokenGrant {
     pub access_token: String,
     /// Lifetime in seconds from the response; `None` when the IdP sent none.
     pub expires_in_s: Option<u64>,
+    /// When the IdP advises refreshing (`refresh_in`, seconds), if it says.
+    pub refresh_in_s: Option<u64>,
 }
 
 impl fmt::Debug for TokenGrant {
@@ -175,7 +177,9 @@ pub fn parse(
             Some(seconds(value).ok_or_else(|| TokenError::BadExpiresIn { field: expires_in_field.display() })?)
         }
     };
-    Ok(TokenGrant { access_token: token.to_string(), expires_in_s })
+    // Some IdPs (Azure managed identity among them) advise when to refresh; a bad value is ignored.
+    let refresh_in_s = json.get("refresh_in").and_then(seconds);
+    Ok(TokenGrant { access_token: token.to_string(), expires_in_s, refresh_in_s })
 }
 
 fn lookup<'a>(json: &'a Value, path: &FieldPath) -> Option<&'a Value> {
@@ -220,7 +224,11 @@ mod tests {
                        "refresh_token":"tGzv3JOkF0XG5Qx2TlKWIA","example_parameter":"example_value"}"#;
         assert_eq!(
             parse_default(200, body),
-            Ok(TokenGrant { access_token: "2YotnFZFEjr1zCsicMWpAA".into(), expires_in_s: Some(3600) })
+            Ok(TokenGrant {
+                access_token: "2YotnFZFEjr1zCsicMWpAA".into(),
+                expires_in_s: Some(3600),
+                refresh_in_s: None
+            })
         );
     }
 
@@ -247,7 +255,7 @@ mod tests {
     fn nested_fields() {
         let body = r#"{"data":{"token":"abc","ttl":"120"}}"#;
         let grant = parse(200, body.as_bytes(), &path("data.token"), &path("data.ttl"), 1024).expect("token");
-        assert_eq!(grant, TokenGrant { access_token: "abc".into(), expires_in_s: Some(120) });
+        assert_eq!(grant, TokenGrant { access_token: "abc".into(), expires_in_s: Some(120), refresh_in_s: None });
     }
 
     #[test]

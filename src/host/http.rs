@@ -11,7 +11,6 @@ use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, MapType};
 
 use crate::core::cache::{self, EntryView, RequestDecision};
-use crate::core::config::Config;
 use crate::core::route::RequestFacts;
 use crate::host::root::kick_message;
 use crate::host::vm::{RequestState, VmState, Waiter};
@@ -33,7 +32,7 @@ impl TokenInjector {
         let config = &self.vm.config;
         let Some(profile) = config.profiles.get(profile_index) else { return Action::Continue };
         let Ok(mut waiters) = self.vm.waiters.try_borrow_mut() else {
-            send_failure_reply(config, profile_index);
+            send_failure_reply(&self.vm, profile_index);
             return Action::Pause;
         };
         if waiters.len() >= config.max_paused_requests {
@@ -43,10 +42,11 @@ impl TokenInjector {
                 profile.name,
                 config.max_paused_requests
             );
-            send_failure_reply(config, profile_index);
+            send_failure_reply(&self.vm, profile_index);
             return Action::Pause;
         }
         self.request.waiting.set(true);
+        self.vm.metrics.waited(profile_index);
         waiters.push(Waiter {
             context_id: self.context_id,
             profile: profile_index,
@@ -72,7 +72,9 @@ impl TokenInjector {
 
 /// Answers the effective context's request with the configured failure status and a small JSON
 /// body naming the profile; never the IdP's body, never a secret.
-pub fn send_failure_reply(config: &Config, profile_index: usize) {
+pub fn send_failure_reply(vm: &VmState, profile_index: usize) {
+    let config = &vm.config;
+    vm.metrics.failed_request(profile_index);
     let name = config.profiles.get(profile_index).map_or("", |p| p.name.as_str());
     // Profile names are restricted to [A-Za-z0-9._-] at configuration time: safe inside JSON.
     let body = format!(r#"{{"error":"token_unavailable","profile":"{name}"}}"#);
@@ -107,15 +109,16 @@ impl HttpContext for TokenInjector {
             RequestDecision::Inject { token, generation } => {
                 let value = format!("{}{}", profile.inject.prefix, token);
                 if abi::set_request_header(&profile.inject.header, &value).is_err() {
-                    send_failure_reply(&config, profile_index);
+                    send_failure_reply(&self.vm, profile_index);
                     return Action::Pause;
                 }
                 self.request.injected.set(Some(generation));
+                self.vm.metrics.injected(profile_index);
                 Action::Continue
             }
             RequestDecision::Fail => {
                 log::debug!("profile {:?}: no token and the last fetch failed; failing fast", profile.name);
-                send_failure_reply(&config, profile_index);
+                send_failure_reply(&self.vm, profile_index);
                 Action::Pause
             }
             RequestDecision::Wait => self.pause_until_token(profile_index, now_ms),
@@ -143,6 +146,7 @@ impl HttpContext for TokenInjector {
         if status.is_some_and(|s| profile.purge_on_status.contains(&s))
             && shared::update(&profile.cache_key, |entry| cache::purge(entry, generation)).is_some()
         {
+            self.vm.metrics.purged(profile_index);
             log::info!(
                 "profile {:?}: upstream answered {} to the token; dropped it, a new one will be fetched",
                 profile.name,

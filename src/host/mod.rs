@@ -8,6 +8,7 @@
 mod abi;
 mod clock;
 mod http;
+mod metrics;
 mod root;
 mod shared;
 mod vm;

@@ -15,7 +15,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType, MapType};
 
 use crate::core::assertion::{self, AssertionError};
-use crate::core::cache::{self, EntryView, RequestDecision};
+use crate::core::cache::{self, Claim, Entry, EntryView, FetchRules, RequestDecision};
 use crate::core::config::{self, ClientAuth, Config, JwtAssertion, Profile};
 use crate::core::token_request::{self, RequestExtras};
 use crate::core::token_response::{self, TokenError};
@@ -25,6 +25,10 @@ use crate::host::{abi, clock, shared};
 
 /// How often each VM looks at its profiles and its paused requests.
 const TICK: Duration = Duration::from_millis(100);
+/// The first tick after configuration, which prefetches tokens.
+const FIRST_TICK: Duration = Duration::from_millis(1);
+/// How often the remaining-lifetime gauges are set.
+const GAUGE_PERIOD_MS: u64 = 1_000;
 /// Largest token response body read.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 /// Queue message: a token changed, re-check paused requests.
@@ -46,6 +50,8 @@ pub struct FilterRoot {
     state: Option<Rc<VmState>>,
     pending: HashMap<u32, PendingFetch>,
     next_heartbeat_ms: u64,
+    next_gauge_ms: u64,
+    first_tick_pending: bool,
 }
 
 impl FilterRoot {
@@ -59,6 +65,8 @@ impl FilterRoot {
             state: None,
             pending: HashMap::new(),
             next_heartbeat_ms: 0,
+            next_gauge_ms: 0,
+            first_tick_pending: false,
         }
     }
 
@@ -70,10 +78,36 @@ impl FilterRoot {
     fn maybe_fetch(&mut self, profile_index: usize, now_ms: u64) {
         let Some(config) = self.config() else { return };
         let Some(profile) = config.profiles.get(profile_index) else { return };
-        let lease_ms = profile.timeout_ms + 2_000;
-        let holder = self.holder_id;
-        if shared::update(&profile.cache_key, |entry| cache::claim_fetch(entry, now_ms, holder, lease_ms)).is_none() {
-            return;
+        let rules = FetchRules {
+            holder: self.holder_id,
+            lease_ms: profile.timeout_ms + 2_000,
+            defer_refresh: self.state.as_ref().is_some_and(|s| s.serves_requests.get()),
+            max_fetches_per_hour: profile.max_fetches_per_hour,
+        };
+        let mut outcome = Claim::NotNeeded;
+        shared::update(&profile.cache_key, |entry| {
+            outcome = cache::claim_fetch(entry, now_ms, &rules);
+            match &outcome {
+                Claim::Claimed(next) | Claim::BudgetExhausted(next) => Some(next.clone()),
+                Claim::NotNeeded => None,
+            }
+        });
+        match outcome {
+            Claim::NotNeeded => return,
+            Claim::BudgetExhausted(entry) => {
+                log::warn!(
+                    "profile {:?}: max_fetches_per_hour ({}) reached; no token request for {} s",
+                    profile.name,
+                    profile.max_fetches_per_hour.unwrap_or(0),
+                    entry.retry_at_ms.saturating_sub(now_ms) / 1000
+                );
+                if let Some(state) = &self.state {
+                    state.metrics.budget_refused(profile_index);
+                }
+                shared::broadcast(&self.vm_id, WAKE);
+                return;
+            }
+            Claim::Claimed(_) => {}
         }
         let (client_assertion, grant_assertion) = match sign_assertions(profile, now_ms) {
             Ok(signed) => signed,
@@ -121,6 +155,9 @@ impl FilterRoot {
             Some(cache::after_failure(entry, holder, class, now_ms, retry_after_ms, &profile.backoff, jitter))
         });
         let retry_in_ms = written.map(|e| e.retry_at_ms.saturating_sub(now_ms)).unwrap_or(0);
+        if let Some(state) = &self.state {
+            state.metrics.fetch_failed(profile_index, error.label());
+        }
         log::warn!(
             "profile {:?}: token request failed: {error} [{}]; next attempt in {} ms",
             profile.name,
@@ -160,19 +197,20 @@ impl FilterRoot {
                     let value = format!("{}{}", profile.inject.prefix, token);
                     if abi::set_request_header(&profile.inject.header, &value).is_ok() {
                         waiter.shared.injected.set(Some(generation));
+                        state.metrics.injected(waiter.profile);
                         let _ = abi::resume_request();
                     } else {
-                        send_failure_reply(config, waiter.profile);
+                        send_failure_reply(state, waiter.profile);
                     }
                 }
-                RequestDecision::Fail => send_failure_reply(config, waiter.profile),
+                RequestDecision::Fail => send_failure_reply(state, waiter.profile),
                 RequestDecision::Wait => {
                     log::warn!(
                         "profile {:?}: no token within max_wait_ms ({} ms); failing the request",
                         profile.name,
                         profile.max_wait_ms
                     );
-                    send_failure_reply(config, waiter.profile);
+                    send_failure_reply(state, waiter.profile);
                 }
             }
         }
@@ -180,6 +218,22 @@ impl FilterRoot {
         if let Ok(mut list) = state.waiters.try_borrow_mut() {
             still_waiting.append(&mut list);
             *list = still_waiting;
+        }
+    }
+
+    /// Flushes the locally counted injections and, once a second on VMs that serve no requests
+    /// (the main thread), sets each profile's remaining-lifetime gauge.
+    fn report_gauges(&mut self, now_ms: u64) {
+        let Some(state) = &self.state else { return };
+        state.metrics.flush();
+        if state.serves_requests.get() || now_ms < self.next_gauge_ms {
+            return;
+        }
+        self.next_gauge_ms = now_ms + GAUGE_PERIOD_MS;
+        for (index, profile) in state.config.profiles.iter().enumerate() {
+            let entry = shared::read(&profile.cache_key).0.as_deref().and_then(Entry::decode).unwrap_or_default();
+            let remaining_ms = if entry.token.is_empty() { 0 } else { entry.expires_at_ms.saturating_sub(now_ms) };
+            state.metrics.token_remaining(index, remaining_ms / 1000);
         }
     }
 
@@ -197,7 +251,7 @@ impl FilterRoot {
             state.waiters.try_borrow_mut().map(|mut l| std::mem::take(&mut *l)).unwrap_or_default();
         for waiter in waiters {
             if abi::set_effective_context(waiter.context_id).is_ok() {
-                send_failure_reply(&state.config, waiter.profile);
+                send_failure_reply(state, waiter.profile);
             }
         }
         let _ = abi::set_effective_context(self.context_id);
@@ -230,6 +284,9 @@ impl Context for FilterRoot {
                 let written = shared::update(&profile.cache_key, |entry| {
                     Some(cache::after_success(entry, holder, &grant, fetch.sent_at_ms, &profile.lifetime))
                 });
+                if let Some(state) = &self.state {
+                    state.metrics.fetch_ok(fetch.profile);
+                }
                 match written {
                     Some(entry) => log::info!(
                         "profile {:?}: token fetched in {} ms, lifetime {} s, usable for {} s",
@@ -291,12 +348,19 @@ impl RootContext for FilterRoot {
             state.config.profiles.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
         );
         self.state = Some(Rc::new(state));
-        let _ = hostcalls::set_tick_period(TICK);
+        // The first tick comes at once: it prefetches every profile, so the first request finds a token.
+        let _ = hostcalls::set_tick_period(FIRST_TICK);
+        self.first_tick_pending = true;
         true
     }
 
     fn on_tick(&mut self) {
+        if self.first_tick_pending {
+            self.first_tick_pending = false;
+            let _ = hostcalls::set_tick_period(TICK);
+        }
         let now_ms = clock::now_ms();
+        self.report_gauges(now_ms);
         if now_ms >= self.next_heartbeat_ms {
             shared::register_wake_queue(&self.queue_name, now_ms);
             self.next_heartbeat_ms = now_ms + crate::core::wake_registry::HEARTBEAT_MS;
@@ -330,6 +394,7 @@ impl RootContext for FilterRoot {
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         let state = self.state.as_ref()?;
+        state.serves_requests.set(true);
         Some(Box::new(TokenInjector::new(context_id, Rc::clone(state))))
     }
 

@@ -8,6 +8,7 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 use crate::core::config::Config;
+use crate::host::metrics::Metrics;
 
 /// A request paused until its profile has a token.
 pub struct Waiter {
@@ -33,10 +34,19 @@ pub struct VmState {
     pub waiters: RefCell<Vec<Waiter>>,
     /// This VM's own wake queue, for kicking a fetch from an http context.
     pub own_queue: Cell<Option<u32>>,
+    pub metrics: Metrics,
+    /// Whether this VM serves requests (a worker); main-thread VMs never create http contexts.
+    pub serves_requests: Cell<bool>,
 }
 
 impl VmState {
     pub fn new(config: Rc<Config>) -> Self {
-        VmState { config, waiters: RefCell::new(Vec::new()), own_queue: Cell::new(None) }
+        VmState {
+            metrics: Metrics::define(&config),
+            config,
+            waiters: RefCell::new(Vec::new()),
+            own_queue: Cell::new(None),
+            serves_requests: Cell::new(false),
+        }
     }
 }
