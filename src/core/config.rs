@@ -55,6 +55,10 @@ struct RawConfig {
     #[serde(default)]
     /// Requests one worker may hold paused waiting for a token (default 1000); beyond it, the failure reply at once.
     max_paused_requests: Option<usize>,
+    /// Let Envoy routes choose: route metadata `filter_metadata.oauth2_cc` with `profile` selects a profile and
+    /// `disabled: true` opts the route out, before `routes` are consulted (default false; one property read per request).
+    #[serde(default)]
+    route_metadata: bool,
 }
 
 #[derive(Deserialize)]
@@ -529,7 +533,11 @@ fn compile(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Confi
     if max_paused_requests == 0 {
         return Err(ConfigError::new("max_paused_requests", "must be at least 1"));
     }
-    Ok(Config { profiles, routes: RouteTable::new(matchers), failure_status, max_paused_requests })
+    let mut routes = RouteTable::new(matchers);
+    if raw.route_metadata {
+        routes = routes.with_route_metadata(profiles.iter().map(|p| p.name.clone()).collect());
+    }
+    Ok(Config { profiles, routes, failure_status, max_paused_requests })
 }
 
 fn compile_profile(

@@ -1,8 +1,10 @@
 //! Which profile, if any, a request gets: the route table compiled from `routes`.
 //!
 //! Matchers are checked in order and the first that matches wins; a matching route with no profile
-//! opts the request out. Request facts come through [`RequestFacts`] so the host fetches only what a
-//! matcher actually looks at (a header or the Envoy route name costs a host call).
+//! opts the request out. With `route_metadata` on, Envoy's own route configuration decides first:
+//! `filter_metadata.oauth2_cc` with `profile: "<name>"` selects a profile and `disabled: true` opts
+//! the route out. Request facts come through [`RequestFacts`] so the host fetches only what a
+//! matcher actually looks at (a header, the route name or its metadata costs a host call).
 
 /// What a matcher may ask about a request.
 pub trait RequestFacts {
@@ -11,6 +13,21 @@ pub trait RequestFacts {
     fn method(&mut self) -> Option<&str>;
     fn header(&mut self, lower_case_name: &str) -> Option<String>;
     fn route_name(&mut self) -> Option<String>;
+    /// `filter_metadata.oauth2_cc.profile` of the Envoy route.
+    fn metadata_profile(&mut self) -> Option<String>;
+    /// `filter_metadata.oauth2_cc.disabled` of the Envoy route is `true`.
+    fn metadata_disabled(&mut self) -> bool;
+}
+
+/// Which profile a request gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selection {
+    /// No token for this request.
+    None,
+    Profile(usize),
+    /// The route's metadata names a profile the configuration does not have: a deployment error
+    /// that must not send the request without its token.
+    UnknownProfile(String),
 }
 
 /// A `Host`/`:authority` pattern. Matching is case-insensitive and ignores a trailing dot on the
@@ -159,22 +176,49 @@ fn path_only(path: &str) -> &str {
     path.split(['?', '#']).next().unwrap_or(path)
 }
 
-/// The ordered route matchers.
+/// The ordered route matchers, and whether Envoy route metadata is consulted first.
 #[derive(Debug, Clone, Default)]
 pub struct RouteTable {
     matchers: Vec<RouteMatcher>,
     uses_route_name: bool,
+    /// Profile names by index, for metadata lookups; empty when metadata is not consulted.
+    metadata_profiles: Vec<String>,
 }
 
 impl RouteTable {
     pub fn new(matchers: Vec<RouteMatcher>) -> Self {
         let uses_route_name = matchers.iter().any(|m| m.route_name.is_some());
-        RouteTable { matchers, uses_route_name }
+        RouteTable { matchers, uses_route_name, metadata_profiles: Vec::new() }
+    }
+
+    /// Consults `filter_metadata.oauth2_cc` of Envoy's route before the matchers.
+    pub fn with_route_metadata(mut self, profile_names: Vec<String>) -> Self {
+        self.metadata_profiles = profile_names;
+        self
     }
 
     /// The profile index for a request: the first matching route decides; no match, no profile.
     pub fn select(&self, facts: &mut dyn RequestFacts) -> Option<usize> {
         self.matchers.iter().find(|m| m.matches(facts)).and_then(|m| m.profile)
+    }
+
+    /// The selection for a request: route metadata first (when enabled), then the matchers.
+    pub fn select_request(&self, facts: &mut dyn RequestFacts) -> Selection {
+        if !self.metadata_profiles.is_empty() {
+            if facts.metadata_disabled() {
+                return Selection::None;
+            }
+            if let Some(name) = facts.metadata_profile() {
+                return match self.metadata_profiles.iter().position(|p| *p == name) {
+                    Some(index) => Selection::Profile(index),
+                    None => Selection::UnknownProfile(name),
+                };
+            }
+        }
+        match self.select(facts) {
+            Some(index) => Selection::Profile(index),
+            None => Selection::None,
+        }
     }
 
     /// Whether any matcher looks at Envoy's route name (the host can skip the property read).
@@ -198,6 +242,8 @@ pub(crate) mod tests {
         pub method: Option<String>,
         pub headers: Vec<(String, String)>,
         pub route_name: Option<String>,
+        pub metadata_profile: Option<String>,
+        pub metadata_disabled: bool,
     }
 
     impl RequestFacts for FakeRequest {
@@ -215,6 +261,12 @@ pub(crate) mod tests {
         }
         fn route_name(&mut self) -> Option<String> {
             self.route_name.clone()
+        }
+        fn metadata_profile(&mut self) -> Option<String> {
+            self.metadata_profile.clone()
+        }
+        fn metadata_disabled(&mut self) -> bool {
+            self.metadata_disabled
         }
     }
 
@@ -285,6 +337,24 @@ pub(crate) mod tests {
         for (authority, path, expected) in cases {
             assert_eq!(table.select(&mut request(authority, path)), expected, "{authority}{path}");
         }
+    }
+
+    #[test]
+    fn route_metadata_decides_first_when_enabled() {
+        let table = RouteTable::new(vec![RouteMatcher { path: PathMatch::Prefix("/".into()), ..matcher(0) }])
+            .with_route_metadata(vec!["a".into(), "b".into()]);
+        let mut plain = request("h", "/x");
+        assert_eq!(table.select_request(&mut plain), Selection::Profile(0));
+        plain.metadata_profile = Some("b".into());
+        assert_eq!(table.select_request(&mut plain), Selection::Profile(1));
+        plain.metadata_profile = Some("zzz".into());
+        assert_eq!(table.select_request(&mut plain), Selection::UnknownProfile("zzz".into()));
+        plain.metadata_disabled = true;
+        assert_eq!(table.select_request(&mut plain), Selection::None);
+        let without = RouteTable::new(vec![]);
+        let mut tagged = request("h", "/x");
+        tagged.metadata_profile = Some("b".into());
+        assert_eq!(without.select_request(&mut tagged), Selection::None, "metadata ignored unless enabled");
     }
 
     #[test]

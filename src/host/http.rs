@@ -11,7 +11,7 @@ use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, MapType};
 
 use crate::core::cache::{self, EntryView, RequestDecision};
-use crate::core::route::RequestFacts;
+use crate::core::route::{RequestFacts, Selection};
 use crate::host::root::kick_message;
 use crate::host::vm::{RequestState, VmState, Waiter};
 use crate::host::{abi, clock, shared};
@@ -92,8 +92,19 @@ impl HttpContext for TokenInjector {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let config = Rc::clone(&self.vm.config);
         let mut facts = HostRequestFacts::default();
-        let Some(profile_index) = config.routes.select(&mut facts) else {
-            return Action::Continue;
+        let profile_index = match config.routes.select_request(&mut facts) {
+            Selection::None => return Action::Continue,
+            Selection::Profile(index) => index,
+            Selection::UnknownProfile(name) => {
+                log::error!("route metadata names profile {name:?}, which is not configured; failing the request");
+                let _ = abi::send_local_response(
+                    config.failure_status,
+                    "oauth2_cc_unknown_profile",
+                    &[("content-type", "application/json")],
+                    br#"{"error":"token_unavailable"}"#,
+                );
+                return Action::Pause;
+            }
         };
         let Some(profile) = config.profiles.get(profile_index) else {
             return Action::Continue;
@@ -187,6 +198,20 @@ impl RequestFacts for HostRequestFacts {
         header(lower_case_name)
     }
     fn route_name(&mut self) -> Option<String> {
-        hostcalls::get_property(vec!["xds", "route_name"]).ok().flatten().and_then(|b| String::from_utf8(b).ok())
+        string_property(vec!["xds", "route_name"])
     }
+    fn metadata_profile(&mut self) -> Option<String> {
+        string_property(vec!["xds", "route_metadata", "filter_metadata", "oauth2_cc", "profile"])
+    }
+    fn metadata_disabled(&mut self) -> bool {
+        // A protobuf bool comes back as one byte.
+        hostcalls::get_property(vec!["xds", "route_metadata", "filter_metadata", "oauth2_cc", "disabled"])
+            .ok()
+            .flatten()
+            .is_some_and(|b| b.as_slice() == [1])
+    }
+}
+
+fn string_property(path: Vec<&str>) -> Option<String> {
+    hostcalls::get_property(path).ok().flatten().and_then(|b| String::from_utf8(b).ok())
 }
