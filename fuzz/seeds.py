@@ -76,6 +76,12 @@ def config_seeds() -> None:
     })
     write("config_parse", "jwt_bearer_grant.json", json.dumps(grant).encode())
 
+    discovered = minimal()
+    del discovered["profiles"]["billing"]["token_url"]
+    discovered["profiles"]["billing"]["issuer"] = "https://idp.example.com/realms/a"
+    discovered["route_metadata"] = True
+    write("config_parse", "issuer_route_metadata.json", json.dumps(discovered).encode())
+
     write("config_parse", "bad_unknown_field.json", b'{"profiles":{"b":{"tokne_url":"x"}}}')
     write("config_parse", "bad_trailing.json", b"{} trailing")
     write("config_parse", "bad_not_json.json", b"{not json")
@@ -96,19 +102,21 @@ def token_seeds() -> None:
     write("token_response", "status_503.bin", response(503, "Service Unavailable"))
 
 
-def entry(generation=0, sent=0, refresh=0, expires=0, holder=0, lease=0, failures=0, retry=0,
-          last_failure=0, token=b"", version=1) -> bytes:
-    header = struct.pack("<B7QIBI", version, generation, sent, refresh, expires, holder, lease, retry,
-                         failures, last_failure, len(token))
+def entry(generation=0, sent=0, refresh=0, expires=0, holder=0, lease=0, retry=0, budget_start=0, failures=0,
+          budget_used=0, last_failure=0, token=b"", version=1) -> bytes:
+    """The layout of `Entry::encode` in src/core/cache.rs: version, 8 x u64, 2 x u32, u8, u32 length, token."""
+    header = struct.pack("<B8QIIBI", version, generation, sent, refresh, expires, holder, lease, retry,
+                         budget_start, failures, budget_used, last_failure, len(token))
     return header + token
 
 
 def cache_seeds() -> None:
-    write("cache_entry", "codec_test.bin", entry(3, 10, 20, 30, 40, 50, 2, 60, 2, b"abc.def"))
+    write("cache_entry", "codec_test.bin", entry(3, 10, 20, 30, 40, 50, 60, 70, 2, 5, 2, b"abc.def"))
     write("cache_entry", "empty.bin", entry())
     write("cache_entry", "failed_transient.bin", entry(failures=1, retry=1_500, last_failure=1))
-    write("cache_entry", "leased.bin", entry(1, 0, 80_000, 95_000, 7, 7_000, token=b"tok"))
-    write("cache_entry", "max_values.bin", entry(*[2**64 - 1] * 6, 2**32 - 1, 2**64 - 1, 2, b"t" * 40))
+    write("cache_entry", "leased.bin", entry(1, 0, 80_000, 95_000, 7, 7_000, budget_start=1, budget_used=1,
+                                             token=b"tok"))
+    write("cache_entry", "max_values.bin", entry(*[2**64 - 1] * 8, 2**32 - 1, 2**32 - 1, 2, b"t" * 40))
     write("cache_entry", "other_version.bin", entry(version=9, token=b"x"))
 
 

@@ -7,12 +7,14 @@
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use oauth2_cc::core::config;
-use oauth2_cc::core::route::{AuthorityPattern, RequestFacts};
+use oauth2_cc::core::route::{AuthorityPattern, RequestFacts, Selection};
 use serde_json::{Map, Value, json};
 
 #[derive(Arbitrary, Debug)]
 struct Input {
     routes: Vec<RouteSpec>,
+    /// The top-level `route_metadata` switch.
+    route_metadata: bool,
     request: Request,
     /// Parsed with `AuthorityPattern::parse` and matched against `other`.
     pattern: String,
@@ -43,6 +45,8 @@ struct Request {
     method: Option<String>,
     headers: Vec<(String, String)>,
     route_name: Option<String>,
+    metadata_profile: Option<String>,
+    metadata_disabled: bool,
 }
 
 impl RequestFacts for Request {
@@ -60,6 +64,12 @@ impl RequestFacts for Request {
     }
     fn route_name(&mut self) -> Option<String> {
         self.route_name.clone()
+    }
+    fn metadata_profile(&mut self) -> Option<String> {
+        self.metadata_profile.clone()
+    }
+    fn metadata_disabled(&mut self) -> bool {
+        self.metadata_disabled
     }
 }
 
@@ -96,13 +106,23 @@ fn route_json(spec: &RouteSpec) -> Value {
 }
 
 fuzz_target!(|input: Input| {
-    let Input { routes, mut request, pattern, other } = input;
+    let Input { routes, route_metadata, mut request, pattern, other } = input;
 
     let routes: Vec<Value> = routes.iter().take(8).map(route_json).collect();
-    let config_json = json!({"profiles": {"billing": profile("svc-a"), "crm": profile("svc-b")}, "routes": routes});
+    let config_json = json!({"profiles": {"billing": profile("svc-a"), "crm": profile("svc-b")}, "routes": routes,
+                             "route_metadata": route_metadata});
     if let Ok(config) = config::parse(config_json.to_string().as_bytes(), &|_| None) {
+        let profiles = config.profiles.len();
         if let Some(index) = config.routes.select(&mut request) {
-            assert!(index < config.profiles.len(), "route selects profile {index} of {}", config.profiles.len());
+            assert!(index < profiles, "route selects profile {index} of {profiles}");
+        }
+        match config.routes.select_request(&mut request) {
+            Selection::Profile(index) => assert!(index < profiles, "selects profile {index} of {profiles}"),
+            Selection::UnknownProfile(name) => {
+                assert!(route_metadata, "metadata consulted with route_metadata off");
+                assert!(!config.profiles.iter().any(|p| p.name == name), "known profile {name:?} called unknown");
+            }
+            Selection::None => {}
         }
     }
 

@@ -68,7 +68,12 @@ struct RawProfile {
     /// The Envoy cluster that reaches the token endpoint (its TLS settings do mTLS).
     cluster: String,
     /// Absolute http(s) URL of the token endpoint: gives the callout's :authority and :path.
-    token_url: String,
+    #[serde(default)]
+    token_url: Option<String>,
+    /// Instead of token_url: the issuer whose OpenID Connect / RFC 8414 metadata names the token endpoint,
+    /// read through `cluster` at start-up.
+    #[serde(default)]
+    issuer: Option<String>,
     /// The OAuth client identifier.
     client_id: String,
     #[serde(default)]
@@ -375,6 +380,17 @@ pub struct Config {
     pub max_paused_requests: usize,
 }
 
+/// Where the token endpoint is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenEndpoint {
+    Fixed(HttpUrl),
+    /// Read from the issuer's metadata at start-up.
+    Discovered {
+        issuer: String,
+        issuer_url: HttpUrl,
+    },
+}
+
 /// The client authentication a profile uses, with the secret it needs.
 #[derive(Debug, Clone)]
 pub enum ClientAuth {
@@ -407,7 +423,7 @@ pub const DEFAULT_ASSERTION_LIFETIME_S: u64 = 60;
 pub struct Profile {
     pub name: String,
     pub cluster: String,
-    pub token_url: HttpUrl,
+    pub endpoint: TokenEndpoint,
     pub client_id: String,
     pub auth_method: AuthMethod,
     pub client_auth: ClientAuth,
@@ -555,7 +571,24 @@ fn compile_profile(
     if raw.cluster.trim().is_empty() {
         return Err(ConfigError::new(at("cluster"), "must name the Envoy cluster of the token endpoint"));
     }
-    let token_url = HttpUrl::parse(&raw.token_url).map_err(|e| ConfigError::new(at("token_url"), e.to_string()))?;
+    let endpoint = match (raw.token_url.as_deref(), raw.issuer.as_deref()) {
+        (Some(url), None) => {
+            TokenEndpoint::Fixed(HttpUrl::parse(url).map_err(|e| ConfigError::new(at("token_url"), e.to_string()))?)
+        }
+        (None, Some(issuer)) => {
+            let issuer_url = HttpUrl::parse(issuer).map_err(|e| ConfigError::new(at("issuer"), e.to_string()))?;
+            if issuer_url.path_and_query.contains('?') {
+                return Err(ConfigError::new(at("issuer"), "an issuer has no query (RFC 8414 §2)"));
+            }
+            TokenEndpoint::Discovered { issuer: issuer.to_string(), issuer_url }
+        }
+        (None, None) => {
+            return Err(ConfigError::new(at("token_url"), "is required (or give issuer for discovery)"));
+        }
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::new(at("issuer"), "give token_url or issuer, not both"));
+        }
+    };
     if raw.client_id.is_empty() {
         return Err(ConfigError::new(at("client_id"), "must not be empty"));
     }
@@ -707,7 +740,7 @@ fn compile_profile(
         &name,
         &[
             &raw.cluster,
-            &raw.token_url,
+            raw.token_url.as_deref().or(raw.issuer.as_deref()).unwrap_or_default(),
             &raw.client_id,
             raw.auth_method.name(),
             &grant_type,
@@ -722,7 +755,7 @@ fn compile_profile(
     Ok(Profile {
         name,
         cluster: raw.cluster,
-        token_url,
+        endpoint,
         client_id: raw.client_id,
         auth_method: raw.auth_method,
         client_auth,
@@ -800,7 +833,10 @@ fn compile_jwt(
             .map_err(|e| ConfigError::new(at("jwt.private_key"), e.to_string()))?
     };
     let audience = match raw.audience {
-        OneOrMany::None => AssertionAudience::One(profile.token_url.clone()),
+        // The token endpoint URL, or with discovery the issuer (draft-ietf-oauth-rfc7523bis).
+        OneOrMany::None => {
+            AssertionAudience::One(profile.token_url.clone().or_else(|| profile.issuer.clone()).unwrap_or_default())
+        }
         OneOrMany::One(aud) => AssertionAudience::One(aud),
         OneOrMany::Many(auds) => AssertionAudience::Many(auds),
     };
@@ -1028,7 +1064,7 @@ mod tests {
                 |c| {
                     c["profiles"]["billing"].as_object_mut().map(|p| p.remove("token_url"));
                 },
-                "profiles.billing",
+                "profiles.billing.token_url",
             ),
             ("route names unknown profile", |c| c["routes"][0]["profile"] = json!("nope"), "routes[0].profile"),
             ("bad URL", |c| c["profiles"]["billing"]["token_url"] = json!("idp/token"), "profiles.billing.token_url"),

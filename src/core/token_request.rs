@@ -9,6 +9,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 
 use crate::core::config::{ClientAuth, Profile, TokenMethod};
+use crate::core::url::HttpUrl;
 
 /// A token request ready to hand to `dispatch_http_call`.
 #[derive(Clone, PartialEq, Eq)]
@@ -46,8 +47,8 @@ pub struct RequestExtras<'a> {
 
 pub use crate::core::assertion::CLIENT_ASSERTION_TYPE;
 
-/// Builds the token request for `profile`.
-pub fn build(profile: &Profile, extras: &RequestExtras) -> TokenRequest {
+/// Builds the token request for `profile`, sent to `token_url` (the fixed or discovered endpoint).
+pub fn build(profile: &Profile, token_url: &HttpUrl, extras: &RequestExtras) -> TokenRequest {
     let mut params: Vec<(&str, &str)> = Vec::with_capacity(8);
     params.push(("grant_type", &profile.grant_type));
     let scope = profile.scopes.join(" ");
@@ -96,17 +97,17 @@ pub fn build(profile: &Profile, extras: &RequestExtras) -> TokenRequest {
         serializer.finish()
     };
     let (method, path, body) = match profile.method {
-        TokenMethod::POST => ("POST", profile.token_url.path_and_query.clone(), Some(encoded.into_bytes())),
+        TokenMethod::POST => ("POST", token_url.path_and_query.clone(), Some(encoded.into_bytes())),
         TokenMethod::GET => {
-            let separator = if profile.token_url.path_and_query.contains('?') { '&' } else { '?' };
-            ("GET", format!("{}{separator}{encoded}", profile.token_url.path_and_query), None)
+            let separator = if token_url.path_and_query.contains('?') { '&' } else { '?' };
+            ("GET", format!("{}{separator}{encoded}", token_url.path_and_query), None)
         }
     };
     let mut all = Vec::with_capacity(headers.len() + profile.request_headers.len() + 6);
     all.push((":method".to_string(), method.to_string()));
     all.push((":path".to_string(), path));
-    all.push((":authority".to_string(), profile.token_url.authority.clone()));
-    all.push((":scheme".to_string(), profile.token_url.scheme.to_string()));
+    all.push((":authority".to_string(), token_url.authority.clone()));
+    all.push((":scheme".to_string(), token_url.scheme.to_string()));
     all.push(("accept".to_string(), "application/json".to_string()));
     if body.is_some() {
         all.push(("content-type".to_string(), "application/x-www-form-urlencoded".to_string()));
@@ -141,13 +142,18 @@ mod tests {
         parse(config.to_string().as_bytes(), &|_| None).expect("valid").profiles.remove(0)
     }
 
+    fn build_fixed(profile: &Profile, extras: &RequestExtras) -> TokenRequest {
+        let crate::core::config::TokenEndpoint::Fixed(url) = &profile.endpoint else { panic!("fixed endpoint") };
+        build(profile, url, extras)
+    }
+
     fn body_pairs(request: &TokenRequest) -> Vec<(String, String)> {
         form_urlencoded::parse(request.body.as_deref().expect("body")).into_owned().collect()
     }
 
     #[test]
     fn client_secret_basic_encodes_per_rfc6749_2_3_1() {
-        let request = build(&profile(json!({})), &RequestExtras::default());
+        let request = build_fixed(&profile(json!({})), &RequestExtras::default());
         // "svc:a+b" -> "svc%3Aa%2Bb"; "p@ss:w%rd +/&=?" -> "p%40ss%3Aw%25rd+%2B%2F%26%3D%3F"
         let expected = format!("Basic {}", STANDARD.encode("svc%3Aa%2Bb:p%40ss%3Aw%25rd+%2B%2F%26%3D%3F"));
         assert_eq!(request.header("authorization"), Some(expected.as_str()));
@@ -161,7 +167,7 @@ mod tests {
 
     #[test]
     fn client_secret_post_sends_credentials_in_body() {
-        let request = build(
+        let request = build_fixed(
             &profile(json!({"auth_method": "client_secret_post", "scopes": ["read", "write"]})),
             &RequestExtras::default(),
         );
@@ -179,7 +185,7 @@ mod tests {
 
     #[test]
     fn audience_resources_and_params_override() {
-        let request = build(
+        let request = build_fixed(
             &profile(
                 json!({"auth_method": "none", "client_secret": null, "scopes": ["read"], "audience": "api://billing",
                             "resource": ["https://a.example", "https://b.example"],
@@ -205,7 +211,7 @@ mod tests {
     fn get_method_puts_parameters_in_the_query() {
         let mut p = profile(json!({"method": "GET", "token_url": "https://idp.example.com/token?api-version=2"}));
         p.scopes = vec!["a".into()];
-        let request = build(&p, &RequestExtras::default());
+        let request = build_fixed(&p, &RequestExtras::default());
         assert_eq!(request.header(":method"), Some("GET"));
         assert_eq!(request.header(":path"), Some("/token?api-version=2&grant_type=client_credentials&scope=a"));
         assert!(request.body.is_none());
@@ -214,7 +220,7 @@ mod tests {
 
     #[test]
     fn custom_headers_replace_defaults_and_assertions_are_sent() {
-        let request = build(
+        let request = build_fixed(
             &profile(
                 json!({"auth_method": "none", "client_secret": null, "token_request_headers": {"Accept": "application/jwt", "X-Api-Key": "k"}}),
             ),
@@ -229,7 +235,7 @@ mod tests {
 
     #[test]
     fn debug_hides_credentials() {
-        let request = build(&profile(json!({"auth_method": "client_secret_post"})), &RequestExtras::default());
+        let request = build_fixed(&profile(json!({"auth_method": "client_secret_post"})), &RequestExtras::default());
         let debug = format!("{request:?}");
         assert!(!debug.contains("p@ss") && !debug.contains("p%40ss"), "{debug}");
     }

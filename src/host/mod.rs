@@ -7,6 +7,7 @@
 
 mod abi;
 mod clock;
+mod fetch;
 mod http;
 mod metrics;
 mod root;

@@ -12,13 +12,11 @@ use std::time::Duration;
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{BufferType, ContextType, MapType};
+use proxy_wasm::types::{BufferType, ContextType};
 
-use crate::core::assertion::{self, AssertionError};
-use crate::core::cache::{self, Claim, Entry, EntryView, FetchRules, RequestDecision};
-use crate::core::config::{self, ClientAuth, Config, JwtAssertion, Profile};
-use crate::core::token_request::{self, RequestExtras};
-use crate::core::token_response::{self, TokenError};
+use crate::core::cache::{self, Entry, EntryView, RequestDecision};
+use crate::core::config::{self, Config};
+use crate::host::fetch::Fetcher;
 use crate::host::http::{TokenInjector, send_failure_reply};
 use crate::host::vm::{VmState, Waiter};
 use crate::host::{abi, clock, shared};
@@ -29,26 +27,14 @@ const TICK: Duration = Duration::from_millis(100);
 const FIRST_TICK: Duration = Duration::from_millis(1);
 /// How often the remaining-lifetime gauges are set.
 const GAUGE_PERIOD_MS: u64 = 1_000;
-/// Largest token response body read.
-const MAX_RESPONSE_BYTES: usize = 64 * 1024;
-/// Queue message: a token changed, re-check paused requests.
-const WAKE: &[u8] = b"w";
 /// Queue message prefix: an http context asks for a fetch of the profile whose index follows.
 const KICK: u8 = b'k';
 
-struct PendingFetch {
-    profile: usize,
-    sent_at_ms: u64,
-}
-
 pub struct FilterRoot {
     context_id: u32,
-    /// This VM's identity in fetch leases; random so VMs never collide.
-    holder_id: u64,
-    vm_id: String,
+    fetcher: Fetcher,
     queue_name: String,
     state: Option<Rc<VmState>>,
-    pending: HashMap<u32, PendingFetch>,
     next_heartbeat_ms: u64,
     next_gauge_ms: u64,
     first_tick_pending: bool,
@@ -59,11 +45,9 @@ impl FilterRoot {
         let holder_id = clock::random_u64().max(1);
         FilterRoot {
             context_id,
-            holder_id,
-            vm_id: String::new(),
+            fetcher: Fetcher::new(holder_id),
             queue_name: format!("oauth2_cc.wake.{holder_id:016x}.{context_id}"),
             state: None,
-            pending: HashMap::new(),
             next_heartbeat_ms: 0,
             next_gauge_ms: 0,
             first_tick_pending: false,
@@ -72,99 +56,6 @@ impl FilterRoot {
 
     fn config(&self) -> Option<Rc<Config>> {
         self.state.as_ref().map(|s| Rc::clone(&s.config))
-    }
-
-    /// Claims the fetch lease for `profile` if a fetch is due, and sends the token request.
-    fn maybe_fetch(&mut self, profile_index: usize, now_ms: u64) {
-        let Some(config) = self.config() else { return };
-        let Some(profile) = config.profiles.get(profile_index) else { return };
-        let rules = FetchRules {
-            holder: self.holder_id,
-            lease_ms: profile.timeout_ms + 2_000,
-            defer_refresh: self.state.as_ref().is_some_and(|s| s.serves_requests.get()),
-            max_fetches_per_hour: profile.max_fetches_per_hour,
-        };
-        let mut outcome = Claim::NotNeeded;
-        shared::update(&profile.cache_key, |entry| {
-            outcome = cache::claim_fetch(entry, now_ms, &rules);
-            match &outcome {
-                Claim::Claimed(next) | Claim::BudgetExhausted(next) => Some(next.clone()),
-                Claim::NotNeeded => None,
-            }
-        });
-        match outcome {
-            Claim::NotNeeded => return,
-            Claim::BudgetExhausted(entry) => {
-                log::warn!(
-                    "profile {:?}: max_fetches_per_hour ({}) reached; no token request for {} s",
-                    profile.name,
-                    profile.max_fetches_per_hour.unwrap_or(0),
-                    entry.retry_at_ms.saturating_sub(now_ms) / 1000
-                );
-                if let Some(state) = &self.state {
-                    state.metrics.budget_refused(profile_index);
-                }
-                shared::broadcast(&self.vm_id, WAKE);
-                return;
-            }
-            Claim::Claimed(_) => {}
-        }
-        let (client_assertion, grant_assertion) = match sign_assertions(profile, now_ms) {
-            Ok(signed) => signed,
-            Err(error) => {
-                log::error!("profile {:?}: {error}", profile.name);
-                self.record_failure(profile_index, &TokenError::AssertionFailed, None, now_ms);
-                return;
-            }
-        };
-        let extras = RequestExtras {
-            client_assertion: client_assertion.as_deref(),
-            grant_assertion: grant_assertion.as_deref(),
-        };
-        let request = token_request::build(profile, &extras);
-        let headers: Vec<(&str, &str)> = request.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
-        match hostcalls::dispatch_http_call(
-            &profile.cluster,
-            headers,
-            request.body.as_deref(),
-            vec![],
-            Duration::from_millis(profile.timeout_ms),
-        ) {
-            Ok(token) => {
-                log::debug!("profile {:?}: token request sent to cluster {:?}", profile.name, profile.cluster);
-                self.pending.insert(token, PendingFetch { profile: profile_index, sent_at_ms: now_ms });
-            }
-            Err(status) => {
-                log::error!(
-                    "profile {:?}: cannot send the token request to cluster {:?} ({status:?}); is the cluster defined?",
-                    profile.name,
-                    profile.cluster
-                );
-                self.record_failure(profile_index, &TokenError::NoResponse, None, now_ms);
-            }
-        }
-    }
-
-    fn record_failure(&self, profile_index: usize, error: &TokenError, retry_after_ms: Option<u64>, now_ms: u64) {
-        let Some(config) = self.config() else { return };
-        let Some(profile) = config.profiles.get(profile_index) else { return };
-        let holder = self.holder_id;
-        let class = error.class();
-        let jitter = clock::random_unit();
-        let written = shared::update(&profile.cache_key, |entry| {
-            Some(cache::after_failure(entry, holder, class, now_ms, retry_after_ms, &profile.backoff, jitter))
-        });
-        let retry_in_ms = written.map(|e| e.retry_at_ms.saturating_sub(now_ms)).unwrap_or(0);
-        if let Some(state) = &self.state {
-            state.metrics.fetch_failed(profile_index, error.label());
-        }
-        log::warn!(
-            "profile {:?}: token request failed: {error} [{}]; next attempt in {} ms",
-            profile.name,
-            error.label(),
-            retry_in_ms
-        );
-        shared::broadcast(&self.vm_id, WAKE);
     }
 
     /// Resumes or fails the requests this VM paused, as their profile's entry now allows.
@@ -260,53 +151,8 @@ impl FilterRoot {
 
 impl Context for FilterRoot {
     fn on_http_call_response(&mut self, token_id: u32, _num_headers: usize, body_size: usize, _num_trailers: usize) {
-        let Some(fetch) = self.pending.remove(&token_id) else { return };
-        let Some(config) = self.config() else { return };
-        let Some(profile) = config.profiles.get(fetch.profile) else { return };
-        let now_ms = clock::now_ms();
-        let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
-            .ok()
-            .flatten()
-            .and_then(|s| s.parse::<u32>().ok())
-            .unwrap_or(0);
-        let result = if body_size > MAX_RESPONSE_BYTES {
-            Err(TokenError::TooLarge { limit: MAX_RESPONSE_BYTES })
-        } else {
-            let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
-                .ok()
-                .flatten()
-                .unwrap_or_default();
-            token_response::parse(status, &body, &profile.token_field, &profile.expires_in_field, MAX_RESPONSE_BYTES)
-        };
-        match result {
-            Ok(grant) => {
-                let holder = self.holder_id;
-                let written = shared::update(&profile.cache_key, |entry| {
-                    Some(cache::after_success(entry, holder, &grant, fetch.sent_at_ms, &profile.lifetime))
-                });
-                if let Some(state) = &self.state {
-                    state.metrics.fetch_ok(fetch.profile);
-                }
-                match written {
-                    Some(entry) => log::info!(
-                        "profile {:?}: token fetched in {} ms, lifetime {} s, usable for {} s",
-                        profile.name,
-                        now_ms.saturating_sub(fetch.sent_at_ms),
-                        grant.expires_in_s.unwrap_or(profile.lifetime.default_ttl_s),
-                        entry.expires_at_ms.saturating_sub(now_ms) / 1000
-                    ),
-                    None => log::error!("profile {:?}: token fetched but the cache could not be written", profile.name),
-                }
-                shared::broadcast(&self.vm_id, WAKE);
-            }
-            Err(error) => {
-                let retry_after_ms = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, "retry-after")
-                    .ok()
-                    .flatten()
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .map(|s| s.saturating_mul(1000));
-                self.record_failure(fetch.profile, &error, retry_after_ms, now_ms);
-            }
+        if let Some(state) = self.state.clone() {
+            self.fetcher.on_response(&state, token_id, body_size);
         }
     }
 }
@@ -325,11 +171,12 @@ impl RootContext for FilterRoot {
         for profile in &config.profiles {
             shared::ensure_entry(&profile.cache_key);
         }
-        self.vm_id = hostcalls::get_property(vec!["plugin_vm_id"])
+        let vm_id = hostcalls::get_property(vec!["plugin_vm_id"])
             .ok()
             .flatten()
             .and_then(|b| String::from_utf8(b).ok())
             .unwrap_or_default();
+        self.fetcher.configure(vm_id);
         let state = VmState::new(Rc::new(config));
         match hostcalls::register_shared_queue(&self.queue_name) {
             Ok(queue) => state.own_queue.set(Some(queue)),
@@ -366,8 +213,10 @@ impl RootContext for FilterRoot {
             self.next_heartbeat_ms = now_ms + crate::core::wake_registry::HEARTBEAT_MS;
         }
         let count = self.config().map_or(0, |c| c.profiles.len());
-        for index in 0..count {
-            self.maybe_fetch(index, now_ms);
+        if let Some(state) = self.state.clone() {
+            for index in 0..count {
+                self.fetcher.maybe_fetch(&state, index, now_ms);
+            }
         }
         // Fetches first: settling may re-enter http contexts, after which nothing is dispatched.
         self.settle_waiters(now_ms);
@@ -386,8 +235,10 @@ impl RootContext for FilterRoot {
         kicks.extend(self.profiles_with_waiters());
         kicks.sort_unstable();
         kicks.dedup();
-        for index in kicks {
-            self.maybe_fetch(index, now_ms);
+        if let Some(state) = self.state.clone() {
+            for index in kicks {
+                self.fetcher.maybe_fetch(&state, index, now_ms);
+            }
         }
         self.settle_waiters(now_ms);
     }
@@ -401,21 +252,6 @@ impl RootContext for FilterRoot {
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::HttpContext)
     }
-}
-
-/// Fresh RFC 7523 assertions for one token request: the client assertion and the grant assertion,
-/// each with its own `jti`. Signing happens here, in a root context, never on a request.
-fn sign_assertions(profile: &Profile, now_ms: u64) -> Result<(Option<String>, Option<String>), AssertionError> {
-    let sign = |jwt: &JwtAssertion| {
-        let jti = assertion::jti_from_random(&clock::random_128());
-        assertion::sign_assertion(&jwt.signer, &jwt.template, now_ms / 1000, &jti)
-    };
-    let client = match &profile.client_auth {
-        ClientAuth::Jwt { assertion, .. } => Some(sign(assertion)?),
-        _ => None,
-    };
-    let grant = profile.grant_assertion.as_ref().map(sign).transpose()?;
-    Ok((client, grant))
 }
 
 /// The message an http context enqueues on its own VM's queue to ask for a fetch now.

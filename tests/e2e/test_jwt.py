@@ -9,7 +9,12 @@ then asserts that the upstream received ``Bearer <that token>``.
 
 Also: 100 refreshes carry 100 distinct ``jti`` values, custom header fields and claims, a list
 ``aud`` and ``nbf``, the JWT-bearer grant, a key from the VM environment, keys Envoy must refuse
-at load (the log names the field), and no key, secret or assertion in Envoy's log.
+at load (the log names the field), and no key, secret or assertion in Envoy's log (at info with
+the filter's own logs at debug: at Envoy-wide debug, Envoy itself prints the listener config and
+the upstream request headers). Last, a known filter bug kept as a strict xfail: a reload that
+changes jwt.subject of a JWT-bearer profile keeps serving the old subject's token.
+
+Requires PyJWT and cryptography (tests/e2e/requirements.txt).
 
 Keys: tests/fixtures/keys/ (test-only keys).
 """
@@ -498,43 +503,47 @@ def test_private_key_from_environment(envoy_factory, token_server, upstream, for
 LOAD_REFUSALS = {
     "malformed_key": (
         {"jwt": {"algorithm": "RS256", "private_key": "-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5IGF0IGFsbA==\n-----END PRIVATE KEY-----\n"}},
-        "profiles.default.jwt.private_key", "bm90IGEga2V5IGF0IGFsbA",
+        "profiles.default.jwt.private_key", "bm90IGEga2V5IGF0IGFsbA", "the PKCS#8 private key is malformed",
     ),
     "rsa_key_with_es256": (
         {"jwt": {"algorithm": "ES256", "private_key": key("rsa_pkcs8.pem")}},
         "profiles.default.jwt.private_key", pem_body_lines(key("rsa_pkcs8.pem"))[1],
+        "an RSA key cannot sign ES256",
     ),
     "hs256_secret_31_bytes": (
         {"auth_method": "client_secret_jwt", "client_secret": HS_SECRET[:31]},
-        "profiles.default.client_secret", HS_SECRET[:31],
+        "profiles.default.client_secret", HS_SECRET[:31], "too short for HS256: it needs at least 32 bytes",
     ),
     "hs384_secret_47_bytes": (
         {"auth_method": "client_secret_jwt", "client_secret": HS_SECRET[:47], "jwt": {"algorithm": "HS384"}},
-        "profiles.default.client_secret", HS_SECRET[:47],
+        "profiles.default.client_secret", HS_SECRET[:47], "too short for HS384: it needs at least 48 bytes",
     ),
     "env_key_missing": (
         {"jwt": {"algorithm": "RS256", "private_key": {"env": "NOT_SET_ANYWHERE"}}},
-        "profiles.default.jwt.private_key", None,
+        "profiles.default.jwt.private_key", None, "environment variable \"NOT_SET_ANYWHERE\" is not set",
     ),
 }
 
 
 @pytest.mark.parametrize("case", list(LOAD_REFUSALS))
 def test_refused_at_load_names_the_field(envoy_factory, case):
-    fields, field, secret = LOAD_REFUSALS[case]
+    fields, field, secret, reason = LOAD_REFUSALS[case]
     fields = dict(fields)
     fields.setdefault("auth_method", "private_key_jwt")
     fields.setdefault("client_secret", None)
     config = pc.config(profiles={"default": pc.profile(**fields)})
     rc, out = envoy_factory.validate(config)
     assert rc != 0, out[-2000:]
-    assert re.search(r"configuration rejected: " + re.escape(field) + ":", out), out[-3000:]
+    m = re.search(r"configuration rejected: " + re.escape(field) + ": (.*)", out)
+    assert m, out[-3000:]
+    assert reason in m.group(1), m.group(1)
+    assert "Unable to create Wasm plugin" in out, out[-2000:]
     if secret:
         assert secret not in out
 
 
 def test_refused_at_startup_in_serve_mode(envoy_factory):
-    fields, field, secret = LOAD_REFUSALS["rsa_key_with_es256"]
+    fields, field, secret, _ = LOAD_REFUSALS["rsa_key_with_es256"]
     e = envoy_factory.start(jwt_config(fields["jwt"]), expect_ready=False)
     rc = e.wait_exit(30)
     assert rc != 0

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Runs every fuzz target for FUZZ_SECONDS (default 60) each, one after the other, and prints how many
+# inputs each executed. Exits non-zero if any target crashed (the input is kept in fuzz/artifacts/).
+#
+#   fuzz/run.sh                               # all targets, 60 s each
+#   FUZZ_SECONDS=600 FUZZ_TARGETS="token_response" fuzz/run.sh
+#
+# Needs the nightly toolchain and cargo-fuzz (`cargo install cargo-fuzz`). The committed seeds in
+# fuzz/corpus/<target>/ are read, never written: what the fuzzer finds goes to
+# fuzz/target/corpus/<target>/ (git-ignored), which later runs start from.
+set -uo pipefail
+cd "$(dirname "$0")"
+
+seconds=${FUZZ_SECONDS:-60}
+targets=${FUZZ_TARGETS:-$(cargo +nightly fuzz list)}
+# Debug assertions and overflow checks on: an overflow in time arithmetic is a finding too.
+build_flags=${FUZZ_BUILD_FLAGS:---debug-assertions}
+mkdir -p target/logs
+
+failed=()
+summary=()
+for target in $targets; do
+    mkdir -p "target/corpus/$target"
+    corpora=("target/corpus/$target")
+    [ -d "corpus/$target" ] && corpora+=("corpus/$target")
+    log="target/logs/$target.log"
+    echo "== $target: ${seconds}s (log: fuzz/$log)"
+    # shellcheck disable=SC2086
+    cargo +nightly fuzz run $build_flags "$target" "${corpora[@]}" -- \
+        -max_total_time="$seconds" -print_final_stats=1 >"$log" 2>&1
+    status=$?
+    execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
+    if [ "$status" -ne 0 ] && grep -q "Test unit written to" "$log"; then
+        failed+=("$target")
+        summary+=("$target: ${execs:-?} executions, CRASH (exit $status)")
+        grep -E "panicked at|^SUMMARY|Test unit written to|ERROR" "$log" | head -n 20
+    elif [ "$status" -ne 0 ]; then
+        failed+=("$target")
+        summary+=("$target: did not run (exit $status)")
+        grep -E "^error|^Error|No such file" "$log" | head -n 20
+    else
+        summary+=("$target: ${execs:-?} executions, no crash")
+    fi
+done
+
+echo "== summary (${seconds}s per target)"
+printf '%s\n' "${summary[@]}"
+if [ "${#failed[@]}" -ne 0 ]; then
+    echo "crashed: ${failed[*]} (inputs in fuzz/artifacts/<target>/, logs in fuzz/target/logs/)"
+    exit 1
+fi
