@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -20,7 +21,19 @@ ENVOY_DIR = REPO_ROOT / "envoy"
 DEPLOY_DIR = REPO_ROOT / "deploy"
 SCHEMA_PATH = REPO_ROOT / "schema" / "oauth2-cc.schema.json"
 CERTS_PREFIX = "envoy/certs/"  # how envoy/mtls.yaml refers to its certificates
-SHIPPED_WASM = "target/wasm32-wasip1/release/oauth2_cc.wasm"  # how envoy/*.yaml refer to the filter
+
+
+
+def _makefile_var(name: str) -> str:
+    m = re.search(rf"^{name}\s*:=\s*(\S+)", (REPO_ROOT / "Makefile").read_text(), re.M)
+    if not m:
+        raise LookupError(f"{name} not set in the Makefile")
+    return m.group(1)
+
+
+# The wasm `make build` ships (wasm-opt output); envoy/*.yaml refer to it relative to the repo root.
+SHIPPED_WASM = _makefile_var("WASM")
+ENVOY_VERSION = _makefile_var("ENVOY_VERSION")
 
 
 def shipped_envoy_configs() -> list[Path]:

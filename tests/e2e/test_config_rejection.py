@@ -43,7 +43,7 @@ CASES = {
     # serde reports a missing field at the enclosing object; the field is named in the message
     "missing_token_url": (
         edit(P + ["token_url"], delete=True),
-        r"profiles\.default: missing field `token_url`",
+        r"profiles\.default\.token_url: is required",
     ),
     "route_unknown_profile": (
         edit(["routes", 0, "profile"], "nope"),
