@@ -321,7 +321,16 @@ pub fn after_failure(
     jitter: f64,
 ) -> Entry {
     let failures = entry.failures.saturating_add(1);
-    let delay = backoff_delay_ms(failures, class, policy, jitter).max(retry_after_ms.unwrap_or(0));
+    let mut delay = backoff_delay_ms(failures, class, policy, jitter);
+    if entry.has_usable_token(now_ms) {
+        // A refresh failed while the token still works: the backoff must not outlast the token,
+        // so the next attempt comes at the latest halfway to expiry (never sooner than
+        // LAST_CHANCE_MIN_MS): a few more tries before requests would go without a token.
+        let halfway = entry.expires_at_ms.saturating_sub(now_ms) / 2;
+        delay = delay.min(halfway.max(LAST_CHANCE_MIN_MS));
+    }
+    // The IdP's Retry-After is a hard floor.
+    let delay = delay.max(retry_after_ms.unwrap_or(0));
     let mut next = entry.clone();
     if entry.lease_holder == holder {
         next.lease_holder = 0;
@@ -329,6 +338,9 @@ pub fn after_failure(
     }
     Entry { failures, retry_at_ms: now_ms.saturating_add(delay), last_failure: Some(class), ..next }
 }
+
+/// The shortest spacing of retries while a still-valid token runs out.
+pub const LAST_CHANCE_MIN_MS: u64 = 250;
 
 /// Exponential backoff with jitter: the ceiling doubles per failure from `base_ms` up to `max_ms`,
 /// and the delay is drawn from the upper half of it ("equal jitter"), so retries spread out yet the
@@ -458,6 +470,21 @@ mod tests {
         assert!(matches!(claim_fetch(&fresh, 81_000, &worker), Claim::Claimed(_)));
         let empty = Entry::default();
         assert!(matches!(claim_fetch(&empty, 0, &worker), Claim::Claimed(_)), "no token: no grace");
+    }
+
+    #[test]
+    fn refresh_failures_retry_before_the_token_runs_out() {
+        let fresh = with_token(0); // usable until 95 s
+        // The 6th failure would wait 16-32 s; with 10 s of token left, it waits 5 s.
+        let failing = Entry { failures: 5, ..fresh.clone() };
+        let next = after_failure(&failing, 7, FailureClass::Transient, 85_000, None, &BACKOFF, 0.0);
+        assert_eq!(next.retry_at_ms, 90_000);
+        let late = after_failure(&failing, 7, FailureClass::ConfigurationFault, 94_900, None, &BACKOFF, 0.0);
+        assert_eq!(late.retry_at_ms, 94_900 + LAST_CHANCE_MIN_MS, "never a tight loop");
+        let told = after_failure(&failing, 7, FailureClass::Transient, 85_000, Some(20_000), &BACKOFF, 0.0);
+        assert_eq!(told.retry_at_ms, 105_000, "Retry-After is never shortened");
+        let expired = after_failure(&failing, 7, FailureClass::Transient, 96_000, None, &BACKOFF, 0.0);
+        assert_eq!(expired.retry_at_ms, 96_000 + 16_000, "no token to save: plain backoff");
     }
 
     #[test]

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import check_wasm_file
+from conftest import SERVERS, check_wasm_file
 from envoy import Envoy
 from servers import TokenServer
 from shipped import ENVOY_DIR, cluster, load_yaml, localize
@@ -69,6 +69,8 @@ def mtls_server(request, pki):
     def make(**kw) -> MtlsTokenServer:
         s = MtlsTokenServer(pki, **kw).start()
         servers.append(s)
+        # listed with the other servers in a failing test's report
+        request.node.stash.setdefault(SERVERS, {})[f"mtls_idp{len(servers)}"] = s
         return s
 
     yield make

@@ -34,6 +34,7 @@ from jsonschema import Draft202012Validator
 from conftest import check_wasm_file
 from envoy import REPO_ROOT, Envoy, envoy_bin, request
 from shipped import (
+    CERTS_PREFIX,
     DEPLOY_DIR,
     ENVOY_DIR,
     ENVOY_VERSION,
@@ -43,6 +44,7 @@ from shipped import (
     load_yaml_docs,
     localize,
     plugin_configuration,
+    rewrite_filenames,
     shipped_envoy_configs,
     walk,
     wasm_plugin_configs,
@@ -186,16 +188,18 @@ def test_shipped_envoy_config_validates(path, tmp_path):
         rewrite |= Path(REPO_ROOT / filename).resolve() != Path(wasm).resolve()
         env.update({k: "validate-dummy" for k in
                     plugin["vm_config"].get("environment_variables", {}).get("host_env_keys", [])})
-    needs_certs = "envoy/certs/" in path.read_text()
-    if rewrite or needs_certs:
-        certs = make_pki(tmp_path / "certs").dir if needs_certs else None
-        target = tmp_path / path.name
-        # The copy keeps every other relative path: Envoy still runs from the repository root.
+    cert_files = [v for c, k, v in walk(bootstrap) if k == "filename" and str(v).startswith(CERTS_PREFIX)]
+    if rewrite or cert_files:
+        # A copy with the wasm under test and certificates made now (envoy/certs/ is not in the
+        # repository); every other relative path is kept: Envoy still runs from the repo root.
         b = json.loads(json.dumps(bootstrap))
         for plugin in wasm_plugin_configs(b):
             plugin["vm_config"]["code"] = {"local": {"filename": str(wasm)}}
-        if certs:
-            b = localize(b, wasm=wasm, certs_dir=certs, listener_port=0)
+        if cert_files:
+            certs = make_pki(tmp_path / "certs").dir
+            rewrite_filenames(b, lambda f: str(certs / f[len(CERTS_PREFIX):]) if f.startswith(CERTS_PREFIX) else f)
+            assert all((certs / f[len(CERTS_PREFIX):]).is_file() for f in cert_files), cert_files
+        target = tmp_path / path.name
         target.write_text(json.dumps(b, indent=2))
     else:
         target = path
