@@ -749,6 +749,14 @@ fn compile_profile(
             &resources.join(" "),
             &params.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&"),
             &token_field.display(),
+            // With the JWT-bearer grant, the assertion's claims say whose token it is.
+            &grant_assertion
+                .as_ref()
+                .map(|a| {
+                    format!("{:?}|{:?}|{:?}", a.template.issuer, a.template.subject, a.template.audience)
+                        + &serde_json::Value::Object(a.template.extra_claims.clone()).to_string()
+                })
+                .unwrap_or_default(),
         ],
     );
 
@@ -1036,6 +1044,13 @@ mod tests {
         scoped["profiles"]["billing"]["scopes"] = json!(["read"]);
         let other = parse_value(&scoped).expect("valid").profiles[0].cache_key.clone();
         assert_ne!(base, other);
+        let grant = |subject: &str| {
+            let mut c = jwt_profile("none", json!({"private_key": RSA_KEY, "subject": subject}));
+            c["profiles"]["billing"]["grant_type"] = json!(JWT_BEARER_GRANT_TYPE);
+            c["profiles"]["billing"].as_object_mut().map(|p| p.remove("client_secret"));
+            parse_value(&c).expect("valid").profiles[0].cache_key.clone()
+        };
+        assert_ne!(grant("user-42"), grant("user-43"), "the grant's subject decides whose token it is");
         let mut injected = minimal();
         injected["profiles"]["billing"]["inject"] = json!({"header": "x-token"});
         assert_eq!(base, parse_value(&injected).expect("valid").profiles[0].cache_key);

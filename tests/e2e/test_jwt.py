@@ -11,8 +11,8 @@ Also: 100 refreshes carry 100 distinct ``jti`` values, custom header fields and 
 ``aud`` and ``nbf``, the JWT-bearer grant, a key from the VM environment, keys Envoy must refuse
 at load (the log names the field), and no key, secret or assertion in Envoy's log (at info with
 the filter's own logs at debug: at Envoy-wide debug, Envoy itself prints the listener config and
-the upstream request headers). Last, a known filter bug kept as a strict xfail: a reload that
-changes jwt.subject of a JWT-bearer profile keeps serving the old subject's token.
+the upstream request headers). Last, a reload that changes jwt.subject of a JWT-bearer profile
+fetches a token for the new subject (the cache key covers the grant's claims).
 
 Requires PyJWT and cryptography (tests/e2e/requirements.txt).
 
@@ -657,10 +657,6 @@ def lds_envoy(envoy_factory, tmp_path, plugin_config: dict):
     return e, update
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "filter bug: the token cache key (config.rs cache_key) ignores the jwt settings, so after a "
-    "reload that changes jwt.subject of a JWT-bearer profile the token issued for the old subject "
-    "is still injected"))
 def test_reload_with_new_jwt_bearer_subject_fetches_a_new_token(envoy_factory, token_server, upstream, tmp_path):
     checker = AssertionChecker(token_server, verify_key=key("rsa_public.pem"), alg="RS256", sub="user-42",
                                mode="grant", grant_client_auth="client_secret_basic",
