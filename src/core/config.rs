@@ -133,6 +133,9 @@ struct RawProfile {
     /// Token requests allowed per hour (protects IdP quotas; unlimited if absent).
     #[serde(default)]
     max_fetches_per_hour: Option<u32>,
+    /// Largest token (or metadata) response body read, in bytes (default 65536); a larger one is a failure.
+    #[serde(default)]
+    max_response_bytes: Option<usize>,
 }
 
 /// Settings of the RFC 7523 assertions (`private_key_jwt`, `client_secret_jwt`, JWT-bearer grant).
@@ -444,6 +447,8 @@ pub struct Profile {
     pub backoff: BackoffPolicy,
     /// Token requests allowed per hour, if limited.
     pub max_fetches_per_hour: Option<u32>,
+    /// Largest response body read.
+    pub max_response_bytes: usize,
     /// RFC 7523 §2.1 JWT-bearer grant: the assertion sent as `assertion`.
     pub grant_assertion: Option<JwtAssertion>,
     /// Upstream statuses that mean "this token was rejected": the cached token is dropped.
@@ -506,6 +511,8 @@ pub const DEFAULT_BACKOFF_BASE_MS: u64 = 1_000;
 pub const DEFAULT_BACKOFF_MAX_MS: u64 = 60_000;
 pub const DEFAULT_FAILURE_STATUS: u32 = 503;
 pub const DEFAULT_MAX_PAUSED_REQUESTS: usize = 1_000;
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 64 * 1024;
+const MAX_RESPONSE_BYTES_LIMIT: usize = 1024 * 1024;
 /// Upper bound for any configured duration: a day is far beyond any sane timeout or wait.
 const MAX_DURATION_MS: u64 = 86_400_000;
 
@@ -731,6 +738,10 @@ fn compile_profile(
         return Err(ConfigError::new(format!("{}[{bad}]", at("purge_on_status")), "not an HTTP status"));
     }
 
+    let max_response_bytes = raw.max_response_bytes.unwrap_or(DEFAULT_MAX_RESPONSE_BYTES);
+    if !(256..=MAX_RESPONSE_BYTES_LIMIT).contains(&max_response_bytes) {
+        return Err(ConfigError::new(at("max_response_bytes"), "must be from 256 bytes to 1 MiB"));
+    }
     if raw.max_fetches_per_hour == Some(0) {
         return Err(ConfigError::new(at("max_fetches_per_hour"), "must be at least 1 (omit it for no limit)"));
     }
@@ -782,6 +793,7 @@ fn compile_profile(
         lifetime,
         backoff,
         max_fetches_per_hour: raw.max_fetches_per_hour,
+        max_response_bytes,
         grant_assertion,
         purge_on_status,
         cache_key,

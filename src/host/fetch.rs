@@ -21,8 +21,6 @@ use crate::core::url::HttpUrl;
 use crate::host::vm::VmState;
 use crate::host::{clock, shared};
 
-/// Largest token or metadata response body read.
-const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 /// Queue message: a token changed, re-check paused requests.
 pub const WAKE: &[u8] = b"w";
 
@@ -191,7 +189,8 @@ impl Fetcher {
         let Some(pending) = self.pending.remove(&token_id) else { return };
         let now_ms = clock::now_ms();
         let status = response_header(":status").and_then(|s| s.parse::<u32>().ok()).unwrap_or(0);
-        let body = if body_size > MAX_RESPONSE_BYTES {
+        let limit = vm.config.profiles.get(pending.profile).map_or(0, |p| p.max_response_bytes);
+        let body = if body_size > limit {
             None
         } else {
             Some(
@@ -212,7 +211,7 @@ impl Fetcher {
     fn token_answer(&self, vm: &VmState, pending: &Pending, status: u32, body: Option<&[u8]>, now_ms: u64) {
         let Some(profile) = vm.config.profiles.get(pending.profile) else { return };
         let result = match body {
-            None => Err(TokenError::TooLarge { limit: MAX_RESPONSE_BYTES }),
+            None => Err(TokenError::TooLarge { limit: profile.max_response_bytes }),
             Some(body) => {
                 token_response::parse(status, body, &profile.token_field, &profile.expires_in_field, MAX_RESPONSE_BYTES)
             }
