@@ -54,6 +54,9 @@ pub enum TokenError {
     TooLarge { limit: usize },
     /// No answer: the callout failed or timed out (status 0 or no headers).
     NoResponse,
+    /// Envoy itself answered for the token endpoint: connection refused or reset, TLS handshake
+    /// refused, no healthy host, timeout. `detail` is Envoy's own text, safe to log.
+    Unreachable { status: u32, detail: String },
     /// The request was not sent: its RFC 7523 assertion could not be signed.
     AssertionFailed,
 }
@@ -77,6 +80,9 @@ impl fmt::Display for TokenError {
             }
             TokenError::TooLarge { limit } => write!(f, "token response is larger than {limit} bytes"),
             TokenError::AssertionFailed => f.write_str("the JWT assertion could not be signed"),
+            TokenError::Unreachable { status, detail } => {
+                write!(f, "token endpoint unreachable: Envoy answered {status} ({detail})")
+            }
             TokenError::NoResponse => {
                 f.write_str("no response from the token endpoint (connection failure or timeout)")
             }
@@ -119,7 +125,7 @@ impl TokenError {
             TokenError::UnsafeToken => "unsafe_token",
             TokenError::BadExpiresIn { .. } => "bad_expires_in",
             TokenError::TooLarge { .. } => "too_large",
-            TokenError::NoResponse => "no_response",
+            TokenError::NoResponse | TokenError::Unreachable { .. } => "no_response",
             TokenError::AssertionFailed => "assertion_failed",
         }
     }
@@ -161,6 +167,9 @@ pub fn parse(
         return Err(TokenError::OAuth { status, code: sanitize_code(code) });
     }
     if !(200..300).contains(&status) {
+        if let Some(detail) = envoy_local_reply(status, body) {
+            return Err(TokenError::Unreachable { status, detail });
+        }
         return Err(TokenError::Status { status });
     }
     let json = json.ok_or(TokenError::NotJson { status })?;
@@ -180,6 +189,26 @@ pub fn parse(
     // Some IdPs (Azure managed identity among them) advise when to refresh; a bad value is ignored.
     let refresh_in_s = json.get("refresh_in").and_then(seconds);
     Ok(TokenGrant { access_token: token.to_string(), expires_in_s, refresh_in_s })
+}
+
+/// The texts Envoy answers a callout with when it could not get a response from the cluster.
+const ENVOY_LOCAL_REPLIES: [&str; 4] = [
+    "upstream connect error or disconnect/reset before headers",
+    "no healthy upstream",
+    "upstream request timeout",
+    "no cluster match",
+];
+
+/// Envoy's own reply for an unreachable token endpoint, as a short printable detail.
+fn envoy_local_reply(status: u32, body: &[u8]) -> Option<String> {
+    if !(500..600).contains(&status) {
+        return None;
+    }
+    let text = std::str::from_utf8(body).ok()?;
+    ENVOY_LOCAL_REPLIES
+        .iter()
+        .any(|prefix| text.starts_with(prefix))
+        .then(|| text.chars().filter(|c| c.is_ascii_graphic() || *c == ' ').take(200).collect())
 }
 
 fn lookup<'a>(json: &'a Value, path: &FieldPath) -> Option<&'a Value> {
@@ -304,6 +333,16 @@ mod tests {
             (200, r#"{"access_token":"a\u0000b"}"#, TokenError::UnsafeToken, FailureClass::Transient),
             (200, r#"{"access_token":"a b"}"#, TokenError::UnsafeToken, FailureClass::Transient),
             (0, "", TokenError::NoResponse, FailureClass::Transient),
+            (
+                503,
+                "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure",
+                TokenError::Unreachable {
+                    status: 503,
+                    detail: "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure".into(),
+                },
+                FailureClass::Transient,
+            ),
+            (504, "upstream request timeout", TokenError::Unreachable { status: 504, detail: "upstream request timeout".into() }, FailureClass::Transient),
         ];
         for (status, body, expected, class) in cases {
             let err = parse_default(status, body).expect_err(body);

@@ -212,9 +212,13 @@ impl Fetcher {
         let Some(profile) = vm.config.profiles.get(pending.profile) else { return };
         let result = match body {
             None => Err(TokenError::TooLarge { limit: profile.max_response_bytes }),
-            Some(body) => {
-                token_response::parse(status, body, &profile.token_field, &profile.expires_in_field, MAX_RESPONSE_BYTES)
-            }
+            Some(body) => token_response::parse(
+                status,
+                body,
+                &profile.token_field,
+                &profile.expires_in_field,
+                profile.max_response_bytes,
+            ),
         };
         match result {
             Ok(grant) => {
