@@ -13,7 +13,7 @@ MAX_WASM_BYTES := 786432
 export E2E_REQUIRE_WASM := 1
 export OAUTH2_CC_WASM := $(CURDIR)/$(WASM)
 
-.PHONY: all run test unit e2e lint fmt build size tools wasm-target wasm-opt clean bench bench-smoke schema
+.PHONY: all run test unit e2e lint fmt build size tools wasm-target wasm-opt clean bench bench-smoke schema wrk
 
 all: build
 
@@ -73,3 +73,21 @@ clean:
 ## schema: rewrite schema/oauth2-cc.schema.json from the Rust config types (a unit test fails when it is stale)
 schema:
 	UPDATE_SCHEMA=1 cargo test --lib json_schema_is_up_to_date
+
+BENCH_ARGS ?=
+
+## bench: no filter vs Envoy's credential_injector vs oauth2-cc, same Envoy and wrk, pinned cores; writes BENCHMARKS.md, bench/chart.png, build/bench/results.json
+bench: tools build wrk $(VENV)/.bench-installed
+	$(PY) bench/run.py $(BENCH_ARGS)
+
+## bench-smoke: every benchmark cell once for 2 s; fails if one fails or a token is not injected
+bench-smoke: tools build wrk
+	$(PY) bench/run.py --smoke
+
+wrk:
+	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; } || \
+	  { echo "wrk is needed: apt-get install wrk"; exit 1; }
+
+$(VENV)/.bench-installed: bench/requirements.txt $(VENV)/.installed
+	$(PY) -m pip install -q --disable-pip-version-check -r bench/requirements.txt
+	@touch $@
