@@ -12,6 +12,8 @@ use crate::core::config::{BackoffPolicy, LifetimePolicy};
 use crate::core::token_response::{FailureClass, TokenGrant};
 
 const VERSION: u8 = 1;
+/// Flag bit in the failure-class byte.
+const FAILING_WHILE_USABLE: u8 = 0x10;
 const HEADER_LEN: usize = 1 + 8 * 8 + 4 + 4 + 1 + 4;
 /// The window of the per-profile fetch budget.
 pub const BUDGET_WINDOW_MS: u64 = 3_600_000;
@@ -38,6 +40,8 @@ pub struct Entry {
     /// No fetch before this time (backoff, Retry-After).
     pub retry_at_ms: u64,
     pub last_failure: Option<FailureClass>,
+    /// The failures counted so far happened while a token was still usable (refresh retries).
+    pub failing_while_usable: bool,
     /// Start of the current fetch-budget window, and fetches started in it.
     pub budget_window_start_ms: u64,
     pub budget_used: u32,
@@ -78,11 +82,12 @@ impl Entry {
         }
         out.extend_from_slice(&self.failures.to_le_bytes());
         out.extend_from_slice(&self.budget_used.to_le_bytes());
-        out.push(match self.last_failure {
+        let class = match self.last_failure {
             None => 0,
             Some(FailureClass::Transient) => 1,
             Some(FailureClass::ConfigurationFault) => 2,
-        });
+        };
+        out.push(class | if self.failing_while_usable { FAILING_WHILE_USABLE } else { 0 });
         out.extend_from_slice(&(self.token.len() as u32).to_le_bytes());
         out.extend_from_slice(self.token.as_bytes());
         out
@@ -102,11 +107,13 @@ impl Entry {
         let budget_window_start_ms = reader.u64()?;
         let failures = reader.u32()?;
         let budget_used = reader.u32()?;
-        let last_failure = match reader.u8()? {
+        let flags = reader.u8()?;
+        let last_failure = match flags & !FAILING_WHILE_USABLE {
             1 => Some(FailureClass::Transient),
             2 => Some(FailureClass::ConfigurationFault),
             _ => None,
         };
+        let failing_while_usable = flags & FAILING_WHILE_USABLE != 0;
         Some(Entry {
             generation,
             token_sent_at_ms,
@@ -117,6 +124,7 @@ impl Entry {
             failures,
             retry_at_ms,
             last_failure,
+            failing_while_usable,
             budget_window_start_ms,
             budget_used,
             token: view.token.to_string(),
@@ -304,6 +312,7 @@ pub fn after_success(
         failures: 0,
         retry_at_ms: 0,
         last_failure: None,
+        failing_while_usable: false,
         token: grant.access_token.clone(),
         ..next
     }
@@ -320,9 +329,14 @@ pub fn after_failure(
     policy: &BackoffPolicy,
     jitter: f64,
 ) -> Entry {
-    let failures = entry.failures.saturating_add(1);
+    let usable = entry.has_usable_token(now_ms);
+    // Retries squeezed in before a token ran out do not count against the backoff once it has:
+    // the first failure without a usable token starts again from base_ms, so a short IdP outage
+    // across an expiry costs requests about as long as the outage, not an 8 s backoff after it.
+    let counted = if !usable && entry.failing_while_usable { 0 } else { entry.failures };
+    let failures = counted.saturating_add(1);
     let mut delay = backoff_delay_ms(failures, class, policy, jitter);
-    if entry.has_usable_token(now_ms) {
+    if usable {
         // A refresh failed while the token still works: the backoff must not outlast the token,
         // so the next attempt comes at the latest halfway to expiry (never sooner than
         // LAST_CHANCE_MIN_MS): a few more tries before requests would go without a token.
@@ -336,7 +350,13 @@ pub fn after_failure(
         next.lease_holder = 0;
         next.lease_until_ms = 0;
     }
-    Entry { failures, retry_at_ms: now_ms.saturating_add(delay), last_failure: Some(class), ..next }
+    Entry {
+        failures,
+        retry_at_ms: now_ms.saturating_add(delay),
+        last_failure: Some(class),
+        failing_while_usable: usable,
+        ..next
+    }
 }
 
 /// The shortest spacing of retries while a still-valid token runs out.
@@ -403,6 +423,7 @@ mod tests {
             failures: 2,
             retry_at_ms: 60,
             last_failure: Some(FailureClass::ConfigurationFault),
+            failing_while_usable: true,
             budget_window_start_ms: 70,
             budget_used: 4,
             token: "abc.def".into(),
@@ -485,6 +506,16 @@ mod tests {
         assert_eq!(told.retry_at_ms, 105_000, "Retry-After is never shortened");
         let expired = after_failure(&failing, 7, FailureClass::Transient, 96_000, None, &BACKOFF, 0.0);
         assert_eq!(expired.retry_at_ms, 96_000 + 16_000, "no token to save: plain backoff");
+        // Retries squeezed in before expiry, then the first failure after it: back to base_ms.
+        let mut entry = fresh;
+        for now in [80_000, 88_000, 92_000, 94_000] {
+            entry = after_failure(&entry, 7, FailureClass::Transient, now, None, &BACKOFF, 0.0);
+        }
+        assert_eq!(entry.failures, 4);
+        let after_expiry = after_failure(&entry, 7, FailureClass::Transient, 95_100, None, &BACKOFF, 0.0);
+        assert_eq!((after_expiry.failures, after_expiry.retry_at_ms), (1, 95_600), "base backoff after expiry");
+        let next = after_failure(&after_expiry, 7, FailureClass::Transient, 95_600, None, &BACKOFF, 0.0);
+        assert_eq!((next.failures, next.retry_at_ms), (2, 96_600), "then it grows again");
     }
 
     #[test]

@@ -91,13 +91,21 @@ fn split_host_port(authority: &str) -> Option<(&str, Option<u16>)> {
         let host = &authority[..=close];
         return match &authority[close + 1..] {
             "" => Some((host, None)),
-            rest => Some((host, Some(rest.strip_prefix(':')?.parse().ok()?))),
+            rest => Some((host, Some(parse_port(rest.strip_prefix(':')?)?))),
         };
     }
     match authority.rsplit_once(':') {
-        Some((host, port)) => Some((host, Some(port.parse().ok()?))),
+        Some((host, port)) => Some((host, Some(parse_port(port)?))),
         None => Some((authority, None)),
     }
+}
+
+/// A port: ASCII digits only (RFC 3986 §3.2.3; `u16::from_str` would also take a leading `+`).
+fn parse_port(port: &str) -> Option<u16> {
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    port.parse().ok()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -298,6 +306,7 @@ pub(crate) mod tests {
             ("*.example.com", "badexample.com", false),
             ("[::1]:8080", "[::1]:8080", true),
             ("billing.internal", "billing.internal:notaport", false),
+            ("billing.internal:8443", "billing.internal:+8443", false),
         ];
         for (pattern, authority, expected) in cases {
             let compiled = AuthorityPattern::parse(pattern).expect(pattern);

@@ -229,10 +229,11 @@ fn seconds(value: &Value) -> Option<u64> {
     Some((number.floor() as u64).min(MAX_LIFETIME_S))
 }
 
-/// An error code goes into logs and metrics: keep it short and printable (RFC 6749 §5.2 allows
-/// only %x20-21 / %x23-5B / %x5D-7E anyway).
+/// The error code as logged and counted: a registered RFC 6749 §5.2 code (or one of the common
+/// extensions) as is, anything else `other_error`. An IdP's free text never reaches a log line:
+/// a careless IdP may echo the client's secret in it.
 fn sanitize_code(code: &str) -> String {
-    code.chars().filter(|c| c.is_ascii_graphic()).take(64).collect()
+    code_label(code).to_string()
 }
 
 #[cfg(test)]

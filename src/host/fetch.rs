@@ -229,11 +229,11 @@ impl Fetcher {
                 vm.metrics.fetch_ok(pending.profile);
                 match written {
                     Some(entry) => log::info!(
-                        "profile {:?}: token fetched in {} ms, lifetime {} s, usable for {} s",
+                        "profile {:?}: token fetched in {} ms, lifetime {} s, usable for {:.1} s",
                         profile.name,
                         now_ms.saturating_sub(pending.sent_at_ms),
                         grant.expires_in_s.unwrap_or(profile.lifetime.default_ttl_s),
-                        entry.expires_at_ms.saturating_sub(now_ms) / 1000
+                        entry.expires_at_ms.saturating_sub(now_ms) as f64 / 1000.0
                     ),
                     None => log::error!("profile {:?}: token fetched but the cache could not be written", profile.name),
                 }
