@@ -904,7 +904,8 @@ fn compile_route(index: usize, raw: RawRoute, profiles: &[Profile]) -> Result<Ro
             if !prefix.starts_with('/') {
                 return Err(ConfigError::new(at("match.path_prefix"), "must start with '/'"));
             }
-            PathMatch::Prefix(prefix)
+            // Every path starts with "/": no need to read :path for it on each request.
+            if prefix == "/" { PathMatch::Any } else { PathMatch::Prefix(prefix) }
         }
         (None, Some(exact)) => {
             if !exact.starts_with('/') {
