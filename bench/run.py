@@ -77,6 +77,9 @@ CONFIGS = [
     ("native", "(b)", "Envoy credential_injector, oauth2"),
     ("oauth2cc", "(c)", "oauth2-cc, cache hit"),
     ("oauth2cc_refresh", "(c')", "oauth2-cc, 6 s token, background refresh every 3 s"),
+    # The same wasm module with no route matching: what the proxy-wasm plumbing (V8 calls per
+    # stream) costs before the filter does any work of its own.
+    ("oauth2cc_nomatch", "(w)", "oauth2-cc loaded, no route matches (proxy-wasm plumbing only)"),
 ]
 LABEL = {k: lab for k, lab, _ in CONFIGS}
 DESC = {k: d for k, _, d in CONFIGS}
@@ -92,10 +95,13 @@ REFRESH_EXPIRES_IN = 6
 REFRESH_AHEAD_RATIO = 0.5
 
 
+NO_TOKEN = ("none", "oauth2cc_nomatch")
+
+
 def path_of(config: str, route_kind: str) -> str:
     if route_kind == "direct":
         return "/direct"
-    return "/up/open" if config == "none" else "/up/auth"
+    return "/up/open" if config in NO_TOKEN else "/up/auth"
 
 
 class BenchError(RuntimeError):
@@ -219,7 +225,7 @@ def native_filter() -> dict:
 NATIVE_SECRET = {"name": "client-secret", "generic_secret": {"secret": {"inline_string": CLIENT_SECRET}}}
 
 
-def oauth2cc_config(refresh: bool) -> dict:
+def oauth2cc_config(refresh: bool, match_nothing: bool = False) -> dict:
     profile: dict[str, Any] = {
         "cluster": "idp",
         "token_url": TOKEN_URL,
@@ -228,7 +234,8 @@ def oauth2cc_config(refresh: bool) -> dict:
     }
     if refresh:
         profile["refresh"] = {"ahead_ratio": REFRESH_AHEAD_RATIO}
-    return {"profiles": {"default": profile}, "routes": [{"match": {"path_prefix": "/"}, "profile": "default"}]}
+    prefix = "/never-matched/" if match_nothing else "/"
+    return {"profiles": {"default": profile}, "routes": [{"match": {"path_prefix": prefix}, "profile": "default"}]}
 
 
 def under_test_bootstrap(config: str, *, token_server: TokenServer, upstream_port: int, echo_port: int,
@@ -253,7 +260,7 @@ def under_test_bootstrap(config: str, *, token_server: TokenServer, upstream_por
         b["static_resources"]["secrets"] = [NATIVE_SECRET]
         return b
     return bootstrap_dict(
-        oauth2cc_config(refresh=config == "oauth2cc_refresh"),
+        oauth2cc_config(refresh=config == "oauth2cc_refresh", match_nothing=config == "oauth2cc_nomatch"),
         wasm=True,
         wasm_file=wasm_file,
         env={"BENCH_CLIENT_SECRET": CLIENT_SECRET},
@@ -370,9 +377,9 @@ class Bench:
                         problem = f"/echo answered {r.status}: {r.text[:200]}"
                     else:
                         got = r.json()["headers"].get("authorization")
-                        if key == "none":
+                        if key in NO_TOKEN:
                             if got is not None:
-                                problem = f"no filter, yet the upstream got authorization {got!r}"
+                                problem = f"no token expected, yet the upstream got authorization {got!r}"
                         elif got is None:
                             problem = "the upstream got no authorization header"
                         elif not got.startswith("Bearer ") or got[7:] not in ts.issued_tokens():
@@ -443,7 +450,7 @@ class Bench:
         if w["requests"] == 0 or served == 0:
             problems.append("no request served")
         if w["status_errors"]:
-            why = " (401 from the upstream: no token)" if route_kind == "upstream" and key != "none" else ""
+            why = " (401 from the upstream: no token)" if route_kind == "upstream" and key not in NO_TOKEN else ""
             problems.append(f"{w['status_errors']} non-2xx responses{why}")
         sock = {k: v for k, v in cell["errors"].items() if k != "status_errors" and v}
         if sock:
@@ -570,7 +577,8 @@ def summarize(cells: list[dict]) -> dict:
 
     for rk in ROUTES:
         r: dict[str, Any] = {}
-        for num, den in (("oauth2cc", "none"), ("oauth2cc", "native"), ("native", "none")):
+        for num, den in (("oauth2cc", "none"), ("oauth2cc", "native"), ("native", "none"),
+                         ("oauth2cc_nomatch", "none"), ("oauth2cc", "oauth2cc_nomatch")):
             r[f"{num}/{den}"] = {
                 "rps": paired(rk, num, den, "rps", ratio),
                 "cpu_us_per_req": paired(rk, num, den, "cpu_us_per_req", ratio),
@@ -741,7 +749,9 @@ def render_markdown(res: dict, chart_rel: str | None) -> str:
         L.append("| --- | --- | --- | --- | --- | --- |")
         for name, lab in (("oauth2cc/none", "(c) / (a) oauth2-cc vs no filter"),
                           ("oauth2cc/native", "(c) / (b) oauth2-cc vs native injector"),
-                          ("native/none", "(b) / (a) native injector vs no filter")):
+                          ("native/none", "(b) / (a) native injector vs no filter"),
+                          ("oauth2cc_nomatch/none", "(w) / (a) proxy-wasm plumbing vs no filter"),
+                          ("oauth2cc/oauth2cc_nomatch", "(c) / (w) the filter's own work on a hit")):
             rr = ratios.get(name, {})
             L.append(f"| {lab} | {ratio_txt(rr.get('rps'))} | {ratio_txt(rr.get('cpu_us_per_req'))} | "
                      f"{ratio_txt(rr.get('cpu_us_added'), 2, ' µs')} | {ratio_txt(rr.get('p50_ms'))} | "
