@@ -1,6 +1,8 @@
 //! Fuzzed routes and requests: a config built from fuzzed `match` fields either compiles or is
 //! refused, and a compiled route table selects a profile for any request without panicking.
-//! Authority patterns are also fuzzed directly; a pattern that parses matches its own text.
+//! Request fields may be derived from a route's own fields, so the matching branches are reached
+//! and not only the early "no match" exits. Authority patterns are also fuzzed directly: a pattern
+//! that parses matches its own text and, for `*.suffix`, any host ending in `.suffix`.
 
 #![no_main]
 
@@ -15,7 +17,7 @@ struct Input {
     routes: Vec<RouteSpec>,
     /// The top-level `route_metadata` switch.
     route_metadata: bool,
-    request: Request,
+    request: RequestSpec,
     /// Parsed with `AuthorityPattern::parse` and matched against `other`.
     pattern: String,
     other: String,
@@ -38,7 +40,29 @@ enum PathSpec {
     Exact(String),
 }
 
+/// A request field: given outright, or taken from route `index` (modulo the route count) with `tail`.
 #[derive(Arbitrary, Debug)]
+enum Fact {
+    Given(Option<String>),
+    FromRoute { index: u8, tail: String },
+}
+
+#[derive(Arbitrary, Debug)]
+struct RequestSpec {
+    /// From a route: `tail` replaces a leading `*` of its pattern, or is appended after a `:`.
+    authority: Fact,
+    /// From a route: its prefix or exact path, then `tail`.
+    path: Fact,
+    /// From a route: its method, lower-cased when `tail` is empty (methods match case-insensitively).
+    method: Fact,
+    headers: Vec<(String, String)>,
+    /// Adds the header a route looks for, with the value it wants.
+    header_from_route: Option<u8>,
+    route_name: Fact,
+    metadata_profile: Option<String>,
+    metadata_disabled: bool,
+}
+
 struct Request {
     authority: Option<String>,
     path: Option<String>,
@@ -70,6 +94,51 @@ impl RequestFacts for Request {
     }
     fn metadata_disabled(&mut self) -> bool {
         self.metadata_disabled
+    }
+}
+
+fn resolve(fact: Fact, routes: &[RouteSpec], field: impl Fn(&RouteSpec, String) -> Option<String>) -> Option<String> {
+    match fact {
+        Fact::Given(value) => value,
+        Fact::FromRoute { index, tail } if !routes.is_empty() => {
+            field(&routes[usize::from(index) % routes.len()], tail)
+        }
+        Fact::FromRoute { .. } => None,
+    }
+}
+
+fn request(spec: RequestSpec, routes: &[RouteSpec]) -> Request {
+    let authority = resolve(spec.authority, routes, |r, tail| {
+        let pattern = r.authority.as_deref()?;
+        Some(match pattern.strip_prefix('*') {
+            Some(suffix) => format!("{tail}{suffix}"),
+            None if tail.is_empty() => pattern.to_string(),
+            None => format!("{pattern}:{tail}"),
+        })
+    });
+    let path = resolve(spec.path, routes, |r, tail| match &r.path {
+        Some(PathSpec::Prefix(p) | PathSpec::Exact(p)) => Some(format!("{p}{tail}")),
+        None => Some(tail),
+    });
+    let method = resolve(spec.method, routes, |r, tail| {
+        let method = r.method.as_deref()?;
+        Some(if tail.is_empty() { method.to_ascii_lowercase() } else { method.to_string() })
+    });
+    let route_name = resolve(spec.route_name, routes, |r, tail| Some(r.route_name.clone().unwrap_or(tail)));
+    let mut headers = spec.headers;
+    if let Some(index) = spec.header_from_route.filter(|_| !routes.is_empty()) {
+        if let Some((name, value)) = &routes[usize::from(index) % routes.len()].header {
+            headers.insert(0, (name.clone(), value.clone().unwrap_or_default()));
+        }
+    }
+    Request {
+        authority,
+        path,
+        method,
+        headers,
+        route_name,
+        metadata_profile: spec.metadata_profile,
+        metadata_disabled: spec.metadata_disabled,
     }
 }
 
@@ -106,12 +175,14 @@ fn route_json(spec: &RouteSpec) -> Value {
 }
 
 fuzz_target!(|input: Input| {
-    let Input { routes, route_metadata, mut request, pattern, other } = input;
+    let Input { mut routes, route_metadata, request: request_spec, pattern, other } = input;
+    routes.truncate(8);
 
-    let routes: Vec<Value> = routes.iter().take(8).map(route_json).collect();
-    let config_json = json!({"profiles": {"billing": profile("svc-a"), "crm": profile("svc-b")}, "routes": routes,
+    let config_json = json!({"profiles": {"billing": profile("svc-a"), "crm": profile("svc-b")},
+                             "routes": routes.iter().map(route_json).collect::<Vec<_>>(),
                              "route_metadata": route_metadata});
     if let Ok(config) = config::parse(config_json.to_string().as_bytes(), &|_| None) {
+        let mut request = request(request_spec, &routes);
         let profiles = config.profiles.len();
         if let Some(index) = config.routes.select(&mut request) {
             assert!(index < profiles, "route selects profile {index} of {profiles}");
@@ -129,6 +200,12 @@ fuzz_target!(|input: Input| {
     if let Some(parsed) = AuthorityPattern::parse(&pattern) {
         let _ = parsed.matches(&other);
         assert!(parsed.matches(&pattern), "pattern {pattern:?} does not match its own text");
+        if let Some(suffix) = pattern.strip_prefix("*.") {
+            let host = format!("{other}.{suffix}");
+            if !other.is_empty() && !other.contains([':', '[']) && !suffix.contains(':') {
+                assert!(parsed.matches(&host), "pattern {pattern:?} does not match {host:?}");
+            }
+        }
     }
     let _ = AuthorityPattern::parse(&other).map(|p| p.matches(&pattern));
 });

@@ -24,7 +24,7 @@ import sysconfig
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Mapping, NamedTuple
+from typing import Callable, Any, Iterable, Mapping, NamedTuple
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[1]  # tests/e2e/envoy.py -> repo root
@@ -735,3 +735,13 @@ class Envoy:
 
     def __repr__(self):
         return f"<Envoy {self.name} pid={getattr(self, 'pid', None)} dir={self.tmpdir}>"
+
+
+def wait_until(pred: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02) -> Any:
+    """Polls ``pred`` until it returns something truthy or ``timeout`` passes; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)

@@ -10,7 +10,6 @@ one request at startup even before any client request arrives.
 from __future__ import annotations
 
 import base64
-import re
 import threading
 import time
 import urllib.parse
@@ -31,15 +30,6 @@ def one_profile(**fields) -> dict:
     return pc.config(profiles={"default": pc.profile(**fields)})
 
 
-def wait_until(pred, timeout: float = 5.0, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 def token_requests(token_server, n: int = 1, timeout: float = 5.0):

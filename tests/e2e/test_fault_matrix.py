@@ -35,6 +35,7 @@ import pytest
 
 import plugin_config as pc
 from envoy import free_port
+from envoy import wait_until as poll
 
 PROFILE = "default"
 PREFIX = f"wasmcustom.oauth2_cc.{PROFILE}"
@@ -53,13 +54,6 @@ def one_profile(**fields: Any) -> dict:
     return pc.config(profiles={PROFILE: pc.profile(**fields)})
 
 
-def poll(pred: Callable[[], Any], timeout: float = 5.0, interval: float = 0.03) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 def failed_counters(e) -> dict[str, int]:

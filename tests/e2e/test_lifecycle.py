@@ -27,9 +27,10 @@ import selectors
 import socket
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
 
 import plugin_config as pc
+from envoy import wait_until
 
 PROFILE = "default"
 JSON = {"Content-Type": "application/json"}
@@ -51,13 +52,6 @@ def metric(e, name: str, profile: str = PROFILE) -> int:
     return e.stat(f"wasmcustom.oauth2_cc.{profile}.{name}", 0)
 
 
-def wait_until(pred: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 def report(record_property, **figures: Any):

@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import ssl
 import sys
-import time
 
 import pytest
 
 from conftest import SERVERS, check_wasm_file
 from envoy import Envoy
+from envoy import wait_until
 from servers import TokenServer
 from shipped import ENVOY_DIR, cluster, load_yaml, localize
 from tls_certs import CLIENT_CN, make_pki
@@ -105,13 +105,6 @@ def tls_context(b: dict) -> dict:
     return cluster(b, TOKEN_CLUSTER)["transport_socket"]["typed_config"]
 
 
-def wait_until(pred, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def cluster_stats(e: Envoy) -> dict:

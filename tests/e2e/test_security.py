@@ -21,14 +21,13 @@ import base64
 import http.client
 import re
 import threading
-import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import pytest
 
 import plugin_config as pc
+from envoy import wait_until as poll
 
 FAILURE_BODY_BYTES = b'{"error":"token_unavailable","profile":"default"}'
 
@@ -54,13 +53,6 @@ def raw_request(port: int, path: str = "/", headers: list[tuple[str, str]] = (),
         conn.close()
 
 
-def poll(pred, timeout: float = 5.0, interval: float = 0.03):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 # --------------------------------------------------------------------------- #
