@@ -58,7 +58,8 @@ unit:
 e2e: tools build
 	$(PY) -m pytest tests/e2e -q
 
-lint: wasm-target
+lint: wasm-target $(VENV)/.installed
+	$(PY) -m pyflakes tests/e2e bench demo deploy/docker
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --release --target $(WASM_TARGET) -- -D warnings

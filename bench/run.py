@@ -478,7 +478,7 @@ class Bench:
         a = self.args
         started = _dt.datetime.now(_dt.timezone.utc)
         self.start()
-        print(f"envoys ready: " + ", ".join(f"{k} pid {e.pid}" for k, e in self.envoys.items())
+        print("envoys ready: " + ", ".join(f"{k} pid {e.pid}" for k, e in self.envoys.items())
               + f"; upstream pid {self.upstream.pid}", flush=True)
         rss_start = {k: vm_rss_kib(e.pid) for k, e in self.envoys.items()}
         injected_start = self.check_injection("start", wait=30)
