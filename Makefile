@@ -13,7 +13,7 @@ MAX_WASM_BYTES := 786432
 export E2E_REQUIRE_WASM := 1
 export OAUTH2_CC_WASM := $(CURDIR)/$(WASM)
 
-.PHONY: all run test unit e2e lint fmt build size tools wasm-target wasm-opt clean bench bench-smoke schema wrk
+.PHONY: all run test unit unit-wasm e2e lint fmt build size tools wasm-target wasm-opt clean bench bench-smoke schema wrk fuzz
 
 all: build
 
@@ -49,11 +49,25 @@ size: build
 run: tools build
 	$(PY) demo/run.py
 
-## test: lint, native unit tests, end-to-end tests on real Envoy (shipped configs validated there)
-test: lint unit e2e size
+## test: lint, native and wasm unit tests, end-to-end tests on real Envoy (shipped configs validated there)
+test: lint unit unit-wasm e2e size
 
 unit:
 	cargo test --all-targets
+
+## unit-wasm: the core's unit tests built for wasm32-wasip1 and run under Node's WASI (32-bit usize, WASI randomness)
+unit-wasm: wasm-target
+	@node -e 'process.exit(process.versions.node.split(".")[0] >= 20 ? 0 : 1)' 2>/dev/null || \
+	  { echo "unit-wasm needs Node.js 20 or later (node:wasi, preview1)"; exit 1; }
+	CARGO_TARGET_WASM32_WASIP1_RUNNER="node $(CURDIR)/tools/wasi-test-runner.mjs" \
+	  cargo test --target $(WASM_TARGET) --lib
+
+FUZZ_SECONDS ?= 60
+## fuzz: every cargo-fuzz target for FUZZ_SECONDS each (nightly toolchain, cargo-fuzz); fails on a crash
+fuzz:
+	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+	@cargo +nightly fuzz --version >/dev/null 2>&1 || cargo install cargo-fuzz --locked
+	FUZZ_SECONDS=$(FUZZ_SECONDS) fuzz/run.sh
 
 e2e: tools build
 	$(PY) -m pytest tests/e2e -q

@@ -7,6 +7,7 @@
 #   FUZZ_SECONDS=600 FUZZ_TARGETS="token_response" fuzz/run.sh
 #   FUZZ_RUNS=10000000 FUZZ_SECONDS=0 fuzz/run.sh      # 10 million inputs each, no time limit
 #   FUZZ_BUILD_FLAGS="" fuzz/run.sh                    # with AddressSanitizer (cargo-fuzz's default)
+#   FUZZ_ARGS="-max_len=70000" fuzz/run.sh             # more libFuzzer flags
 #
 # Needs the nightly toolchain and cargo-fuzz (`cargo install cargo-fuzz`). The committed seeds in
 # fuzz/corpus/<target>/ are read, never written: what the fuzzer finds goes to
@@ -31,10 +32,12 @@ for target in $targets; do
     log="target/logs/$target.log"
     limits=(-max_total_time="$seconds")
     [ -n "$runs" ] && limits+=(-runs="$runs")
+    # shellcheck disable=SC2206
+    extra=(${FUZZ_ARGS:-})
     echo "== $target: ${limits[*]} (log: fuzz/$log)"
     # shellcheck disable=SC2086
     cargo +nightly fuzz run $build_flags "$target" "${corpora[@]}" -- \
-        "${limits[@]}" -print_final_stats=1 >"$log" 2>&1
+        "${limits[@]}" -print_final_stats=1 ${extra[@]+"${extra[@]}"} >"$log" 2>&1
     status=$?
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
     if [ "$status" -ne 0 ] && grep -q "Test unit written to" "$log"; then

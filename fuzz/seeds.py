@@ -103,7 +103,7 @@ def token_seeds() -> None:
 
 
 def entry(generation=0, sent=0, refresh=0, expires=0, holder=0, lease=0, retry=0, budget_start=0, failures=0,
-          budget_used=0, last_failure=0, token=b"", version=1) -> bytes:
+          budget_used=0, last_failure=0, token=b"", version=2) -> bytes:
     """The layout of `Entry::encode` in src/core/cache.rs: version, 8 x u64, 2 x u32, u8, u32 length, token."""
     header = struct.pack("<B8QIIBI", version, generation, sent, refresh, expires, holder, lease, retry,
                          budget_start, failures, budget_used, last_failure, len(token))

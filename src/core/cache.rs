@@ -11,7 +11,8 @@
 use crate::core::config::{BackoffPolicy, LifetimePolicy};
 use crate::core::token_response::{FailureClass, TokenGrant};
 
-const VERSION: u8 = 1;
+/// Bumped whenever the layout changes: an entry of another version reads as empty (no token).
+const VERSION: u8 = 2;
 /// Flag bit in the failure-class byte.
 const FAILING_WHILE_USABLE: u8 = 0x10;
 const HEADER_LEN: usize = 1 + 8 * 8 + 4 + 4 + 1 + 4;

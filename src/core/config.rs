@@ -54,7 +54,7 @@ struct RawConfig {
     on_failure: RawOnFailure,
     #[serde(default)]
     /// Requests one worker may hold paused waiting for a token (default 1000); beyond it, the failure reply at once.
-    max_paused_requests: Option<usize>,
+    max_paused_requests: Option<u32>,
     /// Let Envoy routes choose: route metadata `filter_metadata.oauth2_cc` with `profile` selects a profile and
     /// `disabled: true` opts the route out, before `routes` are consulted (default false; one property read per request).
     #[serde(default)]
@@ -552,9 +552,10 @@ fn compile(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Confi
     if !(400..=599).contains(&failure_status) {
         return Err(ConfigError::new("on_failure.status", "must be an HTTP error status from 400 to 599"));
     }
-    let max_paused_requests = raw.max_paused_requests.unwrap_or(DEFAULT_MAX_PAUSED_REQUESTS);
-    if max_paused_requests == 0 {
-        return Err(ConfigError::new("max_paused_requests", "must be at least 1"));
+    let max_paused_requests = raw.max_paused_requests.map_or(DEFAULT_MAX_PAUSED_REQUESTS, |n| n as usize);
+    // Bounded so the same configuration is valid on 64-bit hosts and in the 32-bit filter.
+    if !(1..=1_000_000).contains(&max_paused_requests) {
+        return Err(ConfigError::new("max_paused_requests", "must be from 1 to 1000000"));
     }
     let mut routes = RouteTable::new(matchers);
     if raw.route_metadata {

@@ -49,7 +49,10 @@ impl AuthorityPattern {
     pub fn parse(pattern: &str) -> Option<AuthorityPattern> {
         let (host, port) = split_host_port(pattern)?;
         let host = normalize_host(host);
-        if host.is_empty() {
+        // Host names, IPv4 and bracketed IPv6 literals, and the leading wildcard: anything else
+        // (a slash, a space, a control character) could never match and would hide a typo.
+        let host_char = |b: u8| b.is_ascii_alphanumeric() || b"-._*[]:".contains(&b);
+        if host.is_empty() || !host.bytes().all(host_char) {
             return None;
         }
         let host = match host.strip_prefix("*.") {
@@ -312,7 +315,7 @@ pub(crate) mod tests {
             let compiled = AuthorityPattern::parse(pattern).expect(pattern);
             assert_eq!(compiled.matches(authority), expected, "{pattern} vs {authority}");
         }
-        for bad in ["", "*.", "a.*.com", "host:port", "*"] {
+        for bad in ["", "*.", "a.*.com", "host:port", "*", "api.example.com/", "a b", "\u{0}", "https://x"] {
             assert!(AuthorityPattern::parse(bad).is_none(), "{bad}");
         }
     }
