@@ -12,6 +12,7 @@ use proxy_wasm::types::{Action, MapType};
 
 use crate::core::cache::{self, EntryView, RequestDecision};
 use crate::core::route::{RequestFacts, Selection};
+use crate::host::fetch::WAKE;
 use crate::host::root::kick_message;
 use crate::host::vm::{RequestState, VmState, Waiter};
 use crate::host::{abi, clock, shared};
@@ -114,6 +115,22 @@ impl HttpContext for TokenInjector {
             return Action::Continue;
         }
         let now_ms = clock::now_ms();
+        // The hit path: this VM's copy of the token, no shared-data read.
+        if let Ok(snapshots) = self.vm.snapshots.try_borrow()
+            && let Some(Some(snapshot)) = snapshots.get(profile_index)
+            && now_ms < snapshot.expires_at_ms
+        {
+            if abi::set_request_header(&profile.inject.header, &snapshot.header_value).is_err() {
+                drop(snapshots);
+                send_failure_reply(&self.vm, profile_index);
+                return Action::Pause;
+            }
+            self.request.injected.set(Some(snapshot.generation));
+            self.vm.metrics.injected(profile_index);
+            return Action::Continue;
+        }
+        // No usable copy: ask shared data itself (another VM may have stored a token since).
+        self.vm.refresh_snapshot(profile_index);
         let (bytes, _) = shared::read(&profile.cache_key);
         let view = bytes.as_deref().and_then(EntryView::decode);
         match cache::decide_request(view.as_ref(), now_ms) {
@@ -158,6 +175,9 @@ impl HttpContext for TokenInjector {
             && shared::update(&profile.cache_key, |entry| cache::purge(entry, generation)).is_some()
         {
             self.vm.metrics.purged(profile_index);
+            // Every VM drops its copy of the rejected token now, not at its next tick.
+            self.vm.refresh_snapshot(profile_index);
+            shared::broadcast(&self.vm.vm_id.borrow(), WAKE);
             log::info!(
                 "profile {:?}: upstream answered {} to the token; dropped it, a new one will be fetched",
                 profile.name,

@@ -176,7 +176,7 @@ impl RootContext for FilterRoot {
             .flatten()
             .and_then(|b| String::from_utf8(b).ok())
             .unwrap_or_default();
-        self.fetcher.configure(vm_id);
+        self.fetcher.configure(vm_id.clone());
         let state = VmState::new(Rc::new(config));
         match hostcalls::register_shared_queue(&self.queue_name) {
             Ok(queue) => state.own_queue.set(Some(queue)),
@@ -194,6 +194,8 @@ impl RootContext for FilterRoot {
             state.config.profiles.len(),
             state.config.profiles.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
         );
+        *state.vm_id.borrow_mut() = vm_id;
+        state.refresh_snapshots();
         self.state = Some(Rc::new(state));
         // The first tick comes at once: it prefetches every profile, so the first request finds a token.
         let _ = hostcalls::set_tick_period(FIRST_TICK);
@@ -208,6 +210,9 @@ impl RootContext for FilterRoot {
         }
         let now_ms = clock::now_ms();
         self.report_gauges(now_ms);
+        if let Some(state) = &self.state {
+            state.refresh_snapshots();
+        }
         if now_ms >= self.next_heartbeat_ms {
             shared::register_wake_queue(&self.queue_name, now_ms);
             self.next_heartbeat_ms = now_ms + crate::core::wake_registry::HEARTBEAT_MS;
@@ -232,6 +237,10 @@ impl RootContext for FilterRoot {
             }
         }
         let now_ms = clock::now_ms();
+        // A wake means some VM changed a token: take the new copies now.
+        if let Some(state) = &self.state {
+            state.refresh_snapshots();
+        }
         kicks.extend(self.profiles_with_waiters());
         kicks.sort_unstable();
         kicks.dedup();

@@ -7,8 +7,10 @@
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
+use crate::core::cache::EntryView;
 use crate::core::config::Config;
 use crate::host::metrics::Metrics;
+use crate::host::shared;
 
 /// A request paused until its profile has a token.
 pub struct Waiter {
@@ -37,6 +39,22 @@ pub struct VmState {
     pub metrics: Metrics,
     /// Whether this VM serves requests (a worker); main-thread VMs never create http contexts.
     pub serves_requests: Cell<bool>,
+    /// Per profile, this VM's copy of the cached token, so the request path reads no shared data.
+    pub snapshots: RefCell<Vec<Option<TokenSnapshot>>>,
+    /// The VM id other VMs' wake queues are resolved with.
+    pub vm_id: RefCell<String>,
+}
+
+/// A VM's copy of a profile's token as shared data held it at the last tick or wake.
+///
+/// Shared data stays the source of truth: the copy is refreshed on every tick (100 ms) and on every
+/// wake, and every write that changes the token (a fetch, a purge) wakes all VMs. A copy is used only
+/// while `now < expires_at_ms`, so it never injects an expired token.
+pub struct TokenSnapshot {
+    pub generation: u64,
+    pub expires_at_ms: u64,
+    /// Prefix and token, ready for the header.
+    pub header_value: String,
 }
 
 impl VmState {
@@ -47,6 +65,35 @@ impl VmState {
             waiters: RefCell::new(Vec::new()),
             own_queue: Cell::new(None),
             serves_requests: Cell::new(false),
+            snapshots: RefCell::new(Vec::new()),
+            vm_id: RefCell::new(String::new()),
+        }
+    }
+
+    /// Re-reads every profile's entry from shared data into this VM's snapshots.
+    pub fn refresh_snapshots(&self) {
+        for index in 0..self.config.profiles.len() {
+            self.refresh_snapshot(index);
+        }
+    }
+
+    /// Re-reads one profile's entry from shared data into this VM's snapshot.
+    pub fn refresh_snapshot(&self, profile_index: usize) {
+        let Some(profile) = self.config.profiles.get(profile_index) else { return };
+        let bytes = shared::read(&profile.cache_key).0;
+        let snapshot =
+            bytes.as_deref().and_then(EntryView::decode).filter(|v| !v.token.is_empty()).map(|v| TokenSnapshot {
+                generation: v.generation,
+                expires_at_ms: v.expires_at_ms,
+                header_value: format!("{}{}", profile.inject.prefix, v.token),
+            });
+        if let Ok(mut snapshots) = self.snapshots.try_borrow_mut() {
+            if snapshots.len() != self.config.profiles.len() {
+                snapshots.resize_with(self.config.profiles.len(), || None);
+            }
+            if let Some(slot) = snapshots.get_mut(profile_index) {
+                *slot = snapshot;
+            }
         }
     }
 }

@@ -115,7 +115,7 @@ CASES = {
     ),
     "max_paused_requests_0": (
         edit(["max_paused_requests"], 0),
-        r"max_paused_requests: must be at least 1",
+        r"max_paused_requests: must be from 1 to 1000000",
     ),
     "header_value_newline": (
         edit(P + ["token_request_headers"], {"x-api-key": "a\nb"}),
