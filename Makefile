@@ -57,6 +57,7 @@ unit:
 
 ## unit-wasm: the core's unit tests built for wasm32-wasip1 and run under Node's WASI (32-bit usize, WASI randomness)
 unit-wasm: wasm-target
+	@command -v node >/dev/null || { apt-get update -qq && apt-get install -y -qq nodejs >/dev/null; } || true
 	@node -e 'process.exit(process.versions.node.split(".")[0] >= 20 ? 0 : 1)' 2>/dev/null || \
 	  { echo "unit-wasm needs Node.js 20 or later (node:wasi, preview1)"; exit 1; }
 	CARGO_TARGET_WASM32_WASIP1_RUNNER="node $(CURDIR)/tools/wasi-test-runner.mjs" \
