@@ -130,8 +130,7 @@ impl HttpContext for TokenInjector {
             return Action::Continue;
         }
         // No usable copy: ask shared data itself (another VM may have stored a token since).
-        self.vm.refresh_snapshot(profile_index);
-        let (bytes, _) = shared::read(&profile.cache_key);
+        let bytes = self.vm.refresh_snapshot(profile_index);
         let view = bytes.as_deref().and_then(EntryView::decode);
         match cache::decide_request(view.as_ref(), now_ms) {
             RequestDecision::Inject { token, generation } => {
@@ -176,7 +175,7 @@ impl HttpContext for TokenInjector {
         {
             self.vm.metrics.purged(profile_index);
             // Every VM drops its copy of the rejected token now, not at its next tick.
-            self.vm.refresh_snapshot(profile_index);
+            let _ = self.vm.refresh_snapshot(profile_index);
             shared::broadcast(&self.vm.vm_id.borrow(), WAKE);
             log::info!(
                 "profile {:?}: upstream answered {} to the token; dropped it, a new one will be fetched",

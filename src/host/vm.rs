@@ -73,13 +73,14 @@ impl VmState {
     /// Re-reads every profile's entry from shared data into this VM's snapshots.
     pub fn refresh_snapshots(&self) {
         for index in 0..self.config.profiles.len() {
-            self.refresh_snapshot(index);
+            let _ = self.refresh_snapshot(index);
         }
     }
 
-    /// Re-reads one profile's entry from shared data into this VM's snapshot.
-    pub fn refresh_snapshot(&self, profile_index: usize) {
-        let Some(profile) = self.config.profiles.get(profile_index) else { return };
+    /// Re-reads one profile's entry from shared data into this VM's snapshot; returns the entry's
+    /// bytes for callers that decide on more than the token.
+    pub fn refresh_snapshot(&self, profile_index: usize) -> Option<Vec<u8>> {
+        let profile = self.config.profiles.get(profile_index)?;
         let bytes = shared::read(&profile.cache_key).0;
         let snapshot =
             bytes.as_deref().and_then(EntryView::decode).filter(|v| !v.token.is_empty()).map(|v| TokenSnapshot {
@@ -95,5 +96,6 @@ impl VmState {
                 *slot = snapshot;
             }
         }
+        bytes
     }
 }
