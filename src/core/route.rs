@@ -236,10 +236,6 @@ impl RouteTable {
     pub fn uses_route_name(&self) -> bool {
         self.uses_route_name
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.matchers.is_empty()
-    }
 }
 
 #[cfg(test)]
