@@ -5,6 +5,14 @@ CARGO_WASM    := target/$(WASM_TARGET)/release/oauth2_cc.wasm
 # What ships and what the tests load: the cargo output shrunk by binaryen's wasm-opt.
 WASM          := build/oauth2_cc.wasm
 WASM_OPT_FLAGS := -Oz --strip-debug --enable-bulk-memory --enable-sign-ext --enable-mutable-globals --enable-nontrapping-float-to-int
+# SDK exports the filter never needs. Envoy calls a stream callback only when the module exports
+# it, and every call is a crossing into the VM on every request (BENCHMARKS.md "Where the time
+# goes"). The SDK drops an http context in proxy_on_delete, so proxy_on_log/proxy_on_done are not
+# needed; proxy_on_request_body/trailers stay (they keep a waiting request paused).
+UNUSED_EXPORTS := proxy_on_response_body proxy_on_response_trailers proxy_on_log proxy_on_done \
+  proxy_on_new_connection proxy_on_downstream_data proxy_on_downstream_connection_close \
+  proxy_on_upstream_data proxy_on_upstream_connection_close proxy_on_grpc_receive_initial_metadata \
+  proxy_on_grpc_receive proxy_on_grpc_receive_trailing_metadata proxy_on_grpc_close proxy_on_foreign_function
 VENV          := .venv
 PY            := $(VENV)/bin/python
 # The wasm size gate: issue 3 allows 768 KiB with JWT support.
@@ -13,7 +21,7 @@ MAX_WASM_BYTES := 786432
 export E2E_REQUIRE_WASM := 1
 export OAUTH2_CC_WASM := $(CURDIR)/$(WASM)
 
-.PHONY: all run test unit unit-wasm e2e lint fmt build size tools wasm-target wasm-opt clean bench bench-smoke schema wrk fuzz
+.PHONY: all run test unit unit-wasm e2e lint fmt build size tools wasm-target wasm-opt clean bench bench-floor bench-smoke schema wrk fuzz
 
 all: build
 
@@ -33,12 +41,14 @@ $(VENV)/.installed: tests/e2e/requirements.txt
 	@$(PY) -c "import sysconfig,os,sys; b=os.path.join(sysconfig.get_paths()['purelib'],'envoy','_bin','envoy'); sys.exit(0 if os.access(b, os.X_OK) else 'envoy binary missing at '+b)"
 	@touch $@
 
-## build: the filter: release wasm, then wasm-opt -Oz into build/oauth2_cc.wasm
+## build: the filter: release wasm, unused SDK exports dropped, then wasm-opt -Oz into build/oauth2_cc.wasm
 build: wasm-target wasm-opt
 	cargo build --release --target $(WASM_TARGET)
 	@mkdir -p build
-	@if [ ! -f $(WASM) ] || [ $(CARGO_WASM) -nt $(WASM) ]; then \
-	  echo "wasm-opt $(CARGO_WASM) -> $(WASM)"; wasm-opt $(WASM_OPT_FLAGS) $(CARGO_WASM) -o $(WASM); fi
+	@if [ ! -f $(WASM) ] || [ $(CARGO_WASM) -nt $(WASM) ] || [ Makefile -nt $(WASM) ] || [ tools/strip_exports.py -nt $(WASM) ]; then \
+	  echo "strip exports, wasm-opt $(CARGO_WASM) -> $(WASM)"; \
+	  python3 tools/strip_exports.py $(CARGO_WASM) build/oauth2_cc.stripped.wasm $(UNUSED_EXPORTS) && \
+	  wasm-opt $(WASM_OPT_FLAGS) build/oauth2_cc.stripped.wasm -o $(WASM) && rm -f build/oauth2_cc.stripped.wasm; fi
 
 ## size: the wasm size against the gate
 size: build
@@ -74,10 +84,12 @@ e2e: tools build
 	$(PY) -m pytest tests/e2e -q
 
 lint: wasm-target $(VENV)/.installed
-	$(PY) -m pyflakes tests/e2e bench demo deploy/docker
+	$(PY) -m pyflakes tests/e2e bench demo deploy/docker tools
 	cargo fmt --check
+	cargo fmt --check --manifest-path bench/floor/Cargo.toml
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --release --target $(WASM_TARGET) -- -D warnings
+	cargo clippy --release --target $(WASM_TARGET) --manifest-path bench/floor/Cargo.toml -- -D warnings
 
 fmt:
 	cargo fmt
@@ -93,11 +105,15 @@ schema:
 BENCH_ARGS ?=
 
 ## bench: no filter vs Envoy's credential_injector vs oauth2-cc, same Envoy and wrk, pinned cores; writes BENCHMARKS.md, bench/chart.png, build/bench/results.json
-bench: tools build wrk $(VENV)/.bench-installed
+bench: tools build bench-floor wrk $(VENV)/.bench-installed
 	$(PY) bench/run.py $(BENCH_ARGS)
 
+## bench-floor: the floor module of the bench (bench/floor: the cheapest proxy-wasm header writer)
+bench-floor: wasm-target
+	cargo build --release --target $(WASM_TARGET) --manifest-path bench/floor/Cargo.toml
+
 ## bench-smoke: every benchmark cell once for 2 s; fails if one fails or a token is not injected
-bench-smoke: tools build wrk
+bench-smoke: tools build bench-floor wrk
 	$(PY) bench/run.py --smoke
 
 wrk:

@@ -166,6 +166,10 @@ impl HttpContext for TokenInjector {
             return Action::Continue;
         };
         let Some(profile) = self.vm.config.profiles.get(profile_index) else { return Action::Continue };
+        if profile.purge_on_status.is_empty() {
+            // Reading `:status` costs a host call and an allocation callback on every request.
+            return Action::Continue;
+        }
         let status = hostcalls::get_map_value(MapType::HttpResponseHeaders, ":status")
             .ok()
             .flatten()
@@ -185,8 +189,14 @@ impl HttpContext for TokenInjector {
         }
         Action::Continue
     }
+}
 
-    fn on_log(&mut self) {
+/// The module does not export `proxy_on_log` or `proxy_on_done` (see the Makefile's
+/// `UNUSED_EXPORTS`): Envoy skips callbacks a module does not export, and each one it calls is a
+/// crossing into the VM on every request. The SDK drops the context in `proxy_on_delete`, which
+/// Envoy calls for every stream, including one whose client went away while it waited.
+impl Drop for TokenInjector {
+    fn drop(&mut self) {
         self.forget_waiter();
     }
 }

@@ -105,8 +105,7 @@ def check_wasm_file(path: str | None = None) -> str:
     path = path or wasm_path()
     if not Path(path).is_file():
         msg = (
-            f"oauth2-cc wasm not found at {path}: run `cargo build --release --target "
-            f"wasm32-wasip1` or set OAUTH2_CC_WASM"
+            f"oauth2-cc wasm not found at {path}: run `make build` or set OAUTH2_CC_WASM"
         )
         if _require_wasm():
             pytest.fail(msg)

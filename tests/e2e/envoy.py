@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[1]  # tests/e2e/envoy.py -> repo root
 
 _DEFAULT_ENVOY = REPO_ROOT / ".venv/lib/python3.11/site-packages/envoy/_bin/envoy"
-_DEFAULT_WASM = REPO_ROOT / "target/wasm32-wasip1/release/oauth2_cc.wasm"
+_DEFAULT_WASM = REPO_ROOT / "build/oauth2_cc.wasm"  # what `make build` ships
 
 WASM_FILTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
 ROUTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
@@ -72,7 +72,7 @@ def envoy_bin() -> str:
 
 
 def wasm_path() -> str:
-    """``$OAUTH2_CC_WASM``, else <repo>/target/wasm32-wasip1/release/oauth2_cc.wasm."""
+    """``$OAUTH2_CC_WASM``, else <repo>/build/oauth2_cc.wasm (`make build`)."""
     return os.environ.get("OAUTH2_CC_WASM") or str(_DEFAULT_WASM)
 
 

@@ -681,3 +681,27 @@ def test_max_fetches_per_hour_stops_calling_the_idp(envoy_factory, token_server,
     assert refused >= 1
     assert set(statuses) == {503}, status_histogram(statuses)
     assert upstream.count() == 0
+
+
+def test_abandoned_wait_frees_its_slot(envoy_factory, token_server, upstream, record_property):
+    """A client that gives up while its request waits for a token frees its max_paused_requests
+    slot at once. The module exports no proxy_on_log/proxy_on_done (see the Makefile's
+    UNUSED_EXPORTS): the waiter is forgotten when Envoy deletes the stream's context."""
+    delay = 2.0
+    token_server.set_delay(delay)
+    e = envoy_factory.start(one_profile(top={"max_paused_requests": 1}), concurrency=1)
+    gone = socket.create_connection(("127.0.0.1", e.port), timeout=5)
+    gone.sendall(b"GET /v1/abandoned HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert wait_until(lambda: metric(e, "waited") >= 1, 1.5), "the first request did not wait"
+    gone.close()
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    r = e.request("/v1/second", timeout=10)
+    waited_s = time.monotonic() - t0
+    report(record_property, second_status=r.status, second_waited_s=round(waited_s, 3),
+           waited=metric(e, "waited"), failed_requests=metric(e, "failed_requests"))
+    assert r.status == 200, f"the slot of the abandoned request was not freed: {r.status} {r.text[:200]}"
+    assert metric(e, "waited") == 2
+    assert metric(e, "failed_requests") == 0
+    assert token_server.count() == 1
+    assert upstream.count() == 1, "the abandoned request reached the upstream"

@@ -592,3 +592,23 @@ def test_oci_dockerfile_is_istio_compat_image():
     assert {i for i, _ in instrs} <= allowed, {i for i, _ in instrs} - allowed
     ignore = (OCI_DOCKERFILE.parent / ".gitignore").read_text().split()
     assert "plugin.wasm" in ignore, "the copied wasm must not be committed"
+
+
+# Callbacks Envoy must be able to call, and SDK callbacks the build drops (Makefile UNUSED_EXPORTS):
+# Envoy calls a stream callback only when the module exports it, each call costs a VM crossing.
+NEEDED_EXPORTS = {
+    "memory", "proxy_abi_version_0_2_1", "proxy_on_memory_allocate", "proxy_on_context_create",
+    "proxy_on_vm_start", "proxy_on_configure", "proxy_on_tick", "proxy_on_queue_ready",
+    "proxy_on_http_call_response", "proxy_on_request_headers", "proxy_on_request_body",
+    "proxy_on_request_trailers", "proxy_on_response_headers", "proxy_on_delete",
+}
+DROPPED_EXPORTS = {"proxy_on_response_body", "proxy_on_response_trailers", "proxy_on_log", "proxy_on_done"}
+
+
+def test_module_exports_only_the_callbacks_it_needs():
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
+    from strip_exports import export_names
+
+    names = set(export_names(Path(check_wasm_file()).read_bytes()))
+    assert NEEDED_EXPORTS <= names, f"missing exports: {sorted(NEEDED_EXPORTS - names)}"
+    assert not names & DROPPED_EXPORTS, f"exported although unused: {sorted(names & DROPPED_EXPORTS)}"
