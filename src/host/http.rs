@@ -114,11 +114,10 @@ impl HttpContext for TokenInjector {
         if profile.inject.keep_existing && header(&profile.inject.header).is_some() {
             return Action::Continue;
         }
-        let now_ms = clock::now_ms();
-        // The hit path: this VM's copy of the token, no shared-data read.
+        // The hit path: this VM's copy of the token; no shared-data read, no clock read (a copy is
+        // only kept while it has a margin left, see `vm::SNAPSHOT_MARGIN_MS`).
         if let Ok(snapshots) = self.vm.snapshots.try_borrow()
             && let Some(Some(snapshot)) = snapshots.get(profile_index)
-            && now_ms < snapshot.expires_at_ms
         {
             if abi::set_request_header(&profile.inject.header, &snapshot.header_value).is_err() {
                 drop(snapshots);
@@ -130,7 +129,8 @@ impl HttpContext for TokenInjector {
             return Action::Continue;
         }
         // No usable copy: ask shared data itself (another VM may have stored a token since).
-        let bytes = self.vm.refresh_snapshot(profile_index);
+        let now_ms = clock::now_ms();
+        let bytes = self.vm.refresh_snapshot(profile_index, now_ms);
         let view = bytes.as_deref().and_then(EntryView::decode);
         match cache::decide_request(view.as_ref(), now_ms) {
             RequestDecision::Inject { token, generation } => {
@@ -179,7 +179,7 @@ impl HttpContext for TokenInjector {
         {
             self.vm.metrics.purged(profile_index);
             // Every VM drops its copy of the rejected token now, not at its next tick.
-            let _ = self.vm.refresh_snapshot(profile_index);
+            let _ = self.vm.refresh_snapshot(profile_index, clock::now_ms());
             shared::broadcast(&self.vm.vm_id.borrow(), WAKE);
             log::info!(
                 "profile {:?}: upstream answered {} to the token; dropped it, a new one will be fetched",

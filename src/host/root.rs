@@ -195,7 +195,7 @@ impl RootContext for FilterRoot {
             state.config.profiles.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
         );
         *state.vm_id.borrow_mut() = vm_id;
-        state.refresh_snapshots();
+        state.refresh_snapshots(clock::now_ms());
         self.state = Some(Rc::new(state));
         // The first tick comes at once: it prefetches every profile, so the first request finds a token.
         let _ = hostcalls::set_tick_period(FIRST_TICK);
@@ -211,7 +211,7 @@ impl RootContext for FilterRoot {
         let now_ms = clock::now_ms();
         self.report_gauges(now_ms);
         if let Some(state) = &self.state {
-            state.refresh_snapshots();
+            state.refresh_snapshots(now_ms);
         }
         if now_ms >= self.next_heartbeat_ms {
             shared::register_wake_queue(&self.queue_name, now_ms);
@@ -239,7 +239,7 @@ impl RootContext for FilterRoot {
         let now_ms = clock::now_ms();
         // A wake means some VM changed a token: take the new copies now.
         if let Some(state) = &self.state {
-            state.refresh_snapshots();
+            state.refresh_snapshots(now_ms);
         }
         kicks.extend(self.profiles_with_waiters());
         kicks.sort_unstable();
