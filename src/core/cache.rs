@@ -193,6 +193,20 @@ pub enum RequestDecision<'a> {
     Fail,
 }
 
+/// How long before the cached expiry a VM stops keeping its own copy of a token.
+///
+/// The request path reads the copy without reading the clock (that is a host call per request);
+/// the copy is checked only at each tick (100 ms) and wake. So a copy can be used up to one tick
+/// interval plus the tick's lateness after its last check; this margin covers ~0.9 s of lateness,
+/// and the cached expiry already lies `refresh.skew_s` before the IdP's. In the last second the
+/// request path reads shared data and the clock, as on any miss.
+pub const VM_COPY_MARGIN_MS: u64 = 1_000;
+
+/// Whether a VM may keep a copy of this entry's token for its request path until the next check.
+pub fn keep_vm_copy(entry: &EntryView<'_>, now_ms: u64) -> bool {
+    !entry.token.is_empty() && now_ms.saturating_add(VM_COPY_MARGIN_MS) < entry.expires_at_ms
+}
+
 /// The request path's decision from the cached entry (`None`: nothing cached yet).
 pub fn decide_request<'a>(entry: Option<&EntryView<'a>>, now_ms: u64) -> RequestDecision<'a> {
     match entry {
@@ -410,6 +424,21 @@ mod tests {
 
     fn with_token(now: u64) -> Entry {
         after_success(&Entry::default(), 7, &grant("tok", Some(100)), now, &POLICY)
+    }
+
+    #[test]
+    fn vm_copy_is_kept_only_with_more_than_the_margin_left() {
+        let entry = with_token(1_000);
+        let bytes = entry.encode();
+        let Some(view) = EntryView::decode(&bytes) else { panic!("entry does not decode") };
+        let last_ms = entry.expires_at_ms - VM_COPY_MARGIN_MS;
+        assert!(keep_vm_copy(&view, 1_000));
+        assert!(keep_vm_copy(&view, last_ms - 1));
+        assert!(!keep_vm_copy(&view, last_ms));
+        assert!(!keep_vm_copy(&view, entry.expires_at_ms + 5));
+        let purged = purge(&entry, entry.generation).map(|e| e.encode()).unwrap_or_default();
+        let Some(view) = EntryView::decode(&purged) else { panic!("purged entry does not decode") };
+        assert!(!keep_vm_copy(&view, 1_000), "a purged entry has no token to copy");
     }
 
     #[test]

@@ -115,7 +115,7 @@ impl HttpContext for TokenInjector {
             return Action::Continue;
         }
         // The hit path: this VM's copy of the token; no shared-data read, no clock read (a copy is
-        // only kept while it has a margin left, see `vm::SNAPSHOT_MARGIN_MS`).
+        // only kept while it has a margin left, see `cache::keep_vm_copy`).
         if let Ok(snapshots) = self.vm.snapshots.try_borrow()
             && let Some(Some(snapshot)) = snapshots.get(profile_index)
         {

@@ -7,7 +7,7 @@
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
-use crate::core::cache::EntryView;
+use crate::core::cache::{self, EntryView};
 use crate::core::config::Config;
 use crate::host::metrics::Metrics;
 use crate::host::shared;
@@ -45,19 +45,11 @@ pub struct VmState {
     pub vm_id: RefCell<String>,
 }
 
-/// How long before the cached expiry a VM stops keeping its copy of a token. The request path does
-/// not read the clock (a host call per request); instead a copy is only kept, at each tick (100 ms)
-/// or wake, while it has more than this left. A copy can so be used at most one tick interval plus
-/// the tick's lateness after it was last checked, which this margin covers up to ~0.9 s of lateness;
-/// the cached expiry itself already lies `refresh.skew_s` before the IdP's. In the last second the
-/// request path reads shared data and the clock, as it does for any miss.
-pub const SNAPSHOT_MARGIN_MS: u64 = 1_000;
-
 /// A VM's copy of a profile's token as shared data held it at the last tick or wake.
 ///
 /// Shared data stays the source of truth: the copy is refreshed on every tick (100 ms) and on every
 /// wake, and every write that changes the token (a fetch, a purge) wakes all VMs. A copy is kept
-/// only while the token has more than [`SNAPSHOT_MARGIN_MS`] left, so it never injects an expired token.
+/// only while [`cache::keep_vm_copy`] says so, so it never injects an expired token.
 pub struct TokenSnapshot {
     pub generation: u64,
     /// Prefix and token, ready for the header.
@@ -84,19 +76,18 @@ impl VmState {
         }
     }
 
-    /// Re-reads one profile's entry from shared data into this VM's snapshot (kept only with more
-    /// than [`SNAPSHOT_MARGIN_MS`] left at `now_ms`); returns the entry's bytes for callers that
-    /// decide on more than the token.
+    /// Re-reads one profile's entry from shared data into this VM's snapshot (kept only while
+    /// [`cache::keep_vm_copy`] at `now_ms`); returns the entry's bytes for callers that decide on
+    /// more than the token.
     pub fn refresh_snapshot(&self, profile_index: usize, now_ms: u64) -> Option<Vec<u8>> {
         let profile = self.config.profiles.get(profile_index)?;
         let bytes = shared::read(&profile.cache_key).0;
-        let snapshot = bytes
-            .as_deref()
-            .and_then(EntryView::decode)
-            .filter(|v| !v.token.is_empty() && now_ms.saturating_add(SNAPSHOT_MARGIN_MS) < v.expires_at_ms)
-            .map(|v| TokenSnapshot {
-                generation: v.generation,
-                header_value: format!("{}{}", profile.inject.prefix, v.token),
+        let snapshot =
+            bytes.as_deref().and_then(EntryView::decode).filter(|v| cache::keep_vm_copy(v, now_ms)).map(|v| {
+                TokenSnapshot {
+                    generation: v.generation,
+                    header_value: format!("{}{}", profile.inject.prefix, v.token),
+                }
             });
         if let Ok(mut snapshots) = self.snapshots.try_borrow_mut() {
             if snapshots.len() != self.config.profiles.len() {
