@@ -392,7 +392,10 @@ pub fn after_failure(
     }
     Entry {
         failures,
-        retry_at_ms: now_ms.saturating_add(delay),
+        // Never earlier than a floor already set: answers can land out of order (a fetch whose
+        // lease was taken over answers late), and a late 5xx must not cut short the Retry-After
+        // a newer answer set (simulation seed 6883480825853751810).
+        retry_at_ms: now_ms.saturating_add(delay).max(entry.retry_at_ms),
         last_failure: Some(class),
         failing_while_usable: usable,
         ..next
@@ -580,6 +583,14 @@ mod tests {
         assert_eq!((after_expiry.failures, after_expiry.retry_at_ms), (1, 95_600), "base backoff after expiry");
         let next = after_failure(&after_expiry, 7, FailureClass::Transient, 95_600, None, &BACKOFF, 0.0);
         assert_eq!((next.failures, next.retry_at_ms), (2, 96_600), "then it grows again");
+    }
+
+    #[test]
+    fn a_late_failure_never_lowers_a_retry_after_floor() {
+        // A newer fetch got 429 with Retry-After 29 s; an older fetch's 429 (3 s) lands after it.
+        let told = after_failure(&Entry::default(), 7, FailureClass::Transient, 4_000, Some(29_000), &BACKOFF, 0.0);
+        let late = after_failure(&told, 8, FailureClass::Transient, 5_000, Some(3_000), &BACKOFF, 0.0);
+        assert_eq!(late.retry_at_ms, 33_000, "the 29 s floor stands: {late:?}");
     }
 
     #[test]
