@@ -22,6 +22,9 @@ const LEASE_SLACK_MS: u64 = 2_000;
 pub(super) struct Pending {
     pub cache_key: String,
     pub sent_at_ms: u64,
+    /// The lease this fetch holds (with this VM's holder): a VM can hold a newer lease while an
+    /// older fetch of its own answers late, and only the fetch that holds the lease releases it.
+    pub lease_until_ms: u64,
     step: Step,
 }
 
@@ -119,9 +122,9 @@ impl Driver {
                 actions.push(Action::Count { profile: index, metric: Metric::BudgetRefused });
                 actions.push(Action::BroadcastWake);
             }
-            (Claim::Claimed(_), Update::Written(_)) => match url {
-                Some(url) => self.send_token_request(profile, index, &url, now_ms, env, actions),
-                None => self.send_discovery(profile, index, 0, now_ms, env, actions),
+            (Claim::Claimed(_), Update::Written(entry)) => match url {
+                Some(url) => self.send_token_request(profile, index, &url, entry.lease_until_ms, now_ms, env, actions),
+                None => self.send_discovery(profile, index, 0, entry.lease_until_ms, now_ms, env, actions),
             },
         }
     }
@@ -153,6 +156,7 @@ impl Driver {
         profile: &Profile,
         index: usize,
         attempt: usize,
+        lease_until_ms: u64,
         now_ms: u64,
         env: &mut dyn Environment,
         actions: &mut Vec<Action>,
@@ -164,7 +168,7 @@ impl Driver {
                 label: "discovery".into(),
                 message: "no metadata document left to try".into(),
             };
-            return self.record_failure(index, failure, None, now_ms, env, actions);
+            return self.record_failure(index, failure, None, lease_until_ms, now_ms, env, actions);
         };
         let headers = vec![
             (":method".to_string(), "GET".to_string()),
@@ -176,7 +180,12 @@ impl Driver {
         let id = self.next_id();
         self.pending.insert(
             id,
-            Pending { cache_key: profile.cache_key.clone(), sent_at_ms: now_ms, step: Step::Discovery { attempt } },
+            Pending {
+                cache_key: profile.cache_key.clone(),
+                sent_at_ms: now_ms,
+                lease_until_ms,
+                step: Step::Discovery { attempt },
+            },
         );
         actions.push(Action::Send(Callout {
             id,
@@ -192,6 +201,7 @@ impl Driver {
         profile: &Profile,
         index: usize,
         url: &HttpUrl,
+        lease_until_ms: u64,
         now_ms: u64,
         env: &mut dyn Environment,
         actions: &mut Vec<Action>,
@@ -204,7 +214,7 @@ impl Driver {
                     label: "assertion_failed".into(),
                     message: format!("signing the assertion failed: {error}"),
                 };
-                return self.record_failure(index, failure, None, now_ms, env, actions);
+                return self.record_failure(index, failure, None, lease_until_ms, now_ms, env, actions);
             }
         };
         let extras = RequestExtras {
@@ -213,8 +223,10 @@ impl Driver {
         };
         let request = token_request::build(profile, url, &extras);
         let id = self.next_id();
-        self.pending
-            .insert(id, Pending { cache_key: profile.cache_key.clone(), sent_at_ms: now_ms, step: Step::Token });
+        self.pending.insert(
+            id,
+            Pending { cache_key: profile.cache_key.clone(), sent_at_ms: now_ms, lease_until_ms, step: Step::Token },
+        );
         log(
             actions,
             LogLevel::Debug,
@@ -240,7 +252,7 @@ impl Driver {
             label: "no_cluster".into(),
             message: format!("Envoy refused to send to cluster {cluster:?}: is it defined in Envoy's configuration?"),
         };
-        self.record_failure(index, failure, None, now_ms, env, &mut actions);
+        self.record_failure(index, failure, None, pending.lease_until_ms, now_ms, env, &mut actions);
         actions
     }
 
@@ -260,9 +272,16 @@ impl Driver {
         let status = answer.status.and_then(super::requests::parse_status).unwrap_or(0);
         match pending.step {
             Step::Token => self.token_answer(profile, index, &pending, status, answer, now_ms, env, &mut actions),
-            Step::Discovery { attempt } => {
-                self.discovery_answer(profile, index, attempt, status, answer.body, now_ms, env, &mut actions)
-            }
+            Step::Discovery { attempt } => self.discovery_answer(
+                profile,
+                index,
+                (attempt, pending.lease_until_ms),
+                status,
+                answer.body,
+                now_ms,
+                env,
+                &mut actions,
+            ),
         }
         actions
     }
@@ -293,11 +312,20 @@ impl Driver {
             Ok(grant) => grant,
             Err(error) => {
                 let retry_after = answer.retry_after.and_then(|value| retry_after_ms(value, now_ms));
-                return self.record_failure(index, (&error).into(), retry_after, now_ms, env, actions);
+                return self.record_failure(
+                    index,
+                    (&error).into(),
+                    retry_after,
+                    pending.lease_until_ms,
+                    now_ms,
+                    env,
+                    actions,
+                );
             }
         };
         let holder = self.holder;
         let update = store::update_entry(env, &profile.cache_key, |entry| {
+            let holder = lease_of(entry, holder, pending.lease_until_ms);
             Some(cache::after_success(entry, holder, &grant, pending.sent_at_ms, &profile.lifetime))
         });
         actions.push(Action::Count { profile: index, metric: Metric::FetchOk });
@@ -337,7 +365,7 @@ impl Driver {
         &mut self,
         profile: &Profile,
         index: usize,
-        attempt: usize,
+        (attempt, lease_until_ms): (usize, u64),
         status: u32,
         body: AnswerBody<'_>,
         now_ms: u64,
@@ -357,10 +385,10 @@ impl Driver {
                 let _ = env.set(&endpoint_key(profile), text.as_bytes(), None);
                 self.discovered.insert(profile.cache_key.clone(), url.clone());
                 // Still under this VM's lease, which covers the whole chain.
-                self.send_token_request(profile, index, &url, now_ms, env, actions);
+                self.send_token_request(profile, index, &url, lease_until_ms, now_ms, env, actions);
             }
             Err(DiscoveryError::NotFound) if attempt == 0 => {
-                self.send_discovery(profile, index, 1, now_ms, env, actions)
+                self.send_discovery(profile, index, 1, lease_until_ms, now_ms, env, actions)
             }
             Err(error) => {
                 let class = if error.is_configuration_fault() {
@@ -370,7 +398,7 @@ impl Driver {
                 };
                 let failure =
                     Failure { class, label: "discovery".into(), message: format!("discovery of {issuer}: {error}") };
-                self.record_failure(index, failure, None, now_ms, env, actions);
+                self.record_failure(index, failure, None, lease_until_ms, now_ms, env, actions);
             }
         }
     }
@@ -380,6 +408,7 @@ impl Driver {
         index: usize,
         failure: Failure,
         retry_after_ms: Option<u64>,
+        lease_until_ms: u64,
         now_ms: u64,
         env: &mut dyn Environment,
         actions: &mut Vec<Action>,
@@ -388,6 +417,7 @@ impl Driver {
         let holder = self.holder;
         let jitter = (env.random_u64() >> 11) as f64 / (1u64 << 53) as f64;
         let update = store::update_entry(env, &profile.cache_key, |entry| {
+            let holder = lease_of(entry, holder, lease_until_ms);
             Some(cache::after_failure(entry, holder, failure.class, now_ms, retry_after_ms, &profile.backoff, jitter))
         });
         let next = match update {
@@ -405,6 +435,14 @@ impl Driver {
         );
         actions.push(Action::BroadcastWake);
     }
+}
+
+/// The holder to pass to `cache::after_success`/`after_failure` for a fetch that took the lease
+/// until `lease_until_ms`: this VM's holder if the entry still holds that lease, else 0 (which
+/// releases nothing). Without it, a late answer to an older fetch of this VM released the lease of
+/// its newer fetch, and another VM started a second one (simulation seed 1730813365953125333).
+fn lease_of(entry: &crate::core::cache::Entry, holder: u64, lease_until_ms: u64) -> u64 {
+    if entry.lease_holder == holder && entry.lease_until_ms == lease_until_ms { holder } else { 0 }
 }
 
 /// The store key holding a profile's discovered token endpoint.

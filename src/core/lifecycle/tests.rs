@@ -203,3 +203,28 @@ fn a_rejected_token_is_purged_once() {
     let again = vm.on_response_status(0, generation, Some(b"401"), 31, &mut store);
     assert!(again.is_empty(), "{again:?}");
 }
+
+#[test]
+fn a_late_answer_to_an_older_fetch_keeps_the_newer_fetchs_lease() {
+    let config = config_with("");
+    let mut store = MemoryStore::default();
+    let (mut vm, _) = Driver::new(Arc::clone(&config), 3, 0, &mut store);
+    let (mut other, _) = Driver::new(Arc::clone(&config), 4, 0, &mut store);
+    let old = sends(&vm.on_tick(10, &mut store))[0].id;
+    // The first fetch outlives its lease (1 s timeout + 2 s): this VM claims again.
+    let newer = sends(&vm.on_tick(3_010, &mut store))[0].id;
+    assert_ne!(old, newer);
+    let _ = vm.on_answer(old, answer(b"200", &ok_body("late", 100)), 3_100, &mut store);
+    let stored = entry(&store, &config);
+    assert_eq!((stored.lease_holder, stored.lease_until_ms), (3, 6_010), "the newer fetch's lease: {stored:?}");
+    let _ = vm.on_answer(old, answer(b"200", &ok_body("dup", 100)), 3_101, &mut store);
+    // The token is still due for refresh only much later, but a purge makes it due now: the other
+    // VM must still see the newer fetch's lease and send nothing.
+    let generation = stored.generation;
+    let _ = vm.on_response_status(0, generation, Some(b"401"), 3_200, &mut store);
+    let actions = other.on_tick(3_300, &mut store);
+    assert!(sends(&actions).is_empty(), "a second fetch while the newer one holds its lease: {actions:?}");
+    let failed = vm.on_answer(newer, answer(b"503", b""), 3_400, &mut store);
+    assert!(failed.contains(&Action::BroadcastWake));
+    assert_eq!(entry(&store, &config).lease_holder, 0, "the fetch that holds the lease releases it");
+}
