@@ -21,7 +21,7 @@ MAX_WASM_BYTES := 786432
 export E2E_REQUIRE_WASM := 1
 export OAUTH2_CC_WASM := $(CURDIR)/$(WASM)
 
-.PHONY: all run test unit unit-wasm e2e lint fmt build size tools wasm-target wasm-opt clean bench bench-floor bench-smoke schema wrk fuzz
+.PHONY: all run test unit unit-wasm e2e lint fmt build size tools wasm-target wasm-opt clean bench bench-floor bench-smoke schema wrk fuzz simulate
 
 all: build
 
@@ -72,6 +72,13 @@ unit-wasm: wasm-target
 	  { echo "unit-wasm needs Node.js 20 or later (node:wasi, preview1)"; exit 1; }
 	CARGO_TARGET_WASM32_WASIP1_RUNNER="node $(CURDIR)/tools/wasi-test-runner.mjs" \
 	  cargo test --target $(WASM_TARGET) --lib
+
+SIM_SCHEDULES ?= 1000000
+SIM_THREADS ?= 2
+## simulate: the deterministic lifecycle simulation (src/core/lifecycle/sim) over SIM_SCHEDULES seeded schedules,
+## release build, SIM_THREADS threads (`make test` runs 10,000 in the unit step); SIM_SEED=<seed> replays one schedule
+simulate:
+	SIM_SCHEDULES=$(SIM_SCHEDULES) SIM_THREADS=$(SIM_THREADS) cargo test --release --lib lifecycle::sim -- --nocapture
 
 FUZZ_SECONDS ?= 60
 ## fuzz: every cargo-fuzz target for FUZZ_SECONDS each (nightly toolchain, cargo-fuzz); fails on a crash

@@ -281,4 +281,6 @@ fn log(actions: &mut Vec<Action>, level: LogLevel, message: String) {
 }
 
 #[cfg(test)]
+mod sim;
+#[cfg(test)]
 mod tests;
