@@ -149,77 +149,46 @@ impl fmt::Display for JwtAlgorithm {
 }
 
 /// Why a key was refused. Messages name the problem, never the key material.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyError {
     /// No PEM block, a block without its END line, or a body that is not base64.
+    #[error(
+        "the private key is not PEM (expected -----BEGIN PRIVATE KEY----- ... -----END PRIVATE KEY----- with a base64 body)"
+    )]
     NotPem,
     /// A PEM block of a kind that cannot sign: a public key, a certificate, an OpenSSH key...
+    #[error(
+        "a PEM \"{label}\" block cannot sign: expected PRIVATE KEY (PKCS#8), RSA PRIVATE KEY (PKCS#1) or EC PRIVATE KEY (SEC1)"
+    )]
     UnsupportedPemLabel { label: String },
     /// An encrypted private key: the filter has no passphrase to open it.
+    #[error("the private key is encrypted; store it decrypted, e.g. `openssl pkcs8 -topk8 -nocrypt -in key.pem`")]
     EncryptedKey,
     /// The DER inside the PEM does not parse as the structure its label announces.
+    #[error("the {format} private key is malformed")]
     MalformedKey { format: &'static str },
     /// A key type or curve no supported algorithm signs with (secp256k1, P-521, Ed448...).
+    #[error("{what} is not supported: use an RSA, EC P-256, EC P-384 or Ed25519 key")]
     UnsupportedKey { what: &'static str },
     /// The key's type does not fit the algorithm: an RSA key with ES256.
+    #[error("an {key} key cannot sign {alg} ({alg} needs {})", alg.key_needed())]
     WrongKeyType { key: &'static str, alg: JwtAlgorithm },
     /// An EC key on the other curve: a P-384 key with ES256.
+    #[error("an EC {key_curve} key cannot sign {alg} ({alg} needs {})", alg.key_needed())]
     CurveMismatch { key_curve: &'static str, alg: JwtAlgorithm },
     /// An RSA key shorter than [`MIN_RSA_BITS`].
+    #[error("the RSA key has {bits} bits; at least {MIN_RSA_BITS} are needed (RFC 7518 §3.3)")]
     RsaKeyTooShort { bits: usize },
     /// A client secret shorter than the hash output of its HMAC algorithm.
+    #[error("the client secret is too short for {alg}: it needs at least {min_bytes} bytes (RFC 7518 §3.2)")]
     HmacSecretTooShort { alg: JwtAlgorithm, min_bytes: usize },
     /// An HMAC algorithm given a private key, or a private-key algorithm given the client secret.
+    #[error("{alg} cannot be used with {method}: {alg} signs with {}", alg.key_needed())]
     AlgorithmNotForMethod { alg: JwtAlgorithm, method: &'static str },
     /// The key parsed but the crypto backend could not sign with it.
+    #[error("the key was read but cannot sign {alg}")]
     KeyRejected { alg: JwtAlgorithm },
 }
-
-impl fmt::Display for KeyError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            KeyError::NotPem => f.write_str(
-                "the private key is not PEM (expected -----BEGIN PRIVATE KEY----- ... \
-                 -----END PRIVATE KEY----- with a base64 body)",
-            ),
-            KeyError::UnsupportedPemLabel { label } => write!(
-                f,
-                "a PEM \"{label}\" block cannot sign: expected PRIVATE KEY (PKCS#8), \
-                 RSA PRIVATE KEY (PKCS#1) or EC PRIVATE KEY (SEC1)"
-            ),
-            KeyError::EncryptedKey => f.write_str(
-                "the private key is encrypted; store it decrypted, e.g. \
-                 `openssl pkcs8 -topk8 -nocrypt -in key.pem`",
-            ),
-            KeyError::MalformedKey { format } => write!(f, "the {format} private key is malformed"),
-            KeyError::UnsupportedKey { what } => {
-                write!(f, "{what} is not supported: use an RSA, EC P-256, EC P-384 or Ed25519 key")
-            }
-            KeyError::WrongKeyType { key, alg } => {
-                write!(f, "an {key} key cannot sign {alg} ({alg} needs {})", alg.key_needed())
-            }
-            KeyError::CurveMismatch { key_curve, alg } => {
-                write!(f, "an EC {key_curve} key cannot sign {alg} ({alg} needs {})", alg.key_needed())
-            }
-            KeyError::RsaKeyTooShort { bits } => {
-                write!(f, "the RSA key has {bits} bits; at least {MIN_RSA_BITS} are needed (RFC 7518 §3.3)")
-            }
-            KeyError::HmacSecretTooShort { alg, min_bytes } => write!(
-                f,
-                "the client secret is too short for {alg}: it needs at least {min_bytes} bytes \
-                 (RFC 7518 §3.2)"
-            ),
-            KeyError::AlgorithmNotForMethod { alg, method } => {
-                write!(f, "{alg} cannot be used with {method}: {alg} signs with {}", alg.key_needed())
-            }
-            KeyError::KeyRejected { alg } => {
-                write!(f, "the key was read but cannot sign {alg}")
-            }
-        }
-    }
-}
-
-impl std::error::Error for KeyError {}
 
 /// A signing key checked against its algorithm at configuration time.
 ///
@@ -391,48 +360,48 @@ impl AssertionTemplate {
     }
 }
 
-/// Why an assertion could not be built. Messages never contain key material.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Why an assertion could not be built. Messages never contain key material: the signing detail
+/// is a fixed description of the backend's error kind, not its text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AssertionError {
     /// `iss`, `sub` or `aud` is empty (RFC 7523 §3 requires them).
+    #[error("the assertion needs a non-empty \"{claim}\" claim")]
     MissingClaim { claim: &'static str },
     /// `lifetime_s` is 0: the assertion would be expired when issued.
+    #[error("the assertion lifetime must be at least 1 second")]
     ZeroLifetime,
     /// `extra_header` sets a field the signer owns (`alg`).
+    #[error("the assertion header field \"{name}\" is set by the signer and cannot be configured")]
     ReservedHeader { name: &'static str },
     /// `extra_claims` sets a claim computed per assertion (`exp`, `iat`, `nbf`, `jti`).
+    #[error("the assertion claim \"{name}\" is computed for each assertion and cannot be configured")]
     ReservedClaim { name: &'static str },
     /// The `jti` passed in is empty.
+    #[error("the assertion needs a non-empty jti")]
     EmptyJti,
     /// `now + lifetime_s` does not fit in a u64.
+    #[error("the assertion expiry time overflows")]
     TimeOverflow,
     /// The crypto backend failed to sign (e.g. no randomness for RSA blinding or a PSS salt).
-    Signing { alg: JwtAlgorithm, detail: String },
+    #[error("signing the {alg} assertion failed: {detail}")]
+    Signing { alg: JwtAlgorithm, detail: &'static str },
 }
 
-impl fmt::Display for AssertionError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            AssertionError::MissingClaim { claim } => {
-                write!(f, "the assertion needs a non-empty \"{claim}\" claim")
-            }
-            AssertionError::ZeroLifetime => f.write_str("the assertion lifetime must be at least 1 second"),
-            AssertionError::ReservedHeader { name } => {
-                write!(f, "the assertion header field \"{name}\" is set by the signer and cannot be configured")
-            }
-            AssertionError::ReservedClaim { name } => {
-                write!(f, "the assertion claim \"{name}\" is computed for each assertion and cannot be configured")
-            }
-            AssertionError::EmptyJti => f.write_str("the assertion needs a non-empty jti"),
-            AssertionError::TimeOverflow => f.write_str("the assertion expiry time overflows"),
-            AssertionError::Signing { alg, detail } => {
-                write!(f, "signing the {alg} assertion failed: {detail}")
-            }
-        }
+/// What went wrong in the signer, as a fixed text: the backend's own messages may quote what the
+/// crypto crates said, and those never reach a log from here.
+fn signing_detail(error: &jsonwebtoken::errors::Error) -> &'static str {
+    use jsonwebtoken::errors::ErrorKind;
+    match error.kind() {
+        ErrorKind::InvalidRsaKey(_) => "the RSA key was refused",
+        ErrorKind::InvalidEcdsaKey => "the EC key was refused",
+        ErrorKind::InvalidEddsaKey => "the Ed25519 key was refused",
+        ErrorKind::InvalidKeyFormat => "the key format was refused",
+        ErrorKind::RsaFailedSigning => "RSA signing failed (no randomness for blinding or the PSS salt?)",
+        ErrorKind::Signing(_) => "the signature backend failed (no randomness?)",
+        ErrorKind::InvalidAlgorithm | ErrorKind::UnsupportedAlgorithm => "the key does not fit the algorithm",
+        _ => "the signature backend failed",
     }
 }
-
-impl std::error::Error for AssertionError {}
 
 /// Builds and signs one assertion: a compact JWS `header.claims.signature`.
 ///
@@ -479,7 +448,7 @@ pub fn sign_assertion(
     );
     let signature = signer
         .sign(signing_input.as_bytes())
-        .map_err(|error| AssertionError::Signing { alg: signer.alg, detail: error.to_string() })?;
+        .map_err(|error| AssertionError::Signing { alg: signer.alg, detail: signing_detail(&error) })?;
     Ok(format!("{signing_input}.{signature}"))
 }
 

@@ -4,8 +4,6 @@
 //! scheme. So the parser is deliberately strict and small: absolute `http`/`https`, a host (with an
 //! optional port), no user info, no fragment.
 
-use std::fmt;
-
 /// A parsed absolute http(s) URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpUrl {
@@ -15,27 +13,20 @@ pub struct HttpUrl {
     pub path_and_query: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UrlError {
+    #[error("not an absolute http(s) URL")]
     NotAbsoluteHttp,
+    #[error("the URL has no host")]
     MissingHost,
+    #[error("user info in the URL is not supported (use client_id/client_secret)")]
     UserInfo,
+    #[error("a token URL cannot have a fragment")]
     Fragment,
+    #[error("the URL contains a space or control character")]
     BadCharacter,
+    #[error("the URL's port is not a number from 1 to 65535")]
     BadPort,
-}
-
-impl fmt::Display for UrlError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            UrlError::NotAbsoluteHttp => "not an absolute http(s) URL",
-            UrlError::MissingHost => "the URL has no host",
-            UrlError::UserInfo => "user info in the URL is not supported (use client_id/client_secret)",
-            UrlError::Fragment => "a token URL cannot have a fragment",
-            UrlError::BadCharacter => "the URL contains a space or control character",
-            UrlError::BadPort => "the URL's port is not a number from 1 to 65535",
-        })
-    }
 }
 
 impl HttpUrl {

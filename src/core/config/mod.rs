@@ -18,8 +18,6 @@ mod runtime;
 #[cfg(test)]
 mod tests;
 
-use std::fmt;
-
 use serde_json::error::Category;
 
 pub use checks::{valid_header_name, valid_header_value};
@@ -30,7 +28,8 @@ use crate::core::route::RouteTable;
 use raw::RawConfig;
 
 /// A configuration error: the JSON path of the bad field and what is wrong with it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{reason}", if path.is_empty() { String::new() } else { format!("{path}: ") })]
 pub struct ConfigError {
     pub path: String,
     pub reason: String,
@@ -39,12 +38,6 @@ pub struct ConfigError {
 impl ConfigError {
     fn new(path: impl Into<String>, reason: impl Into<String>) -> Self {
         ConfigError { path: path.into(), reason: reason.into() }
-    }
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.path.is_empty() { write!(f, "{}", self.reason) } else { write!(f, "{}: {}", self.path, self.reason) }
     }
 }
 
