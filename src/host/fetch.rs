@@ -154,7 +154,7 @@ impl Fetcher {
             Ok(signed) => signed,
             Err(error) => {
                 log::error!("profile {:?}: {error}", profile.name);
-                self.record_failure(vm, profile_index, (&TokenError::AssertionFailed).into(), None, now_ms);
+                self.record_failure(vm, profile_index, (&TokenError::AssertionFailed(error)).into(), None, now_ms);
                 return;
             }
         };
