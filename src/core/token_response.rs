@@ -115,7 +115,8 @@ impl TokenError {
 }
 
 /// Known RFC 6749 §5.2 codes keep their name; anything else the IdP invents becomes `other_error`
-/// so a hostile or buggy IdP cannot create unbounded metric names.
+/// so a hostile or buggy IdP cannot create unbounded metric names, and its free text never reaches
+/// a log line (a careless IdP may echo the client's secret in it).
 fn code_label(code: &str) -> &str {
     match code {
         "invalid_request"
@@ -147,7 +148,7 @@ pub fn parse(
     }
     let json: Option<Value> = serde_json::from_slice(body).ok().filter(Value::is_object);
     if let Some(code) = json.as_ref().and_then(|v| v.get("error")).and_then(Value::as_str) {
-        return Err(TokenError::OAuth { status, code: sanitize_code(code) });
+        return Err(TokenError::OAuth { status, code: code_label(code).to_string() });
     }
     if !(200..300).contains(&status) {
         if let Some(detail) = envoy_local_reply(status, body) {
@@ -210,13 +211,6 @@ fn seconds(value: &Value) -> Option<u64> {
         return None;
     }
     Some((number.floor() as u64).min(MAX_LIFETIME_S))
-}
-
-/// The error code as logged and counted: a registered RFC 6749 §5.2 code (or one of the common
-/// extensions) as is, anything else `other_error`. An IdP's free text never reaches a log line:
-/// a careless IdP may echo the client's secret in it.
-fn sanitize_code(code: &str) -> String {
-    code_label(code).to_string()
 }
 
 #[cfg(test)]
