@@ -9,12 +9,15 @@
 
 use std::fmt;
 
+mod keys;
+
 use base64::Engine;
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, EncodingKey};
 use serde_json::{Map, Value};
 
 use crate::core::secret::Secret;
+use keys::{EcCurve, ParsedKey, rsa_modulus_bits};
 
 /// `client_assertion_type` of a token request authenticated with a JWT (RFC 7523 §2.2).
 pub const CLIENT_ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
@@ -212,13 +215,7 @@ impl AssertionSigner {
         if alg.is_hmac() {
             return Err(KeyError::AlgorithmNotForMethod { alg, method: "private_key_jwt" });
         }
-        let (format, der) = pem::private_key(pem.expose())?;
-        let parsed = match format {
-            pem::KeyFormat::Pkcs8 => parse_pkcs8(&der)?,
-            pem::KeyFormat::Pkcs1 => ParsedKey::Rsa { pkcs1: der },
-            pem::KeyFormat::Sec1 => parse_sec1(&der)?,
-        };
-        let key = match (alg, parsed) {
+        let key = match (alg, keys::read_private_key(pem.expose())?) {
             (
                 JwtAlgorithm::RS256
                 | JwtAlgorithm::RS384
@@ -455,260 +452,6 @@ pub fn sign_assertion(
 /// A `jti` from 128 random bits: their base64url encoding without padding (22 characters).
 pub fn jti_from_random(bytes: &[u8; 16]) -> String {
     URL_SAFE_NO_PAD.encode(bytes)
-}
-
-/// A private key, sorted by type, in the DER form `jsonwebtoken` takes for it.
-enum ParsedKey {
-    Rsa { pkcs1: Vec<u8> },
-    Ec { curve: EcCurve, pkcs8: Vec<u8> },
-    Ed25519 { pkcs8: Vec<u8> },
-}
-
-impl ParsedKey {
-    fn kind(&self) -> &'static str {
-        match self {
-            ParsedKey::Rsa { .. } => "RSA",
-            ParsedKey::Ec { curve, .. } => curve.key_kind(),
-            ParsedKey::Ed25519 { .. } => "Ed25519",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum EcCurve {
-    P256,
-    P384,
-}
-
-impl EcCurve {
-    fn name(self) -> &'static str {
-        match self {
-            EcCurve::P256 => "P-256",
-            EcCurve::P384 => "P-384",
-        }
-    }
-
-    fn key_kind(self) -> &'static str {
-        match self {
-            EcCurve::P256 => "EC P-256",
-            EcCurve::P384 => "EC P-384",
-        }
-    }
-
-    fn oid(self) -> &'static [u8] {
-        match self {
-            EcCurve::P256 => oid::P256,
-            EcCurve::P384 => oid::P384,
-        }
-    }
-
-    fn from_oid(curve: &[u8]) -> Result<Self, KeyError> {
-        match curve {
-            oid::P256 => Ok(EcCurve::P256),
-            oid::P384 => Ok(EcCurve::P384),
-            oid::P521 => Err(KeyError::UnsupportedKey { what: "an EC P-521 key" }),
-            oid::SECP256K1 => Err(KeyError::UnsupportedKey { what: "an EC secp256k1 key" }),
-            _ => Err(KeyError::UnsupportedKey { what: "an EC key on an unknown curve" }),
-        }
-    }
-}
-
-/// Object identifiers, as the content bytes of their DER encoding.
-mod oid {
-    /// rsaEncryption, 1.2.840.113549.1.1.1
-    pub const RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01];
-    /// id-RSASSA-PSS, 1.2.840.113549.1.1.10
-    pub const RSA_PSS: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0a];
-    /// id-ecPublicKey, 1.2.840.10045.2.1
-    pub const EC: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
-    /// prime256v1 (P-256), 1.2.840.10045.3.1.7
-    pub const P256: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
-    /// secp384r1 (P-384), 1.3.132.0.34
-    pub const P384: &[u8] = &[0x2b, 0x81, 0x04, 0x00, 0x22];
-    /// secp521r1 (P-521), 1.3.132.0.35
-    pub const P521: &[u8] = &[0x2b, 0x81, 0x04, 0x00, 0x23];
-    /// secp256k1, 1.3.132.0.10
-    pub const SECP256K1: &[u8] = &[0x2b, 0x81, 0x04, 0x00, 0x0a];
-    /// id-Ed25519, 1.3.101.112
-    pub const ED25519: &[u8] = &[0x2b, 0x65, 0x70];
-    /// id-Ed448, 1.3.101.113
-    pub const ED448: &[u8] = &[0x2b, 0x65, 0x71];
-}
-
-/// PKCS#8 `PrivateKeyInfo` (RFC 5208, RFC 5958): sorts the key by its algorithm identifier.
-fn parse_pkcs8(der: &[u8]) -> Result<ParsedKey, KeyError> {
-    const MALFORMED: KeyError = KeyError::MalformedKey { format: "PKCS#8" };
-    let info = der::whole(der, der::SEQUENCE).ok_or(MALFORMED)?;
-    let (_version, rest) = der::take(info, der::INTEGER).ok_or(MALFORMED)?;
-    let (algorithm, rest) = der::take(rest, der::SEQUENCE).ok_or(MALFORMED)?;
-    let (private_key, _attributes) = der::take(rest, der::OCTET_STRING).ok_or(MALFORMED)?;
-    let (algorithm_oid, parameters) = der::take(algorithm, der::OID).ok_or(MALFORMED)?;
-    match algorithm_oid {
-        // The private key of rsaEncryption is a PKCS#1 RSAPrivateKey.
-        oid::RSA => Ok(ParsedKey::Rsa { pkcs1: private_key.to_vec() }),
-        oid::EC => {
-            let (curve, _) = der::take(parameters, der::OID)
-                .ok_or(KeyError::UnsupportedKey { what: "an EC key without a named curve" })?;
-            Ok(ParsedKey::Ec { curve: EcCurve::from_oid(curve)?, pkcs8: der.to_vec() })
-        }
-        oid::ED25519 => Ok(ParsedKey::Ed25519 { pkcs8: der.to_vec() }),
-        oid::ED448 => Err(KeyError::UnsupportedKey { what: "an Ed448 key" }),
-        oid::RSA_PSS => Err(KeyError::UnsupportedKey { what: "an RSA-PSS-only key (id-RSASSA-PSS)" }),
-        _ => Err(KeyError::UnsupportedKey { what: "a key of an unknown algorithm" }),
-    }
-}
-
-/// SEC1 `ECPrivateKey` (RFC 5915), rewrapped as PKCS#8 since that is what the signer reads.
-fn parse_sec1(der: &[u8]) -> Result<ParsedKey, KeyError> {
-    const MALFORMED: KeyError = KeyError::MalformedKey { format: "SEC1 EC" };
-    let key = der::whole(der, der::SEQUENCE).ok_or(MALFORMED)?;
-    let (_version, rest) = der::take(key, der::INTEGER).ok_or(MALFORMED)?;
-    let (_private_key, mut rest) = der::take(rest, der::OCTET_STRING).ok_or(MALFORMED)?;
-    // Optional [0] parameters (the named curve) and [1] public key.
-    let mut curve = None;
-    while !rest.is_empty() {
-        let (tag, value, next) = der::read(rest).ok_or(MALFORMED)?;
-        if tag == der::CONTEXT_0 {
-            let (curve_oid, _) = der::take(value, der::OID)
-                .ok_or(KeyError::UnsupportedKey { what: "an EC key without a named curve" })?;
-            curve = Some(EcCurve::from_oid(curve_oid)?);
-        }
-        rest = next;
-    }
-    let curve = curve.ok_or(KeyError::UnsupportedKey { what: "an EC key without a named curve" })?;
-    let algorithm =
-        der::encode(der::SEQUENCE, &[der::encode(der::OID, oid::EC), der::encode(der::OID, curve.oid())].concat());
-    let pkcs8 = der::encode(
-        der::SEQUENCE,
-        &[der::encode(der::INTEGER, &[0]), algorithm, der::encode(der::OCTET_STRING, der)].concat(),
-    );
-    Ok(ParsedKey::Ec { curve, pkcs8 })
-}
-
-/// Bit length of the modulus of a PKCS#1 `RSAPrivateKey` (RFC 8017 §A.1.2).
-fn rsa_modulus_bits(pkcs1: &[u8]) -> Option<usize> {
-    let key = der::whole(pkcs1, der::SEQUENCE)?;
-    let (_version, rest) = der::take(key, der::INTEGER)?;
-    let (modulus, _) = der::take(rest, der::INTEGER)?;
-    let leading_zeros = modulus.iter().take_while(|byte| **byte == 0).count();
-    let significant = modulus.get(leading_zeros..)?;
-    let first = significant.first()?;
-    Some((significant.len() - 1) * 8 + (8 - first.leading_zeros() as usize))
-}
-
-/// Just enough DER to find our way in key structures; the crypto crates validate the keys.
-mod der {
-    pub const INTEGER: u8 = 0x02;
-    pub const OCTET_STRING: u8 = 0x04;
-    pub const OID: u8 = 0x06;
-    pub const SEQUENCE: u8 = 0x30;
-    pub const CONTEXT_0: u8 = 0xa0;
-
-    /// One element from the front of `input`: (tag, contents, rest). Definite lengths only.
-    pub fn read(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-        let (&tag, rest) = input.split_first()?;
-        if tag & 0x1f == 0x1f {
-            return None; // multi-byte tags do not occur in key structures
-        }
-        let (&first, rest) = rest.split_first()?;
-        let (len, rest) = if first < 0x80 {
-            (usize::from(first), rest)
-        } else {
-            let count = usize::from(first & 0x7f);
-            if count == 0 || count > 4 {
-                return None; // indefinite length (not DER), or absurdly long
-            }
-            let (len_bytes, rest) = rest.split_at_checked(count)?;
-            let len = len_bytes.iter().fold(0usize, |len, byte| (len << 8) | usize::from(*byte));
-            (len, rest)
-        };
-        let (contents, rest) = rest.split_at_checked(len)?;
-        Some((tag, contents, rest))
-    }
-
-    /// The contents of an element with this tag at the front of `input`, and what follows it.
-    pub fn take(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
-        let (found, contents, rest) = read(input)?;
-        (found == tag).then_some((contents, rest))
-    }
-
-    /// The contents of `input` when it is exactly one element with this tag.
-    pub fn whole(input: &[u8], tag: u8) -> Option<&[u8]> {
-        let (contents, rest) = take(input, tag)?;
-        rest.is_empty().then_some(contents)
-    }
-
-    pub fn encode(tag: u8, contents: &[u8]) -> Vec<u8> {
-        let len_bytes = contents.len().to_be_bytes();
-        let skip = len_bytes.iter().take_while(|byte| **byte == 0).count();
-        let significant = len_bytes.get(skip..).unwrap_or_default();
-        let mut out = Vec::with_capacity(contents.len().saturating_add(10));
-        out.push(tag);
-        match significant {
-            [] => out.push(0),
-            [short] if *short < 0x80 => out.push(*short),
-            // At most 8 length bytes (a usize), so the count fits the low 7 bits.
-            long => {
-                out.push(0x80 | long.len() as u8);
-                out.extend_from_slice(long);
-            }
-        }
-        out.extend_from_slice(contents);
-        out
-    }
-}
-
-/// PEM armor (RFC 7468), read leniently: any whitespace, CRLF, or literal `\n` in the body.
-mod pem {
-    use super::{Engine, KeyError, STANDARD};
-
-    pub enum KeyFormat {
-        /// `PRIVATE KEY`
-        Pkcs8,
-        /// `RSA PRIVATE KEY`
-        Pkcs1,
-        /// `EC PRIVATE KEY`
-        Sec1,
-    }
-
-    /// The DER of the first private key block in `text`.
-    pub fn private_key(text: &str) -> Result<(KeyFormat, Vec<u8>), KeyError> {
-        let mut refused = None;
-        let mut rest = text;
-        while let Some((_, after_begin)) = rest.split_once("-----BEGIN ") {
-            let (label, after_label) = after_begin.split_once("-----").ok_or(KeyError::NotPem)?;
-            if label.len() > 64 || !label.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
-                return Err(KeyError::NotPem);
-            }
-            let end = format!("-----END {label}-----");
-            let (body, after_end) = after_label.split_once(end.as_str()).ok_or(KeyError::NotPem)?;
-            rest = after_end;
-            let format = match label {
-                "PRIVATE KEY" => KeyFormat::Pkcs8,
-                "RSA PRIVATE KEY" => KeyFormat::Pkcs1,
-                "EC PRIVATE KEY" => KeyFormat::Sec1,
-                "ENCRYPTED PRIVATE KEY" => {
-                    refused.get_or_insert(KeyError::EncryptedKey);
-                    continue;
-                }
-                // Skipped, so that the key after an `EC PARAMETERS` block (written by
-                // `openssl ecparam -genkey`) or in a key + certificate bundle is found.
-                other => {
-                    refused.get_or_insert(KeyError::UnsupportedPemLabel { label: other.to_string() });
-                    continue;
-                }
-            };
-            // Legacy OpenSSL encryption: `Proc-Type: 4,ENCRYPTED` and `DEK-Info:` headers.
-            if body.contains("Proc-Type:") || body.contains("DEK-Info:") {
-                return Err(KeyError::EncryptedKey);
-            }
-            let base64: String =
-                body.replace("\\n", "").replace("\\r", "").chars().filter(|c| !c.is_ascii_whitespace()).collect();
-            let der = STANDARD.decode(base64).map_err(|_| KeyError::NotPem)?;
-            return Ok((format, der));
-        }
-        Err(refused.unwrap_or(KeyError::NotPem))
-    }
 }
 
 #[cfg(test)]
@@ -1118,38 +861,21 @@ mod tests {
 
     #[test]
     fn a_sec1_key_without_its_curve_is_refused() {
+        use base64::engine::general_purpose::STANDARD;
+        use der::Encode;
         // Rebuild the SEC1 key with only its version, private key and public key.
         let body: String = EC_P256_SEC1.lines().filter(|line| !line.starts_with("-----")).collect();
         let der = STANDARD.decode(body).expect("b64");
-        let key = der::whole(&der, der::SEQUENCE).expect("sequence");
-        let mut rest = key;
-        let mut kept = Vec::new();
-        while let Some((tag, contents, next)) = der::read(rest) {
-            if tag != der::CONTEXT_0 {
-                kept.extend(der::encode(tag, contents));
-            }
-            rest = next;
-        }
-        let stripped = der::encode(der::SEQUENCE, &kept);
+        let mut key = sec1::EcPrivateKey::try_from(der.as_slice()).expect("SEC1");
+        assert!(key.parameters.is_some(), "the fixture names its curve");
+        key.parameters = None;
+        let stripped = key.to_der().expect("encodes");
         let pem =
             format!("-----BEGIN EC PRIVATE KEY-----\n{}\n-----END EC PRIVATE KEY-----\n", STANDARD.encode(stripped));
         assert_eq!(
             AssertionSigner::from_private_key_pem(JwtAlgorithm::ES256, &Secret::new(pem)).err(),
             Some(KeyError::UnsupportedKey { what: "an EC key without a named curve" })
         );
-    }
-
-    #[test]
-    fn der_lengths_round_trip() {
-        for len in [0usize, 1, 127, 128, 255, 256, 65_535, 65_536] {
-            let contents = vec![7u8; len];
-            let encoded = der::encode(der::OCTET_STRING, &contents);
-            assert_eq!(der::whole(&encoded, der::OCTET_STRING), Some(contents.as_slice()), "{len}");
-        }
-        // Indefinite length, a length past the end, a multi-byte tag.
-        for bad in [&[0x30, 0x80, 0, 0][..], &[0x04, 0x05, 1], &[0x1f, 0x01, 0x00]] {
-            assert_eq!(der::read(bad), None, "{bad:?}");
-        }
     }
 
     #[test]
