@@ -713,7 +713,7 @@ mod tests {
     }
 
     #[test]
-    fn private_keys_that_do_not_fit_are_refused() {
+    fn key_texts_that_are_not_a_usable_private_key_are_refused() {
         let encrypted = "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIB\n-----END ENCRYPTED PRIVATE KEY-----\n";
         let legacy_encrypted = RSA_PKCS1.replace(
             "-----BEGIN RSA PRIVATE KEY-----\n",
@@ -749,6 +749,16 @@ mod tests {
                 openssh,
                 KeyError::UnsupportedPemLabel { label: "OPENSSH PRIVATE KEY".into() },
             ),
+        ];
+        for (name, alg, pem, expected) in cases {
+            let result = AssertionSigner::from_private_key_pem(alg, &Secret::new(pem));
+            assert_eq!(result.err(), Some(expected), "{name}");
+        }
+    }
+
+    #[test]
+    fn keys_that_do_not_fit_the_algorithm_are_refused() {
+        let cases: Vec<(&str, JwtAlgorithm, &str, KeyError)> = vec![
             (
                 "RSA key for ES256",
                 JwtAlgorithm::ES256,
