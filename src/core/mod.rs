@@ -9,10 +9,14 @@ pub mod assertion;
 pub mod cache;
 pub mod config;
 pub mod discovery;
+pub mod entry;
 pub mod route;
 pub mod secret;
 pub mod token_request;
 pub mod token_response;
 pub mod url;
 
+pub mod lifecycle;
+pub mod retry_after;
+pub mod token_expiry;
 pub mod wake_registry;
