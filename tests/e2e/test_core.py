@@ -18,18 +18,10 @@ import pytest
 
 import plugin_config as pc
 from envoy import request_many
+from helpers import assert_failure_reply, one_profile
 
 ODD_ID = "svc:a+b"
 ODD_SECRET = "p@ss:w%rd +/&=?"
-
-FAILURE_BODY = {"error": "token_unavailable", "profile": "default"}
-
-
-def one_profile(**fields) -> dict:
-    """A plugin configuration with the single profile "default" (path prefix "/")."""
-    return pc.config(profiles={"default": pc.profile(**fields)})
-
-
 
 
 def token_requests(token_server, n: int = 1, timeout: float = 5.0):
@@ -273,12 +265,6 @@ FAILURES = {
     "no_access_token": (200, {"token_type": "Bearer", "expires_in": 60},
                         r'no non-empty string at \\?"access_token\\?" \[missing_token\]'),
 }
-
-
-def assert_failure_reply(r, status: int = 503):
-    assert r.status == status, (r.status, r.text)
-    assert r.headers.get("content-type") == "application/json"
-    assert r.json() == FAILURE_BODY
 
 
 @pytest.mark.parametrize("case", list(FAILURES))

@@ -20,7 +20,6 @@ it too. Figures worth reporting are printed (``pytest -s``) and attached with ``
 from __future__ import annotations
 
 import http.client
-import json
 import math
 import re
 import selectors
@@ -29,22 +28,16 @@ import threading
 import time
 from typing import Any
 
-import plugin_config as pc
 from envoy import wait_until
+from helpers import failure_body, one_profile
 
 PROFILE = "default"
 JSON = {"Content-Type": "application/json"}
-FAILURE_BODY = {"error": "token_unavailable", "profile": PROFILE}
 
 
 # --------------------------------------------------------------------------- #
 # Helpers
 # --------------------------------------------------------------------------- #
-
-
-def one_profile(name: str = PROFILE, top: dict | None = None, **fields: Any) -> dict:
-    """A plugin configuration with one profile (path prefix "/")."""
-    return pc.config(profiles={name: pc.profile(**fields)}, **(top or {}))
 
 
 def metric(e, name: str, profile: str = PROFILE) -> int:
@@ -258,34 +251,51 @@ def test_steady_load_30s_short_lived_tokens(envoy_factory, token_server, upstrea
 
     statuses = [s for _, _, s in results]
     token_times = [r.time for r in token_server.requests if r.time <= t_end]
-    # refresh every 1.6 s: 80 % of the lifetime (2.4 s) would come after the usable end (the
-    # lifetime less the 1 s margin for whole-second `exp` stamps), so the refresh comes the share
-    # ahead_ratio leaves of the usable 2 s (0.4 s) before that end
-    refresh_every = min(0.8 * lifetime, (lifetime - 1.0) * 0.8)
-    expected = math.floor(duration / refresh_every)
-    unknown, late = expired_uses(upstream, idp.issued, lifetime)
+    # What the code decides (src/core/cache.rs token_times, claim_fetch): a token sent at t is
+    # refreshed from t + 0.8 * 3 = 2.4 s by a main-thread VM at its next 100 ms tick (workers from
+    # 2.55 s) and is usable until t + 2.7 s (skew: a tenth of the lifetime). So a gap between two
+    # token requests at the IdP is never below 2.4 s (less the previous request's transit, slack
+    # 0.2 s: two VMs refreshing, or a refresh at 50 %, would be far below), and is normally under
+    # 2.6 s. A later one is the scheduler's doing on a loaded machine (one came 0.17 s late); the
+    # filter then still must not inject an expired token, and requests may wait only if the
+    # refresh came after the token's usable end. A refresh that is not done in the background at
+    # all makes every gap late (each fetch waits for expiry), hence the bound on late ones.
+    refresh_s, usable_s = lifetime * 0.8, lifetime * 0.9
+    expected = 1 + math.floor(duration / refresh_s)  # the start-up fetch, then one per 2.4 s
+    lowest, late_from, late_allowed = refresh_s - 0.2, usable_s - 0.05, 2
+    unknown, late_uses = expired_uses(upstream, idp.issued, lifetime)
     gaps = [round(b - a, 3) for a, b in zip(token_times, token_times[1:])]
+    late = [g for g in gaps if g >= late_from]
+    waited = waited_end - waited_after_warmup
     report(
         record_property,
         requests=len(results),
         rate_per_s=round(len(results) / (t_end - t_start)),
         token_requests=len(token_times),
-        token_request_bounds=(expected - 1, expected + 2),
+        token_request_bounds=(expected - 2, expected + 1),
         refresh_gaps_s=gaps,
+        median_gap_s=sorted(gaps)[len(gaps) // 2] if gaps else None,
+        late_gaps_s=late,
         waited_after_warmup=waited_after_warmup,
         waited_end=waited_end,
     )
 
-    assert len(results) > 100, "the load generator barely ran"
-    assert status_histogram(statuses) == {200: len(statuses)}, status_histogram(statuses)
-    assert expected - 1 <= len(token_times) <= expected + 2, (len(token_times), gaps)
-    # refreshes are never early (a late one is the scheduler's doing: the no-wait and no-expired
-    # assertions say whether it mattered)
-    assert all(g >= refresh_every - 0.05 for g in gaps), f"gaps {gaps}, scheduled every {refresh_every} s"
-    assert waited_end == waited_after_warmup, f"requests waited after warm-up: {waited_after_warmup} -> {waited_end}"
-    assert upstream.count() == len(results)
-    assert unknown == [], unknown[:10]
-    assert late == [], f"{len(late)} upstream requests carried an expired token:\n" + "\n".join(late[:20])
+    assert len(results) > 100, f"the load generator barely ran: {len(results)} requests in {duration} s"
+    assert status_histogram(statuses) == {200: len(statuses)}, f"statuses: {status_histogram(statuses)}"
+    assert expected - 2 <= len(token_times) <= expected + 1, (
+        f"{len(token_times)} token requests in {duration} s, expected {expected - 2}..{expected + 1}; gaps {gaps}"
+    )
+    assert min(gaps) >= lowest, f"a refresh sooner than {lowest} s after the previous one: gaps {gaps}"
+    assert len(late) <= late_allowed, (
+        f"{len(late)} refreshes at or after {late_from} s (allowed {late_allowed}): late {late}, gaps {gaps}"
+    )
+    assert waited == 0 or late, (
+        f"{waited} requests waited after warm-up ({waited_after_warmup} -> {waited_end}) though every "
+        f"refresh came before the token's usable end ({late_from} s): gaps {gaps}"
+    )
+    assert upstream.count() == len(results), f"upstream saw {upstream.count()}, clients got {len(results)}"
+    assert unknown == [], f"{len(unknown)} upstream requests with a token the IdP never issued: {unknown[:10]}"
+    assert late_uses == [], f"{len(late_uses)} upstream requests carried an expired token:\n" + "\n".join(late_uses[:20])
 
 
 # --------------------------------------------------------------------------- #
@@ -446,7 +456,7 @@ def test_invalid_client_fails_fast_and_backs_off_to_max(envoy_factory, token_ser
     )
 
     assert status_histogram(statuses) == {503: len(statuses)}, status_histogram(statuses)
-    assert [json.loads(b) for b in bodies] == [FAILURE_BODY], bodies
+    assert sorted(bodies) == [failure_body()], f"distinct reply bodies: {sorted(bodies)}"
     assert all(lat < 0.1 for lat in latencies[1:]), f"failure replies slower than 100 ms: {slow}"
     assert upstream.count() == 0
     assert len(calls) <= max_calls, (calls, gaps)

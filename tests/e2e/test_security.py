@@ -18,23 +18,20 @@ port, and an IdP's ``error`` string is logged only when it is a known code (else
 from __future__ import annotations
 
 import base64
+import functools
 import http.client
 import re
 import threading
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 
 import plugin_config as pc
 from envoy import wait_until as poll
+import helpers
+from helpers import failure_body
 
-FAILURE_BODY_BYTES = b'{"error":"token_unavailable","profile":"default"}'
-
-
-def one_profile(routes: list[dict] | None = None, **fields: Any) -> dict:
-    fields.setdefault("backoff", {"base_ms": 100, "max_ms": 400})
-    return pc.config(profiles={"default": pc.profile(**fields)}, routes=routes)
+one_profile = functools.partial(helpers.one_profile, backoff={"base_ms": 100, "max_ms": 400})
 
 
 def raw_request(port: int, path: str = "/", headers: list[tuple[str, str]] = (), host: str | None = None):
@@ -228,7 +225,7 @@ def test_failure_reply_never_holds_the_idp_body_or_secret(envoy_factory, token_s
     for path in ("/v1/a", "/v1/b"):
         status, headers, body = raw_request(e.port, path)
         assert status == 503, (status, body)
-        assert body == FAILURE_BODY_BYTES, body
+        assert body == failure_body(), body
         assert dict((k.lower(), v) for k, v in headers)["content-type"] == "application/json"
         everything = body.decode() + "\n".join(f"{k}: {v}" for k, v in headers)
         for leak in ("s3cret", "is wrong", "error_description", "invalid_client", "X-Idp"):
