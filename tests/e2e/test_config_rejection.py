@@ -237,5 +237,6 @@ def test_serve_mode_refuses_bad_config(envoy_factory, upstream, case):
     assert rc != 0
     lines = rejection_lines(e.log())
     assert any(re.search(CASES[case][1], line) for line in lines), e.log_tail(40)
-    assert any("Plugin oauth2_cc failed to load" in line for line in e.critical_wasm_lines())
+    critical = e.critical_wasm_lines()
+    assert any("Plugin oauth2_cc failed to load" in line for line in critical), f"critical wasm lines: {critical}"
     assert upstream.count() == 0

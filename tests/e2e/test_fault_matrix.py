@@ -98,7 +98,7 @@ def recover(e, token_server, upstream, timeout: float = 6.0) -> str:
     token = token_server.last_token()
     assert token and token not in issued_before, (token, issued_before)
     assert auth == [f"Bearer {token}"], auth
-    assert poll(lambda: e.stat(f"{PREFIX}.fetch_ok") >= 1, 3)
+    assert poll(lambda: e.stat(f"{PREFIX}.fetch_ok") >= 1, 3), f"fetch_ok {e.stat(f'{PREFIX}.fetch_ok')} after 3 s"
     # (the harness checks this again, over the whole log, once Envoy is stopped)
     assert e.wasm_failure_lines() == []
     return token

@@ -333,7 +333,7 @@ def test_idp_down_mid_life_no_failed_requests(envoy_factory, token_server, upstr
     answers = [(round(dt, 3), st) for dt, st in idp.answers]
     report(record_property, requests=len(results), failed=len(failed), idp_answers=answers)
 
-    assert len(results) > 100
+    assert len(results) > 100, f"the load generator barely ran: {len(results)} requests"
     assert failed == [], f"{len(failed)} failed requests (time after first token request, status): {failed[:20]}"
     # the token was refreshed once, after the IdP came back (at ~8 s), never hammered meanwhile
     assert [st for _, st in answers] == [200, 200], answers
@@ -381,7 +381,7 @@ def test_idp_down_across_refresh_and_expiry(envoy_factory, token_server, upstrea
         filter_log=retry_lines,
     )
 
-    assert len(results) > 100
+    assert len(results) > 100, f"the load generator barely ran: {len(results)} requests"
     # 1. the valid token is served through the failed refresh and its retries
     early = [f for f in failed if f[1] < usable_until - 0.1]
     assert early == [], f"requests failed while the token was still valid: {early[:20]}"
@@ -412,7 +412,7 @@ def test_invalid_client_fails_fast_and_backs_off_to_max(envoy_factory, token_ser
     base_ms, max_ms, window = 200, 2000, 5.0
     token_server.set_response(400, {"error": "invalid_client"}, headers=JSON)
     e = envoy_factory.start(one_profile(backoff={"base_ms": base_ms, "max_ms": max_ms}))
-    assert token_server.wait_for_count(1, 5)
+    assert token_server.wait_for_count(1, 5), "no token request within 5 s of readiness"
     t_first_call = token_server.requests[0].time
 
     conn = http.client.HTTPConnection("127.0.0.1", e.port, timeout=10)
@@ -459,10 +459,12 @@ def test_invalid_client_fails_fast_and_backs_off_to_max(envoy_factory, token_ser
     assert sorted(bodies) == [failure_body()], f"distinct reply bodies: {sorted(bodies)}"
     assert all(lat < 0.1 for lat in latencies[1:]), f"failure replies slower than 100 ms: {slow}"
     assert upstream.count() == 0
-    assert len(calls) <= max_calls, (calls, gaps)
-    assert all(g >= min_gap - 0.05 for g in gaps), f"retried sooner than max_ms/2: {gaps}"
+    assert len(calls) <= max_calls, f"{len(calls)} IdP calls in {window} s (bound {max_calls}): gaps {gaps}"
+    assert all(g >= min_gap - 0.05 for g in gaps), f"retried sooner than max_ms/2 ({min_gap} s): gaps {gaps}"
     assert len(calls) >= 2, f"the filter gave up: {calls}"
-    assert wait_until(lambda: metric(e, "fetch_failed.invalid_client") >= len(calls), 2)
+    assert wait_until(lambda: metric(e, "fetch_failed.invalid_client") >= len(calls), 2), (
+        f"fetch_failed.invalid_client {metric(e, 'fetch_failed.invalid_client')} < {len(calls)} IdP calls"
+    )
 
 
 # --------------------------------------------------------------------------- #
@@ -474,14 +476,14 @@ def test_429_retry_after_is_honoured(envoy_factory, token_server, upstream, reco
     token_server.queue_response(429, {"error": "slow_down"}, headers={"Retry-After": "2", **JSON})
     # base 50 ms: without Retry-After the retry would come after 25-50 ms
     e = envoy_factory.start(one_profile(backoff={"base_ms": 50, "max_ms": 1000}))
-    assert token_server.wait_for_count(1, 5)
+    assert token_server.wait_for_count(1, 5), "no token request within 5 s of readiness"
     t_429 = token_server.requests[0].time
     # requests during the Retry-After period: fast failure replies, no extra token request
     statuses = []
     while time.monotonic() < t_429 + 1.8:
         statuses.append(e.request("/v1/x").status)
         time.sleep(0.05)
-    assert token_server.wait_for_count(2, 5), "no token request after Retry-After"
+    assert token_server.wait_for_count(2, 5), f"no token request after Retry-After: {token_server.count()} in all"
     gap = token_server.requests[1].time - t_429
     r = e.request("/v1/y")
     report(record_property, retry_gap_s=round(gap, 3), statuses_during=status_histogram(statuses))
@@ -533,7 +535,7 @@ def test_first_request_after_startup_does_not_wait(envoy_factory, token_server, 
     assert token_server.wait_for_count(1, 2.0), "no token request within 2 s of readiness"
     t_token = token_server.requests[0].time
     # the prefetched token has landed (fetch_ok counted after the cache write)
-    assert wait_until(lambda: metric(e, "fetch_ok") >= 1, 3.0)
+    assert wait_until(lambda: metric(e, "fetch_ok") >= 1, 3.0), f"fetch_ok {metric(e, 'fetch_ok')} after 3 s"
     t_first = time.monotonic()
     r = e.request("/v1/first")
     time.sleep(0.3)
@@ -580,7 +582,9 @@ def test_cold_start_1000_parallel_requests_one_token_request(envoy_factory, toke
     )
 
     # truly concurrent: every request was on the wire before the IdP answered, and all paused
-    assert out["written_last"] < t_answer, "the client did not send all requests before the IdP answered"
+    assert out["written_last"] < t_answer, (
+        f"the client wrote its last request {out['written_last'] - t_answer:.3f} s after the IdP answered"
+    )
     assert waited == 1000, f"only {waited} requests were paused at once"
     assert status_histogram(statuses) == {200: 1000}, status_histogram(statuses)
     assert token_server.count() == 1, [r.summary() for r in token_server.requests]
@@ -611,13 +615,17 @@ def test_cold_start_max_paused_requests_per_worker(envoy_factory, token_server, 
         first_success_after_write_s=round(successes[0], 3) if successes else None,
     )
 
-    assert out["written_last"] < t_answer, "the client did not send all requests before the IdP answered"
+    assert out["written_last"] < t_answer, (
+        f"the client wrote its last request {out['written_last'] - t_answer:.3f} s after the IdP answered"
+    )
     ok = statuses.count(200)
     assert 100 <= ok <= 200, status_histogram(statuses)
     assert statuses.count(503) == 1000 - ok, status_histogram(statuses)
     late = [f for f in failures if f + out["written_last"] >= t_answer]
-    assert late == [], f"{len(late)} surplus requests were not failed at once (only after the IdP answered)"
-    assert failures[-1] < successes[0], "failure replies came after the token landed"
+    assert late == [], f"{len(late)} surplus requests were not failed at once (only after the IdP answered): {late[:10]}"
+    assert failures[-1] < successes[0], (
+        f"last failure reply {failures[-1]:.3f} s after the write, first success {successes[0]:.3f} s"
+    )
     assert waited == ok, (waited, ok)
     assert token_server.count() == 1
     assert upstream.count() == ok
@@ -633,7 +641,7 @@ def test_documented_metrics_in_prometheus(envoy_factory, token_server, upstream,
     # the start-up fetch fails (500, not JSON: http_status), the retry 50-100 ms later succeeds
     token_server.queue_response(500, "boom", headers={"Content-Type": "text/plain"})
     e = envoy_factory.start(one_profile(name, backoff={"base_ms": 100, "max_ms": 1000}))
-    assert wait_until(lambda: metric(e, "fetch_ok", name) >= 1, 5)
+    assert wait_until(lambda: metric(e, "fetch_ok", name) >= 1, 5), f"fetch_ok {metric(e, 'fetch_ok', name)} after 5 s"
     assert e.request("/v1/a").status == 200
     upstream.fail_next(1, status=401)
     assert e.request("/v1/b").status == 401
@@ -707,7 +715,7 @@ def test_abandoned_wait_frees_its_slot(envoy_factory, token_server, upstream, re
     e = envoy_factory.start(one_profile(top={"max_paused_requests": 1}), concurrency=1)
     gone = socket.create_connection(("127.0.0.1", e.port), timeout=5)
     gone.sendall(b"GET /v1/abandoned HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert wait_until(lambda: metric(e, "waited") >= 1, 1.5), "the first request did not wait"
+    assert wait_until(lambda: metric(e, "waited") >= 1, 1.5), f"the first request did not wait: waited {metric(e, 'waited')}"
     gone.close()
     time.sleep(0.2)
     t0 = time.monotonic()

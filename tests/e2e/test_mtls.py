@@ -142,7 +142,8 @@ def test_client_certificate_gets_a_token(envoy_factory, tmp_path, pki, mtls_serv
     assert "client_secret" not in req.form
     assert "authorization" not in req.headers
     # ... over a connection that presented the demo client certificate
-    assert idp.peer_certs and all(subject_cn(c) == CLIENT_CN for c in idp.peer_certs)
+    cns = [subject_cn(c) for c in idp.peer_certs]
+    assert cns and all(cn == CLIENT_CN for cn in cns), f"client certificate CNs {cns}, expected {CLIENT_CN}"
     assert idp.handshake_errors == []
 
     # The cached token serves the next requests without another fetch.

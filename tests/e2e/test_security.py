@@ -221,7 +221,7 @@ def test_failure_reply_never_holds_the_idp_body_or_secret(envoy_factory, token_s
     token_server.set_response(400, idp_body, headers={"Content-Type": "application/json", "X-Idp": "s3cret"})
     e = envoy_factory.start(one_profile())  # client_secret is pc.DEFAULT_CLIENT_SECRET == "s3cret"
     assert pc.DEFAULT_CLIENT_SECRET == "s3cret"
-    assert token_server.wait_for_count(1)
+    assert token_server.wait_for_count(1), "no token request at start-up"
     for path in ("/v1/a", "/v1/b"):
         status, headers, body = raw_request(e.port, path)
         assert status == 503, (status, body)
@@ -268,7 +268,7 @@ def test_stats_hold_no_secret_or_token(envoy_factory, token_server, upstream):
     assert upstream.last().header("authorization") == f"Bearer {STATS_TOKEN}"
     assert e.request("/bad/x").status == 503
     assert poll(lambda: e.stat("wasmcustom.oauth2_cc.bad.fetch_failed.other_error") >= 1), e.stats("oauth2_cc")
-    assert poll(lambda: e.stat("wasmcustom.oauth2_cc.default.injected") >= 1)
+    assert poll(lambda: e.stat("wasmcustom.oauth2_cc.default.injected") >= 1), e.stats("oauth2_cc")
 
     basic = base64.b64encode(f"svc-a:{urllib.parse.quote_plus(STATS_SECRET)}".encode()).decode()
     forms = {"secret": STATS_SECRET, "token": STATS_TOKEN, "basic": basic,
@@ -329,7 +329,7 @@ def test_tokens_and_assertions_never_logged_at_wasm_trace(envoy_factory, token_s
     # a purge: the upstream rejects the token, the next request gets a new one
     upstream.fail_next(1, 401)
     assert e.request("/v1/b").status == 401
-    assert poll(lambda: e.request("/v1/c").status == 200)
+    assert poll(lambda: e.request("/v1/c").status == 200), f"/v1/c: {e.request('/v1/c').status}"
     # background refreshes (refresh_in 1 s)
     n = len(issued)
     assert poll(lambda: len(issued) >= n + 2, 4), issued
@@ -343,9 +343,11 @@ def test_tokens_and_assertions_never_logged_at_wasm_trace(envoy_factory, token_s
     lines = e.log_lines()
     filter_lines = [ln for ln in lines if "wasm log" in ln]
     # the level really was trace/debug for the plugin, and the paths ran
-    assert any("][debug][wasm]" in ln and "token request sent" in ln for ln in filter_lines)
-    assert any("dropped it, a new one will be fetched" in ln for ln in filter_lines)
-    assert any("[unsafe_token]" in ln for ln in filter_lines)
+    for needle in ("token request sent", "dropped it, a new one will be fetched", "[unsafe_token]"):
+        level = "][debug][wasm]" if needle == "token request sent" else ""
+        assert any(level in ln and needle in ln for ln in filter_lines), (
+            f"no filter line with {level} {needle!r} among {len(filter_lines)}:\n" + "\n".join(filter_lines[-30:])
+        )
     values = {f"token {t}": t for t in issued}
     values.update({f"assertion #{i}": a for i, a in enumerate(assertions)})
     # an assertion's signature alone is identifying too
@@ -363,7 +365,7 @@ def test_idp_error_code_echoing_the_secret_is_not_logged(envoy_factory, token_se
     token_server.set_response(401, {"error": f"invalid_client:{secret}", "error_description": "unknown client"})
     e = envoy_factory.start(one_profile(client_secret=secret))
     assert e.request("/v1/x").status == 503
-    assert poll(lambda: e.stat("wasmcustom.oauth2_cc.default.fetch_failed.other_error") >= 1)
+    assert poll(lambda: e.stat("wasmcustom.oauth2_cc.default.fetch_failed.other_error") >= 1), e.stats("oauth2_cc")
     e.wait_log(r"\[warning\]\[wasm\].*token request failed: .*\[other_error\]")
     e.stop()
     assert [ln for ln in e.log_lines() if secret in ln] == []
