@@ -35,6 +35,12 @@ PORTS = {
     "echo upstream": ("DEMO_UPSTREAM_PORT", 9102),
 }
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+# Stop signals that arrived while the mask was open (see start_envoy).
+stop_requested: list[int] = []
+
+
+def note_stop(signum, _frame) -> None:
+    stop_requested.append(signum)
 
 
 def ports() -> dict[str, int]:
@@ -104,8 +110,9 @@ def start_envoy(config: Path, log) -> subprocess.Popen:
     This thread blocks SIGINT/SIGTERM for `sigwait`, and a child inherits the mask of
     the thread that forks it: Envoy would then ignore `terminate()` until the kill.
     So the mask is opened around the fork. (Not `preexec_fn`: it is unsafe once
-    threads run, and the demo servers already do.) A Ctrl-C in that instant raises
-    KeyboardInterrupt here, which `main` handles like any other stop.
+    threads run, and the demo servers already do.) A Ctrl-C in that instant runs
+    `note_stop`, and `main` stops as it would after `sigwait`; exec resets the handler
+    to the default in Envoy.
     """
     old = signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     try:
@@ -118,19 +125,22 @@ def start_envoy(config: Path, log) -> subprocess.Popen:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def wait_ready(envoy: subprocess.Popen, admin_port: int, timeout: float = 30) -> bool:
+def wait_ready(envoy: subprocess.Popen, admin_port: int, timeout: float = 30) -> str:
+    """"ready", "exited", "timeout", or "stopped" (Ctrl-C while waiting)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if signal.sigpending() & STOP_SIGNALS:
+            return "stopped"
         if envoy.poll() is not None:
-            return False
+            return "exited"
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=1) as r:
                 if r.read().strip() == b"LIVE":
-                    return True
+                    return "ready"
         except OSError:
             pass
         time.sleep(0.1)
-    return False
+    return "timeout"
 
 
 def stop_envoy(envoy: subprocess.Popen) -> None:
@@ -160,10 +170,12 @@ def main() -> int:
         upstream = EchoUpstream(port=port["echo upstream"]).start()
         with open(log_path, "w") as log:
             envoy = start_envoy(envoy_config(state, port), log)
-        if not wait_ready(envoy, port["Envoy admin"]):
-            code = envoy.poll()
-            print("Envoy " + ("did not become ready in 30 s" if code is None else f"exited ({code})")
-                  + f"; full log: {shown(log_path)}", file=sys.stderr)
+        outcome = "stopped" if stop_requested else wait_ready(envoy, port["Envoy admin"])
+        if outcome == "stopped":
+            return 0
+        if outcome != "ready":
+            what = "did not become ready in 30 s" if outcome == "timeout" else f"exited ({envoy.poll()})"
+            print(f"Envoy {what}; full log: {shown(log_path)}", file=sys.stderr)
             for line in why_envoy_failed(log_path):
                 print("  " + line, file=sys.stderr)
             return 1
@@ -173,9 +185,8 @@ def main() -> int:
         print(f"  curl -s http://127.0.0.1:{lp}/public/x | python3 -m json.tool   # no token on /public/")
         print(f"  curl -s http://127.0.0.1:{ap}/stats | grep oauth2_cc              # the filter's metrics\n")
         print(f"Envoy log: {shown(log_path)}. Ctrl-C stops everything.", flush=True)
-        signal.sigwait(STOP_SIGNALS)
-        return 0
-    except KeyboardInterrupt:  # only in the instant the mask is open (start_envoy)
+        if not stop_requested:
+            signal.sigwait(STOP_SIGNALS)
         return 0
     finally:
         if envoy is not None:
@@ -188,6 +199,9 @@ def main() -> int:
 
 if __name__ == "__main__":
     # Blocked before any thread starts, so every thread inherits it and the signal waits
-    # for `sigwait` in main (a thread with it unblocked would swallow it).
+    # for `sigwait` in main (a thread with it unblocked would swallow it). The handlers
+    # only matter in the instant start_envoy opens the mask.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, note_stop)
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     sys.exit(main())
