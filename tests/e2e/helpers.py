@@ -25,6 +25,20 @@ def one_profile(name: str = PROFILE, routes: list[dict] | None = None, top: dict
     return pc.config(profiles={name: pc.profile(**fields)}, routes=routes, **(top or {}))
 
 
+def token_schedule(lifetime: float, ahead_ratio: float = 0.8, skew_s: float = 5.0) -> tuple[float, float]:
+    """(refresh after, usable for), in seconds from when the token request was sent, as the filter
+    decides them (src/core/cache.rs ``token_times``, ``expiry_margin_ms``): the margin is skew_s
+    shrunk to a tenth of the lifetime but at least 1 s (unless that leaves nothing); the refresh
+    comes at ``ahead_ratio`` of the lifetime, but at least min(1 s, the rest of the usable time
+    ahead_ratio leaves) before the usable end. A 3 s token: (1.6, 2.0); 10 s: (8.0, 9.0)."""
+    margin = min(skew_s, lifetime / 10)
+    if lifetime > 1.0:
+        margin = max(margin, 1.0)
+    usable = lifetime - margin
+    lead = min(1.0, usable * (1 - ahead_ratio))
+    return min(ahead_ratio * lifetime, usable - lead), usable
+
+
 def failure_body(profile: str = PROFILE) -> bytes:
     """The failure reply's exact body (README "Failure reply")."""
     return json.dumps({"error": "token_unavailable", "profile": profile}, separators=(",", ":")).encode()

@@ -5,7 +5,8 @@ The rules these tests check (README "How it works", src/core/cache.rs):
   not wait;
 - a token is usable until ``sent + lifetime - margin``, the margin ``min(skew_s, lifetime / 10)``
   but at least 1 s (unless that leaves nothing), and refreshed in the background at
-  ``sent + ahead_ratio * usable time`` (ticks every 100 ms);
+  ``sent + ahead_ratio * lifetime`` but at least min(1 s, what ahead_ratio leaves of the usable
+  time) before the usable end (``helpers.token_schedule``; ticks every 100 ms);
 - a failed refresh is retried with the exponential backoff, but at the latest halfway to expiry
   (never sooner than 250 ms); a configuration fault (``invalid_client``...) goes straight to the
   ``backoff.max_ms`` ceiling; the delay is drawn from the upper half of the ceiling ("equal
@@ -30,7 +31,7 @@ import time
 from typing import Any
 
 from envoy import wait_until
-from helpers import failure_body, one_profile
+from helpers import failure_body, one_profile, token_schedule
 
 PROFILE = "default"
 JSON = {"Content-Type": "application/json"}
@@ -252,10 +253,10 @@ def test_steady_load_30s_short_lived_tokens(envoy_factory, token_server, upstrea
 
     statuses = [s for _, _, s in results]
     token_times = [r.time for r in token_server.requests if r.time <= t_end]
-    # What the code decides (src/core/cache.rs token_times, expiry_margin_ms, claim_fetch): a
-    # token sent at t is usable until t + lifetime - margin, the margin being skew_s shrunk to a
-    # tenth of the lifetime but at least 1 s (3 s token: usable 2 s), and is refreshed from
-    # t + 0.8 * 2 = 1.6 s by a main-thread VM at its next 100 ms tick (workers 0.2 s later). So a
+    # What the code decides (helpers.token_schedule, src/core/cache.rs token_times, claim_fetch):
+    # a 3 s token sent at t is usable until t + 2 s (a margin of at least 1 s) and is refreshed
+    # from t + 1.6 s (0.4 s before that end) by a main-thread VM at its next 100 ms tick (workers
+    # 0.2 s later). So a
     # gap between two token requests at the IdP is never below 1.6 s (less the previous request's
     # transit, slack 0.2 s: two VMs refreshing, or a refresh at half the life, would be far
     # below), and is normally under 1.8 s. A later one is the scheduler's doing on a loaded
@@ -263,8 +264,7 @@ def test_steady_load_30s_short_lived_tokens(envoy_factory, token_server, upstrea
     # requests may wait only if the refresh came after the token's usable end. A refresh that is
     # not done in the background at all makes every gap late (each fetch waits for expiry), hence
     # the bound on late ones.
-    usable_s = lifetime - max(min(5, lifetime / 10), 1.0)
-    refresh_s = 0.8 * usable_s
+    refresh_s, usable_s = token_schedule(lifetime)
     expected = 1 + math.floor(duration / refresh_s)  # the start-up fetch, then one per refresh_s
     lowest, late_from, late_allowed = refresh_s - 0.2, usable_s - 0.05, 2
     unknown, late_uses = expired_uses(upstream, idp.issued, lifetime)
@@ -307,15 +307,13 @@ def test_steady_load_30s_short_lived_tokens(envoy_factory, token_server, upstrea
 # --------------------------------------------------------------------------- #
 
 
-# A 10 s token (cache::token_times): usable for 10 - max(min(skew 5, 10 / 10), 1) = 9 s, refreshed
-# in the background after 0.8 of that.
-USABLE_10S = 9.0
-REFRESH_AT_10S = 0.8 * USABLE_10S
+# A 10 s token: usable for 9 s (a 1 s margin), refreshed in the background at 8 s.
+REFRESH_AT_10S, USABLE_10S = token_schedule(10)
 
 
 def run_through_outage(envoy_factory, token_server, down: tuple[float, float], total: float = 12.0,
                        until_recovered: float | None = None):
-    """expires_in 10 (refresh at 7.2 s, usable until 9 s), IdP down ``down`` seconds after the first
+    """expires_in 10 (refresh at 8 s, usable until 9 s), IdP down ``down`` seconds after the first
     token request, continuous load until ``total`` s after it - and, with ``until_recovered``,
     on until a token was issued after the outage and 0.5 s more (at most ``until_recovered`` s
     after the first token request), to measure where a client-visible outage ends.
@@ -337,8 +335,8 @@ def run_through_outage(envoy_factory, token_server, down: tuple[float, float], t
 
 
 def test_idp_down_mid_life_no_failed_requests(envoy_factory, token_server, upstream, record_property):
-    # 10 s token: usable 9 s (1 s margin), refresh due at 0.8 * 9 = 7.2 s; the IdP is down from
-    # 2.5 s to 6.5 s, before the refresh is due
+    # 10 s token: usable 9 s (1 s margin), refresh due at 8 s; the IdP is down from 2.5 s until
+    # 0.7 s before the refresh is due
     refresh_at = REFRESH_AT_10S
     e, idp, results = run_through_outage(envoy_factory, token_server, down=(2.5, refresh_at - 0.7))
     t0 = idp.t0
@@ -348,7 +346,7 @@ def test_idp_down_mid_life_no_failed_requests(envoy_factory, token_server, upstr
 
     assert len(results) > 100, f"the load generator barely ran: {len(results)} requests"
     assert failed == [], f"{len(failed)} failed requests (time after first token request, status): {failed[:20]}"
-    # the token was refreshed once, after the IdP came back (at ~7.2 s), never hammered meanwhile
+    # the token was refreshed once, after the IdP came back (at ~8 s), never hammered meanwhile
     assert [st for _, st in answers] == [200, 200], f"IdP answers (s, status): {answers}"
     assert refresh_at - 0.1 <= answers[1][0] <= refresh_at + 0.8, (
         f"refresh at {answers[1][0]} s, expected {refresh_at} s (-0.1/+0.8 s for ticks and load)"
@@ -358,7 +356,7 @@ def test_idp_down_mid_life_no_failed_requests(envoy_factory, token_server, upstr
 
 
 def test_idp_down_across_refresh_and_expiry(envoy_factory, token_server, upstream, record_property):
-    """IdP down from 7 s to 9.5 s of a 10 s token: the refresh at 7.2 s fails; retries come at the
+    """IdP down from 7 s to 9.5 s of a 10 s token: the refresh at 8 s fails; retries come at the
     latest halfway to expiry and fail too; the token stops being usable at 9 s (margin
     max(min(5 s, 10 s / 10), 1 s) = 1 s), so requests between 9 s and the IdP's return at 9.5 s
     cannot get a token: 0 failed requests is impossible here (the filter fails fast while it
@@ -400,7 +398,7 @@ def test_idp_down_across_refresh_and_expiry(envoy_factory, token_server, upstrea
     # 1. the valid token is served through the failed refresh and its retries
     early = [f for f in failed if f[1] < usable_until - 0.1]
     assert early == [], f"requests failed while the token was still valid: {early[:20]}"
-    # 2. the refresh at ~7.2 s failed and was retried before expiry, never sooner than 250 ms apart
+    # 2. the refresh at ~8 s failed and was retried before expiry, never sooner than 250 ms apart
     in_outage = [dt for dt, st in answers if down_from <= dt < usable_until]
     assert len(in_outage) >= 2, f"no retry before expiry: {answers}"
     assert all(b - a >= 0.2 for a, b in zip(in_outage, in_outage[1:])), answers

@@ -369,3 +369,42 @@ def test_idp_error_code_echoing_the_secret_is_not_logged(envoy_factory, token_se
     e.wait_log(r"\[warning\]\[wasm\].*token request failed: .*\[other_error\]")
     e.stop()
     assert [ln for ln in e.log_lines() if secret in ln] == []
+
+
+# --------------------------------------------------------------------------- #
+# Header values that are not UTF-8
+# --------------------------------------------------------------------------- #
+
+
+def test_non_utf8_header_values_do_not_kill_the_vm(envoy_factory, token_server, upstream):
+    """HTTP allows obs-text (bytes 0x80-0xFF) in a header value, and Envoy forwards it. The SDK's
+    ``get_map_value`` unwraps UTF-8, so a filter reading such a value through it panics its VM
+    (this test failed that way, on both requests, before the host read bytes: ``critical ...
+    panicked at .../proxy-wasm-0.2.5/src/hostcalls.rs``, 503). Envoy itself refuses such bytes in
+    the path and in Host (400), so a header matcher and ``inject.keep_existing`` are where a
+    client's bytes reach the filter. The harness fails the test on any critical wasm line."""
+    config = one_profile(
+        routes=[
+            {"match": {"path_prefix": "/tenant/", "headers": [{"name": "x-tenant", "value": "acme"}]},
+             "profile": "default"},
+            {"match": {"path_prefix": "/tenant/"}, "profile": None},
+            pc.match_route(path_prefix="/v1/"),
+        ],
+        inject={"keep_existing": True},
+    )
+    e = envoy_factory.start(config)
+    got = {}
+    # a header matcher reads a value that is not UTF-8: it does not match, the next route opts out
+    status, _, body = raw_request(e.port, "/tenant/a", headers=[("x-tenant", "ac\xffme")])
+    got["matcher"] = (status, upstream.last().header("authorization") if upstream.count() else None)
+    # keep_existing reads the client's own header, which is not UTF-8: it is kept
+    status, _, body = raw_request(e.port, "/v1/a", headers=[("Authorization", "B \xff")])
+    got["keep_existing"] = (status, len(upstream_authorizations(upstream)) if upstream.count() else None)
+    # and the VM still serves: a matching request gets its token
+    status, _, body = raw_request(e.port, "/tenant/b", headers=[("x-tenant", "acme")])
+    got["after"] = (status, upstream.last().header("authorization") if upstream.count() else None)
+    assert got == {
+        "matcher": (200, None),
+        "keep_existing": (200, 1),
+        "after": (200, "Bearer tok-1"),
+    }, f"(status, what the upstream saw) per request: {got}; wasm failures: {e.wasm_failure_lines()}"
