@@ -26,7 +26,7 @@ fn capacity_script_uses_the_cores_refresh_rule() {
     assert!(cases.len() >= 10, "too few cases in {path}");
     for c in cases {
         let policy = LifetimePolicy { ahead_ratio: c.ahead_ratio, default_ttl_s: 300, skew_s: c.skew_s };
-        let got = token_times(c.sent_at_ms, c.lifetime_s, c.refresh_in_s, &policy);
+        let got = token_times(c.sent_at_ms, c.lifetime_s, c.refresh_in_s, None, &policy);
         assert_eq!(
             got,
             (c.refresh_at_ms, c.expires_at_ms),

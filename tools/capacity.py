@@ -26,17 +26,39 @@ HOUR_MS = 3_600_000
 BUDGET_WINDOW_MS = HOUR_MS  # src/core/cache.rs BUDGET_WINDOW_MS: a fixed window from its first fetch
 
 
+MIN_MARGIN_MS = 1_000  # src/core/cache.rs MIN_MARGIN_MS
+
+
+def _round(x: float) -> int:
+    """Rust's f64::round for x >= 0: halves away from zero (Python's round() goes to even)."""
+    whole = math.floor(x)
+    return int(whole) + (1 if x - whole >= 0.5 else 0)
+
+
+def expiry_margin_ms(lifetime_ms: int, skew_s: int) -> int:
+    """src/core/cache.rs expiry_margin_ms: skew_s, at most a tenth of the lifetime, but at least
+    MIN_MARGIN_MS unless that would leave nothing."""
+    margin = min(skew_s * 1000, lifetime_ms // 10)
+    return max(margin, MIN_MARGIN_MS) if lifetime_ms > MIN_MARGIN_MS else margin
+
+
 def token_times(sent_at_ms: int, lifetime_s: int, refresh_in_s: int | None, ahead_ratio: float,
                 skew_s: int) -> tuple[int, int]:
     """(refresh_at_ms, expires_at_ms) of a token whose request was sent at ``sent_at_ms``, as
-    src/core/cache.rs ``token_times`` computes them: expiry is the lifetime less a margin of
-    min(skew_s, lifetime / 10); refresh at ahead_ratio x lifetime (the IdP's refresh_in wins),
-    never after expiry. Integer milliseconds, truncated as the Rust code truncates."""
+    src/core/cache.rs ``token_times`` computes them for a token without its own ``exp``: usable
+    for the lifetime less the margin; refreshed at ahead_ratio x lifetime (the IdP's refresh_in
+    wins), but at least min(1 s, (1 - ahead_ratio) x usable life) before the end. Integer
+    milliseconds, rounded as the Rust code rounds."""
     lifetime_ms = lifetime_s * 1000
-    margin_ms = min(skew_s * 1000, lifetime_ms // 10)
-    expires_at = sent_at_ms + lifetime_ms - margin_ms
-    refresh_after_ms = refresh_in_s * 1000 if refresh_in_s is not None else int(float(lifetime_ms) * ahead_ratio)
-    return min(sent_at_ms + refresh_after_ms, expires_at), expires_at
+    expires_at = sent_at_ms + lifetime_ms - expiry_margin_ms(lifetime_ms, skew_s)
+    if refresh_in_s is not None:
+        refresh_at = sent_at_ms + refresh_in_s * 1000
+    else:
+        usable_ms = max(expires_at - sent_at_ms, 0)
+        lead_ms = min(MIN_MARGIN_MS, _round(float(usable_ms) * (1.0 - ahead_ratio)))
+        by_ratio = sent_at_ms + _round(float(lifetime_ms) * ahead_ratio)
+        refresh_at = min(by_ratio, max(expires_at - lead_ms, 0))
+    return min(refresh_at, expires_at), expires_at
 
 
 def refresh_period_ms(lifetime_s: int, ahead_ratio: float = 0.8, skew_s: int = 5,
@@ -127,7 +149,8 @@ def tables() -> str:
 # an IdP refresh_in inside and past expiry.
 CASE_INPUTS = [
     (3600, None, 0.8, 5), (3600, None, 0.5, 5), (3600, None, 1.0, 5), (300, None, 0.8, 5),
-    (100, None, 0.8, 5), (30, None, 0.8, 5), (3, None, 0.8, 5), (1, None, 0.8, 5), (0, None, 0.8, 5),
+    (100, None, 0.8, 5), (30, None, 0.8, 5), (10, None, 0.8, 5), (3, None, 0.8, 5), (2, None, 0.8, 5),
+    (1, None, 0.8, 5), (0, None, 0.8, 5), (5, None, 0.95, 5), (11, None, 0.5, 0),
     (86400, None, 0.8, 30), (7, None, 0.33, 5), (3600, 600, 0.8, 5), (100, 300, 0.8, 5),
 ]
 
