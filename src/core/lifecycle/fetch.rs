@@ -151,6 +151,7 @@ impl Driver {
         id
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn send_discovery(
         &mut self,
         profile: &Profile,
@@ -196,6 +197,7 @@ impl Driver {
         }));
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn send_token_request(
         &mut self,
         profile: &Profile,
@@ -406,6 +408,7 @@ impl Driver {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn record_failure(
         &mut self,
         index: usize,

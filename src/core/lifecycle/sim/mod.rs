@@ -109,22 +109,24 @@ fn simulated_lifecycle_keeps_every_invariant() {
     // Schedules are independent: shard them over threads (SIM_THREADS, default 2).
     let threads = if wasm { 1 } else { env_u64("SIM_THREADS").unwrap_or(2).clamp(1, 64) };
     let started = std::time::Instant::now();
-    let shards: Vec<world::Stats> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads)
-            .map(|shard| {
-                scope.spawn(move || {
-                    let mut total = world::Stats::default();
-                    let mut index = shard;
-                    while index < schedules {
-                        total.add(&check_seed(seed_of(index)));
-                        index += threads;
-                    }
-                    total
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
-    });
+    let shard = |shard: u64| {
+        let mut total = world::Stats::default();
+        let mut index = shard;
+        while index < schedules {
+            total.add(&check_seed(seed_of(index)));
+            index += threads;
+        }
+        total
+    };
+    // WASI has no threads: one shard runs inline.
+    let shards: Vec<world::Stats> = if threads == 1 {
+        vec![shard(0)]
+    } else {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..threads).map(|index| scope.spawn(move || shard(index))).collect();
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
+        })
+    };
     let mut total = world::Stats::default();
     shards.iter().for_each(|shard| total.add(shard));
     eprintln!("{schedules} schedules in {:.1} s on {threads} threads: {total:?}", started.elapsed().as_secs_f64());

@@ -359,10 +359,10 @@ impl World {
                 self.schedule(gap, Ev::Arrival);
             }
             Ev::Gone { request } => {
-                if let Some(paused) = self.requests.remove(&request) {
-                    if let Some(driver) = self.vms[paused.vm].driver.as_mut() {
-                        driver.on_request_gone(request);
-                    }
+                if let Some(paused) = self.requests.remove(&request)
+                    && let Some(driver) = self.vms[paused.vm].driver.as_mut()
+                {
+                    driver.on_request_gone(request);
                 }
             }
             Ev::Answer { vm, incarnation, id, reply, first } => self.answer(vm, incarnation, id, &reply, first),
