@@ -104,7 +104,7 @@ schema:
 
 BENCH_ARGS ?=
 
-## bench: no filter vs Envoy's credential_injector vs oauth2-cc, same Envoy and wrk, pinned cores; writes BENCHMARKS.md, bench/chart.png, build/bench/results.json
+## bench: no filter vs Envoy's credential_injector vs oauth2-cc (wasm, dynamic module) and the module floors, pinned cores; writes BENCHMARKS.md and bench/chart.png only from a run it judged quiet (BENCH_ARGS=--force: with a banner), build/bench/results.json always
 bench: tools build bench-floor wrk $(VENV)/.bench-installed
 	$(PY) bench/run.py $(BENCH_ARGS)
 
