@@ -2,8 +2,9 @@
 
 * at start, over one second: how busy every CPU is and which processes use them;
 * before and after each round, on the measured core: a fixed calibration loop (its time drifts
-  when something else takes the core, the clock changes, or the hypervisor steals it), and the
-  core's ``steal`` ticks from /proc/stat;
+  when something else takes the core, the clock changes, or the hypervisor steals it; its wall
+  time exceeds its CPU time when it shares the core), and the core's ``steal`` ticks from
+  /proc/stat;
 * from the cells: the no-filter cell's spread across rounds, and the share of the measured core
   used by anything but the Envoy under test.
 
@@ -37,6 +38,11 @@ MAX_STEAL = 0.01
 # run). The loop is pure CPU with a fixed instruction count, so on a quiet core it repeats to
 # ~1%; 3% of a 13 µs request is 0.4 µs, twice the tightest margin.
 MAX_CALIBRATION_DRIFT = 0.03
+# Share of the calibration loop's wall time it was not on the CPU (1 - CPU time / wall time), the
+# largest over the run. Drift alone misses a neighbour that shares the core the whole run (every
+# sample is equally slow); this does not. A quiet core interrupts a 0.2 s loop for well under 1%
+# (timer and network interrupts, kernel threads); another runnable process takes ~50%.
+MAX_CALIBRATION_WAIT = 0.02
 # Relative spread ((max - min) / median over rounds) of the no-filter cell's Envoy CPU per
 # request, per route. Paired per-round differences cancel what a round shares, but when (a)
 # itself wanders by more than 5% the machine changed within rounds too, and 5% of 13 µs (0.65 µs)
@@ -176,6 +182,10 @@ def judge(start: dict, rounds: list[dict], cells: list[dict]) -> list[dict]:
     add("calibration_drift", drift, MAX_CALIBRATION_DRIFT,
         f"calibration loop drift on the measured core ({len(cal)} samples, "
         + (f"{min(cal) * 1e3:.0f}-{max(cal) * 1e3:.0f} ms)" if cal else "none)"), "{:.1%}")
+    waits = [1 - c["cpu_s"] / c["wall_s"] for r in rounds
+             for c in (r.get("calibration_before"), r.get("calibration_after")) if c and c["wall_s"] > 0]
+    add("calibration_wait", max(waits) if waits else None, MAX_CALIBRATION_WAIT,
+        "largest share of the calibration loop's time spent off the CPU (the core was shared)", "{:.1%}")
     for rk in sorted({c["route"] for c in cells}):
         base = [c.get("cpu_us_per_req") for c in cells if c["config"] == "none" and c["route"] == rk]
         add(f"baseline_spread_{rk}", _rel_spread(base), MAX_BASELINE_SPREAD,

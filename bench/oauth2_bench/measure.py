@@ -33,6 +33,10 @@ NO_TOKEN_ON_ECHO = ("none", "oauth2cc_nomatch")
 DYNAMIC_MODULE_CELLS = ("floor_native", "dynmod")
 
 
+def cal_txt(c: dict) -> str:
+    return f"{c['wall_s'] * 1e3:.0f} ms, {100 * c['cpu_s'] / c['wall_s']:.0f}% of it on the CPU"
+
+
 def module_name(so: str) -> str:
     """``lib<name>.so`` -> ``<name>``: how DynamicModuleConfig.name finds the file."""
     m = re.fullmatch(r"lib(.+)\.so", Path(so).name)
@@ -266,14 +270,14 @@ class Bench:
         for rnd in range(1, a.rounds + 1):
             self.procs.only_running(None, envoys)  # the calibration loop alone on the core
             before = probe.begin()
-            print(f"round {rnd}/{a.rounds} (calibration {before['wall_s'] * 1e3:.0f} ms)", flush=True)
+            print(f"round {rnd}/{a.rounds} (calibration {cal_txt(before)})", flush=True)
             for rk in ROUTES:
                 for key in self.cells:
                     cells.append(self.measure(key, rk, rnd))
             self.procs.only_running(None, envoys)
             after = probe.end()
             rounds.append({"round": rnd, "calibration_before": before, **after})
-            print(f"  calibration after {after['calibration_after']['wall_s'] * 1e3:.0f} ms, steal "
+            print(f"  calibration after {cal_txt(after['calibration_after'])}, steal "
                   f"{fmt(after['steal_fraction'] and 100 * after['steal_fraction'], 2)}%", flush=True)
         self.procs.resume_all()
         time.sleep(1.0)  # resumed Envoys catch up on their timers (a refresh may be due)

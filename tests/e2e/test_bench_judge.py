@@ -19,9 +19,10 @@ from oauth2_bench.stats import summarize  # noqa: E402
 QUIET_START = {"busy": {"cpu0": 0.02, "cpu1": 0.03}, "loadavg": ["0.05", "0.10", "0.20"], "top": []}
 
 
-def rounds(walls: list[float], steal: float = 0.0) -> list[dict]:
-    return [{"round": i + 1, "calibration_before": {"wall_s": w, "cpu_s": w},
-             "calibration_after": {"wall_s": w, "cpu_s": w}, "steal_fraction": steal} for i, w in enumerate(walls)]
+def rounds(walls: list[float], steal: float = 0.0, on_cpu: float = 0.995) -> list[dict]:
+    return [{"round": i + 1, "calibration_before": {"wall_s": w, "cpu_s": w * on_cpu},
+             "calibration_after": {"wall_s": w, "cpu_s": w * on_cpu}, "steal_fraction": steal}
+            for i, w in enumerate(walls)]
 
 
 def cells(none_cpu: list[float], other: float = 1.0) -> list[dict]:
@@ -42,7 +43,8 @@ def failed(verdicts: list[dict]) -> list[str]:
 def test_a_quiet_run_passes_every_check():
     v = machine.judge(QUIET_START, rounds([0.200, 0.201, 0.202]), cells([13.0, 13.2, 13.1]))
     assert machine.quiet(v), [x["text"] for x in v]
-    assert {x["name"] for x in v} == {"start_busy", "steal", "calibration_drift", "baseline_spread_direct",
+    assert {x["name"] for x in v} == {"start_busy", "steal", "calibration_drift", "calibration_wait",
+                                      "baseline_spread_direct",
                                       "baseline_spread_upstream", "core_other"}
 
 
@@ -51,6 +53,9 @@ def test_each_disturbance_is_named():
     assert failed(machine.judge(busy, rounds([0.2] * 3), cells([13.0] * 3))) == ["start_busy"]
     assert failed(machine.judge(QUIET_START, rounds([0.2] * 3, steal=0.05), cells([13.0] * 3))) == ["steal"]
     assert failed(machine.judge(QUIET_START, rounds([0.2, 0.2, 0.25]), cells([13.0] * 3))) == ["calibration_drift"]
+    # a neighbour sharing the core the whole run: no drift, but the loop waits half the time
+    shared = machine.judge(QUIET_START, rounds([0.4] * 3, on_cpu=0.5), cells([13.0] * 3))
+    assert failed(shared) == ["calibration_wait"], [x["text"] for x in shared]
     v = machine.judge(QUIET_START, rounds([0.2] * 3), cells([13.0, 13.1, 38.3]))
     assert failed(v) == ["baseline_spread_direct", "baseline_spread_upstream"], [x["text"] for x in v]
     assert failed(machine.judge(QUIET_START, rounds([0.2] * 3), cells([13.0] * 3, other=40.0))) == ["core_other"]
