@@ -61,8 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--floor-native", default=default_floor_native(),
                     help="the native floor, a dynamic module lib<name>.so (default: bench/floor-native's cargo "
                     "output); cell (fd) is skipped when absent")
-    ap.add_argument("--dynmod", default=os.environ.get("OAUTH2_CC_DYNMOD") or str(DEFAULT_DYNMOD),
-                    help="the oauth2-cc dynamic module (default $OAUTH2_CC_DYNMOD, else build/liboauth2_cc.so); "
+    ap.add_argument("--dynmod", default=os.environ.get("OAUTH2_CC_NATIVE") or str(DEFAULT_DYNMOD),
+                    help="the oauth2-cc dynamic module (default $OAUTH2_CC_NATIVE, else build/liboauth2_cc.so); "
                     "cell (d) is skipped when absent")
     ap.add_argument("--dynmod-stat", default="oauth2_cc.default.injected",
                     help="the dynamic module's injected counter (matched as a name suffix)")
