@@ -3,8 +3,8 @@
 * at start, over one second: how busy every CPU is and which processes use them;
 * before and after each round, on the measured core: a fixed calibration loop (its time drifts
   when something else takes the core, the clock changes, or the hypervisor steals it; its wall
-  time exceeds its CPU time when it shares the core), and the core's ``steal`` ticks from
-  /proc/stat;
+  time exceeds its CPU time when it shares the core); over the round, every CPU's ``steal`` ticks
+  from /proc/stat;
 * from the cells: the no-filter cell's spread across rounds, and the share of the measured core
   used by anything but the Envoy under test.
 
@@ -31,8 +31,9 @@ from .common import CLK_TCK
 # another build, test suite or benchmark shows as 30-100%. 10% leaves room for the kernel and
 # the harness's own start-up while catching any second workload.
 MAX_START_BUSY = 0.10
-# Steal ticks / all ticks of a CPU over one round (the largest over CPUs and rounds). 1% of a 13 µs request is 0.13 µs,
-# under the tightest margin; more means the hypervisor gave the core to another guest.
+# Steal ticks / all ticks of a CPU over one round (the largest over CPUs and rounds). 1% of a
+# 13 µs request is 0.13 µs, under the tightest margin; more means the hypervisor gave the core to
+# another guest.
 MAX_STEAL = 0.01
 # Relative drift of the calibration loop ((slowest - fastest) / fastest over every sample of the
 # run). The loop is pure CPU with a fixed instruction count, so on a quiet core it repeats to
