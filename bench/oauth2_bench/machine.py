@@ -57,7 +57,7 @@ MAX_BASELINE_SPREAD = 0.05
 # softirq lands here too (1-3% in earlier runs); above 5% something else ran on the core.
 MAX_CORE_OTHER_PCT = 5.0
 
-# The calibration loop: a fixed number of integer steps, about 0.2 s of one core.
+# The calibration loop: a fixed number of integer steps, about 0.3 s of CPU on this machine.
 CALIBRATION_STEPS = 2_000_000
 _CALIBRATION_CODE = (
     "import time\n"
