@@ -11,7 +11,8 @@ pub trait RequestFacts {
     fn authority(&mut self) -> Option<&str>;
     fn path(&mut self) -> Option<&str>;
     fn method(&mut self) -> Option<&str>;
-    fn header(&mut self, lower_case_name: &str) -> Option<String>;
+    /// A request header's value as the client sent it: any bytes (obs-text, not UTF-8).
+    fn header(&mut self, lower_case_name: &str) -> Option<Vec<u8>>;
     fn route_name(&mut self) -> Option<String>;
     /// `filter_metadata.oauth2_cc.profile` of the Envoy route.
     fn metadata_profile(&mut self) -> Option<String>;
@@ -170,7 +171,8 @@ impl RouteMatcher {
         for condition in &self.headers {
             match (facts.header(&condition.name), &condition.value) {
                 (None, _) => return false,
-                (Some(actual), Some(expected)) if &actual != expected => return false,
+                // Bytes against bytes: a value that is not UTF-8 simply is not equal.
+                (Some(actual), Some(expected)) if actual.as_slice() != expected.as_bytes() => return false,
                 _ => {}
             }
         }
@@ -247,7 +249,7 @@ pub(crate) mod tests {
         pub authority: Option<String>,
         pub path: Option<String>,
         pub method: Option<String>,
-        pub headers: Vec<(String, String)>,
+        pub headers: Vec<(String, Vec<u8>)>,
         pub route_name: Option<String>,
         pub metadata_profile: Option<String>,
         pub metadata_disabled: bool,
@@ -263,7 +265,7 @@ pub(crate) mod tests {
         fn method(&mut self) -> Option<&str> {
             self.method.as_deref()
         }
-        fn header(&mut self, name: &str) -> Option<String> {
+        fn header(&mut self, name: &str) -> Option<Vec<u8>> {
             self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone())
         }
         fn route_name(&mut self) -> Option<String> {
@@ -381,11 +383,18 @@ pub(crate) mod tests {
         post.method = Some("post".into());
         assert_eq!(table.select(&mut post), Some(0));
         let mut tenant = request("h", "/");
-        tenant.headers = vec![("x-tenant".into(), "a".into())];
+        tenant.headers = vec![("x-tenant".into(), b"a".to_vec())];
         assert_eq!(table.select(&mut tenant), Some(1));
-        tenant.headers = vec![("x-tenant".into(), "b".into())];
+        tenant.headers = vec![("x-tenant".into(), b"b".to_vec())];
         assert_eq!(table.select(&mut tenant), None);
-        tenant.headers = vec![("x-use-token".into(), "".into())];
+        // obs-text and bytes that are not UTF-8: not equal to "a", and never a panic.
+        tenant.headers = vec![("x-tenant".into(), b"\xff\xfe".to_vec())];
+        assert_eq!(table.select(&mut tenant), None);
+        tenant.headers = vec![("x-tenant".into(), b"a\x80".to_vec())];
+        assert_eq!(table.select(&mut tenant), None);
+        tenant.headers = vec![("x-use-token".into(), b"\x81".to_vec())];
+        assert_eq!(table.select(&mut tenant), Some(2), "a present header is present, whatever its bytes");
+        tenant.headers = vec![("x-use-token".into(), Vec::new())];
         assert_eq!(table.select(&mut tenant), Some(2));
         let mut named = request("h", "/");
         named.route_name = Some("billing-route".into());
