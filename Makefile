@@ -21,7 +21,7 @@ MAX_WASM_BYTES := 786432
 export E2E_REQUIRE_WASM := 1
 export OAUTH2_CC_WASM := $(CURDIR)/$(WASM)
 
-.PHONY: all run test unit unit-wasm e2e lint fmt build size tools wasm-target wasm-opt clean bench bench-floor bench-smoke schema wrk fuzz
+.PHONY: all run test unit unit-wasm e2e lint fmt build size tools wasm-target wasm-opt clean bench bench-floor bench-floor-native bench-smoke schema wrk fuzz
 
 all: build
 
@@ -80,7 +80,7 @@ fuzz:
 	@cargo +nightly fuzz --version >/dev/null 2>&1 || cargo install cargo-fuzz --locked
 	FUZZ_SECONDS=$(FUZZ_SECONDS) fuzz/run.sh
 
-e2e: tools build
+e2e: tools build bench-floor-native
 	$(PY) -m pytest tests/e2e -q
 
 lint: wasm-target $(VENV)/.installed
@@ -90,6 +90,8 @@ lint: wasm-target $(VENV)/.installed
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --release --target $(WASM_TARGET) -- -D warnings
 	cargo clippy --release --target $(WASM_TARGET) --manifest-path bench/floor/Cargo.toml -- -D warnings
+	cargo fmt --check --manifest-path bench/floor-native/Cargo.toml
+	cargo clippy --release --manifest-path bench/floor-native/Cargo.toml -- -D warnings
 
 fmt:
 	cargo fmt
@@ -111,6 +113,11 @@ bench: tools build bench-floor wrk $(VENV)/.bench-installed
 ## bench-floor: the floor module of the bench (bench/floor: the cheapest proxy-wasm header writer)
 bench-floor: wasm-target
 	cargo build --release --target $(WASM_TARGET) --manifest-path bench/floor/Cargo.toml
+
+## bench-floor-native: the native floor (bench/floor-native: the cheapest dynamic module that sets a header, cell (fd));
+## writes bench/floor-native/target/release/libfloor_native.so, which the bench and tests/e2e/test_native_floor.py load
+bench-floor-native:
+	cargo build --release --manifest-path bench/floor-native/Cargo.toml
 
 ## bench-smoke: every benchmark cell once for 2 s; fails if one fails or a token is not injected
 bench-smoke: tools build bench-floor wrk

@@ -31,8 +31,12 @@ REPO_ROOT = HERE.parents[1]  # tests/e2e/envoy.py -> repo root
 
 _DEFAULT_ENVOY = REPO_ROOT / ".venv/lib/python3.11/site-packages/envoy/_bin/envoy"
 _DEFAULT_WASM = REPO_ROOT / "build/oauth2_cc.wasm"  # what `make build` ships
+_DEFAULT_NATIVE = REPO_ROOT / "build/liboauth2_cc.so"  # the dynamic-module build, also `make build`
+# The native floor module of the bench (`make bench-floor-native`).
+FLOOR_NATIVE = REPO_ROOT / "bench/floor-native/target/release/libfloor_native.so"
 
 WASM_FILTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
+DYNAMIC_MODULE_FILTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter"
 ROUTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 STRING_VALUE_TYPE = "type.googleapis.com/google.protobuf.StringValue"
@@ -74,6 +78,11 @@ def envoy_bin() -> str:
 def wasm_path() -> str:
     """``$OAUTH2_CC_WASM``, else <repo>/build/oauth2_cc.wasm (`make build`)."""
     return os.environ.get("OAUTH2_CC_WASM") or str(_DEFAULT_WASM)
+
+
+def native_path() -> str:
+    """``$OAUTH2_CC_NATIVE``, else <repo>/build/liboauth2_cc.so (`make build`)."""
+    return os.environ.get("OAUTH2_CC_NATIVE") or str(_DEFAULT_NATIVE)
 
 
 # --------------------------------------------------------------------------- #
@@ -236,6 +245,33 @@ def wasm_filter(
     }
 
 
+def native_filter(
+    plugin_config: Mapping[str, Any] | str,
+    *,
+    module_file: str | None = None,
+    module_name: str = PLUGIN_NAME,
+    filter_name: str = PLUGIN_NAME,
+    http_filter_name: str = PLUGIN_NAME,
+) -> dict:
+    """The ``envoy.filters.http.dynamic_modules`` http filter entry: the module loaded from
+    ``module_file`` (default: the oauth2-cc native build), ``plugin_config`` as its
+    ``filter_config`` string. Secrets from ``{"env": ...}`` come from Envoy's own environment
+    (``Envoy(env=...)``), not from the filter configuration."""
+    config_str = plugin_config if isinstance(plugin_config, str) else json.dumps(plugin_config)
+    return {
+        "name": http_filter_name,
+        "typed_config": {
+            "@type": DYNAMIC_MODULE_FILTER_TYPE,
+            "dynamic_module_config": {
+                "name": module_name,
+                "module": {"local": {"filename": module_file or native_path()}},
+            },
+            "filter_name": filter_name,
+            "filter_config": {"@type": STRING_VALUE_TYPE, "value": config_str},
+        },
+    }
+
+
 def bootstrap_dict(
     plugin_config: Mapping[str, Any] | str | None,
     *,
@@ -255,6 +291,8 @@ def bootstrap_dict(
     extra_http_filters: Iterable[dict] | None = None,
     upstream_host: str = "127.0.0.1",
     route_timeout: str | None = None,
+    filter_host: str = "wasm",
+    native_file: str | None = None,
 ) -> dict:
     """An Envoy v3 bootstrap as a dict.
 
@@ -264,6 +302,8 @@ def bootstrap_dict(
     routes: Envoy route dicts (see ``route`` / ``direct_route``); default is
     prefix "/" to cluster "upstream". virtual_hosts overrides routes entirely.
     Port 0 for the listener or admin lets the kernel pick (see Envoy.ports).
+    filter_host: "wasm" (the proxy-wasm build, ``wasm_file``) or "native" (the dynamic module,
+    ``native_file``); ``wasm=False`` leaves the filter out whatever the host.
     """
     if routes is None:
         routes = [route("/", "upstream", timeout=route_timeout)]
@@ -271,7 +311,11 @@ def bootstrap_dict(
         virtual_hosts = [{"name": "all", "domains": ["*"], "routes": routes}]
 
     http_filters: list[dict] = []
-    if wasm:
+    if wasm and filter_host == "native":
+        if plugin_config is None:
+            raise ValueError("plugin_config is required when wasm=True")
+        http_filters.append(native_filter(plugin_config, module_file=native_file))
+    elif wasm:
         if plugin_config is None:
             raise ValueError("plugin_config is required when wasm=True")
         http_filters.append(
@@ -455,6 +499,7 @@ class Envoy:
         extra_args: Iterable[str] = (),
         name: str = "envoy",
         component_log_level: str | None = None,
+        env: Mapping[str, str] | None = None,
     ):
         self.tmpdir = Path(tmpdir)
         self.tmpdir.mkdir(parents=True, exist_ok=True)
@@ -468,6 +513,8 @@ class Envoy:
         self.log_level = log_level
         self.component_log_level = component_log_level
         self.extra_args = list(extra_args)
+        # Added to the process environment (the native build reads {"env": ...} secrets there).
+        self.env = dict(env or {})
         self.proc: subprocess.Popen | None = None
         self.stopped_by_us = False  # stop() found it running and ended it
         self.returncode: int | None = None
@@ -511,6 +558,7 @@ class Envoy:
             stdout=self._out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env={**os.environ, **self.env} if self.env else None,
         )
         self.pid = self.proc.pid
         _LIVE.add(self)
@@ -590,6 +638,7 @@ class Envoy:
         """``envoy --mode validate`` on this config: (exit code, output + log)."""
         p = subprocess.run(
             self.command("validate"),
+            env={**os.environ, **self.env} if self.env else None,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
