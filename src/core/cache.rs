@@ -283,18 +283,42 @@ pub fn claim_fetch(entry: &Entry, now_ms: u64, rules: &FetchRules) -> Claim {
     })
 }
 
+/// The least margin taken off a lifetime, where it leaves a usable token: IdPs that stamp `exp` in
+/// whole seconds issue tokens that die up to a second before `expires_in` says.
+pub const MIN_MARGIN_MS: u64 = 1_000;
+
+/// The safety margin taken off a lifetime: `skew_s`, shrunk to a tenth of the lifetime so
+/// short-lived tokens stay usable, but never under [`MIN_MARGIN_MS`] unless that would leave nothing.
+pub fn expiry_margin_ms(lifetime_ms: u64, policy: &LifetimePolicy) -> u64 {
+    let margin = policy.skew_s.saturating_mul(1000).min(lifetime_ms / 10);
+    if lifetime_ms > MIN_MARGIN_MS { margin.max(MIN_MARGIN_MS) } else { margin }
+}
+
 /// Refresh and expiry times for a token whose request was sent at `sent_at_ms`.
 ///
 /// Counted from when the request was sent, not when the answer came: the IdP stamps `exp` from its
-/// own clock. The skew margin shrinks to a tenth of the lifetime so short-lived tokens stay usable.
-/// An IdP's `refresh_in` (seconds), when sent, replaces the `ahead_ratio` rule.
-pub fn token_times(sent_at_ms: u64, lifetime_s: u64, refresh_in_s: Option<u64>, policy: &LifetimePolicy) -> (u64, u64) {
+/// own clock. When the token carries its own `exp` (`jws_expiry_ms`), the token is usable until the
+/// earlier of the two, each less its margin. A background refresh starts after `ahead_ratio` of the
+/// time the token is usable (so a short-lived token, whose margin is a large part of its life,
+/// still gets its refresh before it stops being usable); an IdP's `refresh_in` (seconds), when
+/// sent, replaces that rule.
+pub fn token_times(
+    sent_at_ms: u64,
+    lifetime_s: u64,
+    refresh_in_s: Option<u64>,
+    jws_expiry_ms: Option<u64>,
+    policy: &LifetimePolicy,
+) -> (u64, u64) {
     let lifetime_ms = lifetime_s.saturating_mul(1000);
-    let margin_ms = policy.skew_s.saturating_mul(1000).min(lifetime_ms / 10);
-    let expires_at = sent_at_ms.saturating_add(lifetime_ms - margin_ms);
+    let mut expires_at = sent_at_ms.saturating_add(lifetime_ms - expiry_margin_ms(lifetime_ms, policy));
+    if let Some(exp_ms) = jws_expiry_ms {
+        let claimed_ms = exp_ms.saturating_sub(sent_at_ms);
+        expires_at = expires_at.min(exp_ms.saturating_sub(expiry_margin_ms(claimed_ms, policy)));
+    }
+    let usable_ms = expires_at.saturating_sub(sent_at_ms);
     let refresh_after_ms = match refresh_in_s {
         Some(seconds) => seconds.saturating_mul(1000),
-        None => (lifetime_ms as f64 * policy.ahead_ratio) as u64,
+        None => (usable_ms as f64 * policy.ahead_ratio) as u64,
     };
     let refresh_at = sent_at_ms.saturating_add(refresh_after_ms).min(expires_at);
     (refresh_at, expires_at)
@@ -318,7 +342,8 @@ pub fn after_success(
         return next;
     }
     let lifetime_s = grant.expires_in_s.unwrap_or(policy.default_ttl_s);
-    let (refresh_at_ms, expires_at_ms) = token_times(sent_at_ms, lifetime_s, grant.refresh_in_s, policy);
+    let jws_expiry_ms = crate::core::token_expiry::jws_expiry_ms(&grant.access_token);
+    let (refresh_at_ms, expires_at_ms) = token_times(sent_at_ms, lifetime_s, grant.refresh_in_s, jws_expiry_ms, policy);
     Entry {
         generation: entry.generation.wrapping_add(1),
         token_sent_at_ms: sent_at_ms,
@@ -472,17 +497,26 @@ mod tests {
     }
 
     #[test]
-    fn token_times_count_from_send_and_shrink_the_margin() {
-        // 100 s token: margin 5 s, refresh at 80 s.
-        assert_eq!(token_times(1_000, 100, None, &POLICY), (81_000, 96_000));
-        // 3 s token: margin capped at 0.3 s so it stays usable; refresh at 2.4 s.
-        assert_eq!(token_times(0, 3, None, &POLICY), (2_400, 2_700));
+    fn token_times_count_from_send_and_keep_a_whole_second_margin() {
+        // 100 s token: margin 5 s (skew), usable 95 s, refresh after 0.8 of that.
+        assert_eq!(token_times(1_000, 100, None, None, &POLICY), (77_000, 96_000));
+        // 3 s token: a tenth would be 0.3 s, but whole-second `exp` stamps need 1 s.
+        assert_eq!(token_times(0, 3, None, None, &POLICY), (1_600, 2_000));
+        // 1 s token: a 1 s margin would leave nothing, so a tenth it is.
+        assert_eq!(token_times(0, 1, None, None, &POLICY), (720, 900));
         // ahead_ratio 1: refresh no later than expiry.
         let late = LifetimePolicy { ahead_ratio: 1.0, ..POLICY };
-        assert_eq!(token_times(0, 100, None, &late), (95_000, 95_000));
+        assert_eq!(token_times(0, 100, None, None, &late), (95_000, 95_000));
         // refresh_in from the IdP wins over ahead_ratio, never past expiry.
-        assert_eq!(token_times(0, 100, Some(30), &POLICY), (30_000, 95_000));
-        assert_eq!(token_times(0, 100, Some(300), &POLICY), (95_000, 95_000));
+        assert_eq!(token_times(0, 100, Some(30), None, &POLICY), (30_000, 95_000));
+        assert_eq!(token_times(0, 100, Some(300), None, &POLICY), (95_000, 95_000));
+        // A JWS `exp` earlier than expires_in says (whole-second stamp): the earlier one counts,
+        // less its own margin.
+        assert_eq!(token_times(10_500, 4, None, Some(14_000), &POLICY), (12_500, 13_000));
+        // A JWS `exp` later than expires_in: expires_in counts.
+        assert_eq!(token_times(0, 4, None, Some(60_000), &POLICY), (2_400, 3_000));
+        // A JWS `exp` already past: not usable at all.
+        assert_eq!(token_times(10_000, 4, None, Some(9_000), &POLICY), (9_000, 9_000));
     }
 
     #[test]
@@ -515,10 +549,10 @@ mod tests {
 
     #[test]
     fn workers_leave_refreshes_to_the_main_thread_for_a_grace() {
-        let fresh = with_token(0); // refresh at 80 s, expiry at 95 s
+        let fresh = with_token(0); // refresh at 76 s, expiry at 95 s
         let worker = FetchRules { holder: 9, lease_ms: 6_000, defer_refresh: true, max_fetches_per_hour: None };
-        assert_eq!(claim_fetch(&fresh, 80_500, &worker), Claim::NotNeeded);
-        assert!(matches!(claim_fetch(&fresh, 81_000, &worker), Claim::Claimed(_)));
+        assert_eq!(claim_fetch(&fresh, 76_500, &worker), Claim::NotNeeded);
+        assert!(matches!(claim_fetch(&fresh, 77_000, &worker), Claim::Claimed(_)));
         let empty = Entry::default();
         assert!(matches!(claim_fetch(&empty, 0, &worker), Claim::Claimed(_)), "no token: no grace");
     }

@@ -15,4 +15,7 @@ pub mod token_request;
 pub mod token_response;
 pub mod url;
 
+pub mod lifecycle;
+pub mod retry_after;
+pub mod token_expiry;
 pub mod wake_registry;

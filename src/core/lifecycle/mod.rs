@@ -1,0 +1,284 @@
+//! The token lifecycle of one VM, as a sans-I/O state machine: every decision about fetching,
+//! caching, waiting requests and reconfiguration, none of the doing.
+//!
+//! A host (the proxy-wasm root context, the Envoy dynamic module) owns one [`Driver`] per VM (or
+//! per thread that plays that part), feeds it events — a tick, a wake, a kick, a request that
+//! needs a token, the answer to a callout, a reconfiguration — with the time, and carries out the
+//! [`Action`]s it returns in order: send this request, wake every VM, resume or fail this paused
+//! request, log this line, count this metric. The only synchronous reads are the shared store and
+//! randomness, through [`Environment`], whose compare-and-swap outcome the driver sees (a lost race
+//! is never a silent send).
+//!
+//! Single flight: a fetch starts only after this VM wrote a lease into the profile's shared entry
+//! with CAS; the lease lasts for the whole chain of requests the fetch needs (discovery documents,
+//! then the token request), so no other VM takes over mid-chain unless the chain outlives it.
+
+mod fetch;
+mod requests;
+pub mod store;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use crate::core::config::Config;
+use crate::core::url::HttpUrl;
+pub use requests::{FailureReply, RequestOutcome, Snapshot, failure_reply, unknown_profile_reply};
+pub use store::{Environment, Update, Written};
+
+/// Identifies a callout this driver asked for; the host maps its own handle to it.
+pub type CalloutId = u64;
+/// Identifies a paused request; chosen by the host (the proxy-wasm context id, a stream handle).
+pub type RequestId = u64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+/// A per-profile metric to count (names: `oauth2_cc.<profile>.<metric>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Metric {
+    FetchOk,
+    /// A failed token request by reason, a closed set of labels (`TokenError::label`,
+    /// `discovery`, `no_cluster`, `assertion_failed`).
+    FetchFailed(String),
+    Injected,
+    Waited,
+    FailedRequest,
+    Purged,
+    BudgetRefused,
+}
+
+/// An HTTP request to send to a cluster from the context that outlives requests (a root context,
+/// the main thread). If the host cannot dispatch it, it calls [`Driver::on_send_failed`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct Callout {
+    pub id: CalloutId,
+    pub cluster: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Option<Vec<u8>>,
+    pub timeout_ms: u64,
+}
+
+impl std::fmt::Debug for Callout {
+    /// Headers and body carry client credentials: only their size is shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Callout")
+            .field("id", &self.id)
+            .field("cluster", &self.cluster)
+            .field("headers", &self.headers.len())
+            .field("body_bytes", &self.body.as_ref().map_or(0, Vec::len))
+            .field("timeout_ms", &self.timeout_ms)
+            .finish()
+    }
+}
+
+/// What the host must do, in the order given.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Action {
+    Send(Callout),
+    /// Wake every VM (this one included): a token changed or a fetch ended.
+    BroadcastWake,
+    /// Ask the fetching context of this VM to look at `profile` now (an http context cannot send
+    /// callouts that outlive its request).
+    Kick {
+        profile: usize,
+    },
+    /// Write `header: value` on the paused request and let it continue.
+    Resume {
+        request: RequestId,
+        profile: usize,
+        header: String,
+        value: String,
+        generation: u64,
+    },
+    /// Answer the paused request with the failure reply of `profile`.
+    Fail {
+        request: RequestId,
+        profile: usize,
+    },
+    Log {
+        level: LogLevel,
+        message: String,
+    },
+    Count {
+        profile: usize,
+        metric: Metric,
+    },
+    /// Set the profile's remaining-lifetime gauge.
+    Gauge {
+        profile: usize,
+        remaining_s: u64,
+    },
+}
+
+impl std::fmt::Debug for Action {
+    /// A resumed request's header value is the token: never shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Action::Send(callout) => write!(f, "Send({callout:?})"),
+            Action::BroadcastWake => write!(f, "BroadcastWake"),
+            Action::Kick { profile } => write!(f, "Kick({profile})"),
+            Action::Resume { request, profile, generation, .. } => {
+                write!(f, "Resume(request {request}, profile {profile}, generation {generation})")
+            }
+            Action::Fail { request, profile } => write!(f, "Fail(request {request}, profile {profile})"),
+            Action::Log { level, message } => write!(f, "Log({level:?}, {message:?})"),
+            Action::Count { profile, metric } => write!(f, "Count({profile}, {metric:?})"),
+            Action::Gauge { profile, remaining_s } => write!(f, "Gauge({profile}, {remaining_s} s)"),
+        }
+    }
+}
+
+/// The answer to a callout, as the host read it. The host reads the body only when it is no
+/// larger than [`Driver::answer_limit`]; otherwise it passes [`AnswerBody::TooLarge`].
+#[derive(Debug, Clone, Copy)]
+pub struct Answer<'a> {
+    /// The `:status` header's bytes (`None`: absent).
+    pub status: Option<&'a [u8]>,
+    /// The `retry-after` header's bytes.
+    pub retry_after: Option<&'a [u8]>,
+    pub body: AnswerBody<'a>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum AnswerBody<'a> {
+    Bytes(&'a [u8]),
+    TooLarge,
+}
+
+/// How often the main-thread VM sets the remaining-lifetime gauges.
+const GAUGE_PERIOD_MS: u64 = 1_000;
+
+/// One VM's lifecycle state. See the module doc.
+pub struct Driver {
+    config: Arc<Config>,
+    /// This VM's identity in fetch leases (never 0).
+    holder: u64,
+    /// Whether this VM serves requests (a worker): it leaves background refreshes to the
+    /// main-thread VMs for a grace, so signing stays off request threads.
+    serves_requests: bool,
+    next_callout: CalloutId,
+    /// Callouts in flight, keyed by the id the host reports; by cache key, so a reconfiguration
+    /// that keeps a profile's cache key keeps its fetch, and one that changes it orphans it.
+    pending: BTreeMap<CalloutId, fetch::Pending>,
+    waiters: Vec<requests::Waiter>,
+    /// Token endpoints found by discovery, by cache key (also kept in the shared store).
+    discovered: HashMap<String, HttpUrl>,
+    /// Per profile, this VM's copy of the cached token for the request path.
+    snapshots: Vec<Option<Snapshot>>,
+    next_gauge_ms: u64,
+}
+
+impl Driver {
+    /// A driver for a freshly configured VM: creates each profile's entry (never overwriting one
+    /// another VM made) and takes copies of the tokens already cached.
+    pub fn new(config: Arc<Config>, holder: u64, now_ms: u64, env: &mut dyn Environment) -> (Driver, Vec<Action>) {
+        let mut driver = Driver {
+            config,
+            holder: holder.max(1),
+            serves_requests: false,
+            next_callout: 1,
+            pending: BTreeMap::new(),
+            waiters: Vec::new(),
+            discovered: HashMap::new(),
+            snapshots: Vec::new(),
+            next_gauge_ms: 0,
+        };
+        let mut actions = Vec::new();
+        driver.prepare_entries(now_ms, env, &mut actions);
+        (driver, actions)
+    }
+
+    /// A new configuration for the same VM. Paused requests and callouts in flight whose profile
+    /// keeps its cache key carry on under it (re-keyed to the new profile index); the others are
+    /// failed or forgotten, so a token of the old configuration is never served under the new one.
+    pub fn reconfigure(&mut self, config: Arc<Config>, now_ms: u64, env: &mut dyn Environment) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let old = std::mem::replace(&mut self.config, config);
+        self.rekey_waiters(&old, &mut actions);
+        let live: Vec<&str> = self.config.profiles.iter().map(|p| p.cache_key.as_str()).collect();
+        self.pending.retain(|_, pending| live.contains(&pending.cache_key.as_str()));
+        self.discovered.retain(|key, _| live.contains(&key.as_str()));
+        self.prepare_entries(now_ms, env, &mut actions);
+        actions
+    }
+
+    pub fn config(&self) -> &Arc<Config> {
+        &self.config
+    }
+
+    /// This VM serves requests (called when its first request context is created).
+    pub fn set_serves_requests(&mut self) {
+        self.serves_requests = true;
+    }
+
+    /// The periodic tick (100 ms): refresh copies, fetch what is due, settle paused requests.
+    pub fn on_tick(&mut self, now_ms: u64, env: &mut dyn Environment) -> Vec<Action> {
+        let mut actions = Vec::new();
+        self.refresh_snapshots(now_ms, env);
+        self.report_gauges(now_ms, env, &mut actions);
+        for index in 0..self.config.profiles.len() {
+            self.maybe_fetch(index, now_ms, env, &mut actions);
+        }
+        self.settle_waiters(now_ms, env, &mut actions);
+        actions
+    }
+
+    /// A wake from any VM (a token changed) or a kick from this VM's own requests (`kicked`
+    /// profiles): take the new copies, fetch for profiles with waiters or kicks, settle.
+    pub fn on_wake(&mut self, kicked: &[usize], now_ms: u64, env: &mut dyn Environment) -> Vec<Action> {
+        let mut actions = Vec::new();
+        self.refresh_snapshots(now_ms, env);
+        let mut profiles: Vec<usize> = self.waiters.iter().map(|w| w.profile).chain(kicked.iter().copied()).collect();
+        profiles.sort_unstable();
+        profiles.dedup();
+        for index in profiles {
+            self.maybe_fetch(index, now_ms, env, &mut actions);
+        }
+        self.settle_waiters(now_ms, env, &mut actions);
+        actions
+    }
+
+    fn prepare_entries(&mut self, now_ms: u64, env: &mut dyn Environment, actions: &mut Vec<Action>) {
+        for profile in &self.config.profiles {
+            if store::ensure_entry(env, &profile.cache_key) == Written::Failed {
+                actions.push(Action::Log {
+                    level: LogLevel::Error,
+                    message: format!("profile {:?}: cannot create the token cache entry", profile.name),
+                });
+            }
+        }
+        self.snapshots = vec![None; self.config.profiles.len()];
+        self.refresh_snapshots(now_ms, env);
+    }
+
+    /// Once a second, on VMs that serve no requests (the main thread), each profile's remaining
+    /// token lifetime.
+    fn report_gauges(&mut self, now_ms: u64, env: &mut dyn Environment, actions: &mut Vec<Action>) {
+        if self.serves_requests || now_ms < self.next_gauge_ms {
+            return;
+        }
+        self.next_gauge_ms = now_ms.saturating_add(GAUGE_PERIOD_MS);
+        for (profile, p) in self.config.profiles.iter().enumerate() {
+            let entry = read_entry(env, &p.cache_key);
+            let remaining_ms = if entry.token.is_empty() { 0 } else { entry.expires_at_ms.saturating_sub(now_ms) };
+            actions.push(Action::Gauge { profile, remaining_s: remaining_ms / 1000 });
+        }
+    }
+}
+
+/// The decoded entry at `key` (empty when missing or of another layout version).
+fn read_entry(env: &dyn Environment, key: &str) -> crate::core::cache::Entry {
+    env.get(key).0.as_deref().and_then(crate::core::cache::Entry::decode).unwrap_or_default()
+}
+
+fn log(actions: &mut Vec<Action>, level: LogLevel, message: String) {
+    actions.push(Action::Log { level, message });
+}
+
+#[cfg(test)]
+mod tests;

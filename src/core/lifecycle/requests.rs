@@ -1,0 +1,288 @@
+//! Requests that need a token: the VM's copy of each token for the hit path, the decision for a
+//! request that finds no copy, the requests paused until a token lands, and the upstream's
+//! rejection of a token (purge).
+
+use super::{Action, Driver, Environment, LogLevel, Metric, RequestId, Update, log, read_entry, store};
+use crate::core::cache::{self, EntryView, RequestDecision};
+use crate::core::config::Config;
+
+/// A VM's copy of a profile's token as the shared store held it at the last tick or wake.
+///
+/// The store stays the source of truth: the copy is refreshed on every tick and wake, and every
+/// write that changes the token (a fetch, a purge) wakes all VMs. A copy is kept only while
+/// [`cache::keep_vm_copy`] says so, so the request path can use it without reading the clock.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub generation: u64,
+    /// Prefix and token, ready for the header.
+    pub header_value: String,
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Snapshot(generation {}, [redacted])", self.generation)
+    }
+}
+
+/// What to do with a request that found no copy of its token.
+#[derive(Clone, PartialEq, Eq)]
+pub enum RequestOutcome {
+    /// Write this header value and continue.
+    Inject { value: String, generation: u64 },
+    /// Pause the request; the driver resumes or fails it later.
+    Wait,
+    /// Answer with the failure reply now.
+    Fail,
+}
+
+impl std::fmt::Debug for RequestOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RequestOutcome::Inject { generation, .. } => write!(f, "Inject(generation {generation})"),
+            RequestOutcome::Wait => write!(f, "Wait"),
+            RequestOutcome::Fail => write!(f, "Fail"),
+        }
+    }
+}
+
+/// A request paused until its profile has a token.
+#[derive(Debug, Clone)]
+pub(super) struct Waiter {
+    pub request: RequestId,
+    pub profile: usize,
+    pub deadline_ms: u64,
+}
+
+/// The local reply for a request that gets no token: never the IdP's body, never a secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailureReply {
+    pub status: u32,
+    /// Envoy's response-code details.
+    pub details: &'static str,
+    pub body: String,
+}
+
+/// The failure reply for `profile`: the configured status and a small JSON body naming it.
+pub fn failure_reply(config: &Config, profile: usize) -> FailureReply {
+    let name = config.profiles.get(profile).map_or("", |p| p.name.as_str());
+    // Profile names are restricted to [A-Za-z0-9._-] at configuration time: safe inside JSON.
+    FailureReply {
+        status: config.failure_status,
+        details: "oauth2_cc_token_unavailable",
+        body: format!(r#"{{"error":"token_unavailable","profile":"{name}"}}"#),
+    }
+}
+
+/// The reply for a route whose metadata names a profile that is not configured.
+pub fn unknown_profile_reply(config: &Config) -> FailureReply {
+    FailureReply {
+        status: config.failure_status,
+        details: "oauth2_cc_unknown_profile",
+        body: r#"{"error":"token_unavailable"}"#.to_string(),
+    }
+}
+
+impl Driver {
+    /// The hit path: this VM's copy of the profile's token, if it has one (no store read, no clock).
+    pub fn cached(&self, profile: usize) -> Option<&Snapshot> {
+        self.snapshots.get(profile)?.as_ref()
+    }
+
+    /// A request needs a token and found no copy: decide from the shared entry itself (another VM
+    /// may have stored one since the last tick).
+    pub fn on_request(
+        &mut self,
+        profile: usize,
+        request: RequestId,
+        now_ms: u64,
+        env: &mut dyn Environment,
+    ) -> (RequestOutcome, Vec<Action>) {
+        let mut actions = Vec::new();
+        let config = std::sync::Arc::clone(&self.config);
+        let Some(p) = config.profiles.get(profile) else { return (RequestOutcome::Fail, actions) };
+        let bytes = self.refresh_snapshot(profile, now_ms, env);
+        let view = bytes.as_deref().and_then(EntryView::decode);
+        let outcome = match cache::decide_request(view.as_ref(), now_ms) {
+            RequestDecision::Inject { token, generation } => {
+                actions.push(Action::Count { profile, metric: Metric::Injected });
+                RequestOutcome::Inject { value: format!("{}{}", p.inject.prefix, token), generation }
+            }
+            RequestDecision::Fail => {
+                log(
+                    &mut actions,
+                    LogLevel::Debug,
+                    format!("profile {:?}: no token and the last fetch failed; failing fast", p.name),
+                );
+                actions.push(Action::Count { profile, metric: Metric::FailedRequest });
+                RequestOutcome::Fail
+            }
+            RequestDecision::Wait if self.waiters.len() >= self.config.max_paused_requests => {
+                log(
+                    &mut actions,
+                    LogLevel::Warn,
+                    format!(
+                        "profile {:?}: {} requests already wait for a token on this worker (max_paused_requests); failing this one",
+                        p.name, self.config.max_paused_requests
+                    ),
+                );
+                actions.push(Action::Count { profile, metric: Metric::FailedRequest });
+                RequestOutcome::Fail
+            }
+            RequestDecision::Wait => {
+                let deadline_ms = now_ms.saturating_add(p.max_wait_ms);
+                self.waiters.push(Waiter { request, profile, deadline_ms });
+                actions.push(Action::Count { profile, metric: Metric::Waited });
+                actions.push(Action::Kick { profile });
+                RequestOutcome::Wait
+            }
+        };
+        (outcome, actions)
+    }
+
+    /// A paused request went away (client gone, stream reset): forget it.
+    pub fn on_request_gone(&mut self, request: RequestId) {
+        self.waiters.retain(|w| w.request != request);
+    }
+
+    /// Requests paused on this VM.
+    pub fn waiting(&self) -> usize {
+        self.waiters.len()
+    }
+
+    /// The upstream answered a request that carried token `generation` of `profile` with
+    /// `status` (bytes of `:status`): drop that token if the status is one that means "rejected".
+    pub fn on_response_status(
+        &mut self,
+        profile: usize,
+        generation: u64,
+        status: Option<&[u8]>,
+        now_ms: u64,
+        env: &mut dyn Environment,
+    ) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let config = std::sync::Arc::clone(&self.config);
+        let Some(p) = config.profiles.get(profile) else { return actions };
+        let Some(status) = status.and_then(parse_status) else { return actions };
+        if !p.purge_on_status.contains(&status) {
+            return actions;
+        }
+        if let Update::Written(_) = store::update_entry(env, &p.cache_key, |entry| cache::purge(entry, generation)) {
+            let name = p.name.clone();
+            actions.push(Action::Count { profile, metric: Metric::Purged });
+            // Every VM drops its copy of the rejected token now, not at its next tick.
+            let _ = self.refresh_snapshot(profile, now_ms, env);
+            actions.push(Action::BroadcastWake);
+            log(
+                &mut actions,
+                LogLevel::Info,
+                format!(
+                    "profile {name:?}: upstream answered {status} to the token; dropped it, a new one will be fetched"
+                ),
+            );
+        }
+        actions
+    }
+
+    /// Resumes or fails the paused requests, as their profile's entry now allows.
+    pub(super) fn settle_waiters(&mut self, now_ms: u64, env: &mut dyn Environment, actions: &mut Vec<Action>) {
+        if self.waiters.is_empty() {
+            return;
+        }
+        let config = std::sync::Arc::clone(&self.config);
+        let mut entries: Vec<Option<Option<Vec<u8>>>> = vec![None; config.profiles.len()];
+        let waiters = std::mem::take(&mut self.waiters);
+        for waiter in waiters {
+            let Some(p) = config.profiles.get(waiter.profile) else { continue };
+            let Some(slot) = entries.get_mut(waiter.profile) else { continue };
+            let bytes = slot.get_or_insert_with(|| env.get(&p.cache_key).0);
+            let view = bytes.as_deref().and_then(EntryView::decode);
+            match cache::decide_request(view.as_ref(), now_ms) {
+                RequestDecision::Inject { token, generation } => {
+                    actions.push(Action::Count { profile: waiter.profile, metric: Metric::Injected });
+                    actions.push(Action::Resume {
+                        request: waiter.request,
+                        profile: waiter.profile,
+                        header: p.inject.header.clone(),
+                        value: format!("{}{}", p.inject.prefix, token),
+                        generation,
+                    });
+                }
+                RequestDecision::Wait if now_ms < waiter.deadline_ms => self.waiters.push(waiter),
+                decision => {
+                    if decision == RequestDecision::Wait {
+                        log(
+                            actions,
+                            LogLevel::Warn,
+                            format!(
+                                "profile {:?}: no token within max_wait_ms ({} ms); failing the request",
+                                p.name, p.max_wait_ms
+                            ),
+                        );
+                    }
+                    actions.push(Action::Count { profile: waiter.profile, metric: Metric::FailedRequest });
+                    actions.push(Action::Fail { request: waiter.request, profile: waiter.profile });
+                }
+            }
+        }
+    }
+
+    /// After a reconfiguration: waiters whose profile kept its cache key follow it to its new
+    /// index; the others get the failure reply of the old profile.
+    pub(super) fn rekey_waiters(&mut self, old: &Config, actions: &mut Vec<Action>) {
+        let waiters = std::mem::take(&mut self.waiters);
+        for mut waiter in waiters {
+            let key = old.profiles.get(waiter.profile).map(|p| p.cache_key.as_str());
+            match self.config.profiles.iter().position(|p| Some(p.cache_key.as_str()) == key) {
+                Some(index) => {
+                    waiter.profile = index;
+                    self.waiters.push(waiter);
+                }
+                None => {
+                    actions.push(Action::Count { profile: waiter.profile, metric: Metric::FailedRequest });
+                    actions.push(Action::Fail { request: waiter.request, profile: waiter.profile });
+                }
+            }
+        }
+    }
+
+    pub(super) fn refresh_snapshots(&mut self, now_ms: u64, env: &mut dyn Environment) {
+        for index in 0..self.config.profiles.len() {
+            let _ = self.refresh_snapshot(index, now_ms, env);
+        }
+    }
+
+    /// Re-reads one profile's entry into this VM's copy; returns the entry's bytes.
+    pub(super) fn refresh_snapshot(&mut self, profile: usize, now_ms: u64, env: &dyn Environment) -> Option<Vec<u8>> {
+        let p = self.config.profiles.get(profile)?;
+        let bytes = env.get(&p.cache_key).0;
+        let snapshot = bytes
+            .as_deref()
+            .and_then(EntryView::decode)
+            .filter(|v| cache::keep_vm_copy(v, now_ms))
+            .map(|v| Snapshot { generation: v.generation, header_value: format!("{}{}", p.inject.prefix, v.token) });
+        if self.snapshots.len() != self.config.profiles.len() {
+            self.snapshots.resize(self.config.profiles.len(), None);
+        }
+        if let Some(slot) = self.snapshots.get_mut(profile) {
+            *slot = snapshot;
+        }
+        bytes
+    }
+
+    /// The remaining lifetime of a profile's token, for callers outside the tick.
+    pub fn remaining_ms(&self, profile: usize, now_ms: u64, env: &dyn Environment) -> u64 {
+        let Some(p) = self.config.profiles.get(profile) else { return 0 };
+        let entry = read_entry(env, &p.cache_key);
+        if entry.token.is_empty() { 0 } else { entry.expires_at_ms.saturating_sub(now_ms) }
+    }
+}
+
+/// A `:status` value: three ASCII digits; anything else is no status.
+pub(super) fn parse_status(bytes: &[u8]) -> Option<u32> {
+    match bytes {
+        [a, b, c] if bytes.iter().all(u8::is_ascii_digit) => {
+            Some(u32::from(a - b'0') * 100 + u32::from(b - b'0') * 10 + u32::from(c - b'0'))
+        }
+        _ => None,
+    }
+}

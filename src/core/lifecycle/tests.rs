@@ -1,0 +1,205 @@
+//! Unit tests of the driver: two or more drivers over one in-memory store with Envoy's CAS rules.
+
+use std::sync::Arc;
+
+use super::store::memory::MemoryStore;
+use super::*;
+use crate::core::cache::Entry;
+use crate::core::config::{self, Config};
+
+fn config_with(profile_extra: &str) -> Arc<Config> {
+    config_at(r#""token_url": "http://idp.test/token""#, profile_extra)
+}
+
+fn config_at(endpoint: &str, profile_extra: &str) -> Arc<Config> {
+    let json = format!(
+        r#"{{"profiles": {{"p": {{"cluster": "idp", {endpoint},
+            "client_id": "svc", "client_secret": "s3cret", "timeout_ms": 1000 {profile_extra}}}}},
+            "routes": [{{"match": {{"path_prefix": "/"}}, "profile": "p"}}]}}"#
+    );
+    match config::parse(json.as_bytes(), &|_| None) {
+        Ok(config) => Arc::new(config),
+        Err(error) => panic!("test config refused: {error}"),
+    }
+}
+
+fn sends(actions: &[Action]) -> Vec<&Callout> {
+    actions.iter().filter_map(|a| if let Action::Send(c) = a { Some(c) } else { None }).collect()
+}
+
+fn logs(actions: &[Action]) -> Vec<&str> {
+    actions
+        .iter()
+        .filter_map(|a| if let Action::Log { message, .. } = a { Some(message.as_str()) } else { None })
+        .collect()
+}
+
+fn ok_body(token: &str, expires_in: u64) -> Vec<u8> {
+    format!(r#"{{"access_token":"{token}","token_type":"Bearer","expires_in":{expires_in}}}"#).into_bytes()
+}
+
+fn answer<'a>(status: &'a [u8], body: &'a [u8]) -> Answer<'a> {
+    Answer { status: Some(status), retry_after: None, body: AnswerBody::Bytes(body) }
+}
+
+fn entry(store: &MemoryStore, config: &Config) -> Entry {
+    read_entry(store, &config.profiles[0].cache_key)
+}
+
+#[test]
+fn one_token_request_for_many_vms_then_every_vm_serves_the_token() {
+    let config = config_with("");
+    let mut store = MemoryStore::default();
+    let mut vms: Vec<Driver> =
+        (1..=4).map(|holder| Driver::new(Arc::clone(&config), holder, 0, &mut store).0).collect();
+    let mut sent = Vec::new();
+    for vm in &mut vms {
+        sent.extend(sends(&vm.on_tick(10, &mut store)).into_iter().map(|c| c.id));
+    }
+    assert_eq!(sent.len(), 1, "one VM claims the lease, the others see it: {sent:?}");
+    let actions = vms[0].on_answer(sent[0], answer(b"200", &ok_body("tok", 100)), 60, &mut store);
+    assert!(actions.contains(&Action::BroadcastWake), "{actions:?}");
+    assert!(actions.contains(&Action::Count { profile: 0, metric: Metric::FetchOk }));
+    for vm in &mut vms {
+        let _ = vm.on_wake(&[], 70, &mut store);
+        let cached = vm.cached(0).map(|s| s.header_value.clone());
+        assert_eq!(cached.as_deref(), Some("Bearer tok"));
+    }
+    let stored = entry(&store, &config);
+    assert_eq!((stored.lease_holder, stored.budget_used), (0, 1), "{stored:?}");
+}
+
+#[test]
+fn a_paused_request_is_kicked_resumed_and_a_late_answer_ignored() {
+    let config = config_with("");
+    let mut store = MemoryStore::default();
+    let (mut vm, _) = Driver::new(Arc::clone(&config), 9, 0, &mut store);
+    vm.set_serves_requests();
+    let (outcome, actions) = vm.on_request(0, 77, 5, &mut store);
+    assert_eq!(outcome, RequestOutcome::Wait);
+    assert!(actions.contains(&Action::Kick { profile: 0 }), "{actions:?}");
+    let kicked = vm.on_wake(&[0], 6, &mut store);
+    let ids: Vec<CalloutId> = sends(&kicked).iter().map(|c| c.id).collect();
+    assert_eq!(ids.len(), 1, "{kicked:?}");
+    let landed = vm.on_answer(ids[0], answer(b"200", &ok_body("tok", 100)), 50, &mut store);
+    let settled = vm.on_wake(&[], 51, &mut store);
+    let resumed = landed.iter().chain(&settled).filter(|a| matches!(a, Action::Resume { request: 77, .. })).count();
+    assert_eq!(resumed, 1, "landed {landed:?} settled {settled:?}");
+    assert_eq!(vm.waiting(), 0);
+    let duplicate = vm.on_answer(ids[0], answer(b"200", &ok_body("other", 100)), 52, &mut store);
+    assert!(duplicate.is_empty(), "a duplicate answer does nothing: {duplicate:?}");
+}
+
+#[test]
+fn a_request_that_waits_too_long_is_failed_and_the_paused_limit_holds() {
+    let config = config_with(r#", "max_wait_ms": 100"#);
+    let mut store = MemoryStore::default();
+    let (mut vm, _) = Driver::new(Arc::clone(&config), 9, 0, &mut store);
+    let _ = vm.on_request(0, 1, 0, &mut store);
+    let settled = vm.on_tick(99, &mut store);
+    assert!(!settled.iter().any(|a| matches!(a, Action::Fail { .. })), "{settled:?}");
+    let settled = vm.on_tick(100, &mut store);
+    assert!(settled.contains(&Action::Fail { request: 1, profile: 0 }), "{settled:?}");
+}
+
+#[test]
+fn a_lost_compare_and_swap_never_sends() {
+    struct Contended(MemoryStore);
+    impl Environment for Contended {
+        fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+            self.0.get(key)
+        }
+        fn set(&mut self, _: &str, _: &[u8], _: Option<u32>) -> Written {
+            Written::CasMismatch
+        }
+        fn random_u64(&mut self) -> u64 {
+            1
+        }
+    }
+    let config = config_with(r#", "max_fetches_per_hour": 1"#);
+    let mut store = MemoryStore::default();
+    let (mut vm, _) = Driver::new(Arc::clone(&config), 3, 0, &mut store);
+    let mut contended = Contended(store);
+    let actions = vm.on_tick(10, &mut contended);
+    assert!(sends(&actions).is_empty(), "{actions:?}");
+    assert!(logs(&actions).iter().any(|l| l.contains("contended")), "{actions:?}");
+    assert_eq!(entry(&contended.0, &config).budget_used, 0, "the budget counts only sent requests");
+}
+
+#[test]
+fn an_unknown_cluster_is_one_clear_failure() {
+    let config = config_with("");
+    let mut store = MemoryStore::default();
+    let (mut vm, _) = Driver::new(Arc::clone(&config), 3, 0, &mut store);
+    let id = sends(&vm.on_tick(10, &mut store))[0].id;
+    let actions = vm.on_send_failed(id, 11, &mut store);
+    assert!(actions.contains(&Action::Count { profile: 0, metric: Metric::FetchFailed("no_cluster".into()) }));
+    let lines = logs(&actions);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("\"idp\"") && !lines[0].contains("no response"), "{lines:?}");
+    assert!(entry(&store, &config).retry_at_ms > 11, "backing off");
+}
+
+#[test]
+fn retry_after_as_an_http_date_is_a_floor() {
+    let config = config_with("");
+    let mut store = MemoryStore::default();
+    let (mut vm, _) = Driver::new(Arc::clone(&config), 3, 784_111_770_000, &mut store);
+    let now = 784_111_777_000; // Sun, 06 Nov 1994 08:49:37 GMT
+    let id = sends(&vm.on_tick(now, &mut store))[0].id;
+    let busy = Answer {
+        status: Some(b"429"),
+        retry_after: Some(b"Sun, 06 Nov 1994 08:50:37 GMT"),
+        body: AnswerBody::Bytes(b"{}"),
+    };
+    let _ = vm.on_answer(id, busy, now, &mut store);
+    assert!(entry(&store, &config).retry_at_ms >= now + 60_000, "{:?}", entry(&store, &config));
+    let id = sends(&vm.on_tick(now + 60_000, &mut store))[0].id;
+    let hostile = Answer { status: Some(b"429"), retry_after: Some(b"\xff\xfe"), body: AnswerBody::Bytes(b"") };
+    let actions = vm.on_answer(id, hostile, now + 60_001, &mut store);
+    assert!(actions.contains(&Action::BroadcastWake), "a non-UTF-8 Retry-After is ignored, not fatal");
+}
+
+#[test]
+fn a_discovery_lease_covers_the_whole_chain() {
+    let config = config_at(r#""issuer": "http://idp.test""#, "");
+    let mut store = MemoryStore::default();
+    let (mut vm, _) = Driver::new(Arc::clone(&config), 3, 0, &mut store);
+    let actions = vm.on_tick(10, &mut store);
+    assert_eq!(sends(&actions).len(), 1);
+    let stored = entry(&store, &config);
+    assert!(stored.lease_until_ms >= 10 + 3 * 1_000, "lease until {} for three 1 s requests", stored.lease_until_ms);
+}
+
+#[test]
+fn a_reconfiguration_that_changes_the_cache_key_fails_waiters_and_orphans_fetches() {
+    let config = config_with("");
+    let mut store = MemoryStore::default();
+    let (mut vm, _) = Driver::new(Arc::clone(&config), 3, 0, &mut store);
+    let _ = vm.on_request(0, 5, 1, &mut store);
+    let id = sends(&vm.on_wake(&[0], 2, &mut store))[0].id;
+    let same = vm.reconfigure(config_with(r#", "max_wait_ms": 9000"#), 3, &mut store);
+    assert!(!same.iter().any(|a| matches!(a, Action::Fail { .. })), "same cache key keeps the waiter: {same:?}");
+    let changed = vm.reconfigure(config_with(r#", "scopes": ["other"]"#), 4, &mut store);
+    assert!(changed.contains(&Action::Fail { request: 5, profile: 0 }), "{changed:?}");
+    let late = vm.on_answer(id, answer(b"200", &ok_body("old", 100)), 5, &mut store);
+    assert!(late.is_empty(), "an answer for the old cache key is ignored: {late:?}");
+    assert!(vm.cached(0).is_none());
+}
+
+#[test]
+fn a_rejected_token_is_purged_once() {
+    let config = config_with("");
+    let mut store = MemoryStore::default();
+    let (mut vm, _) = Driver::new(Arc::clone(&config), 3, 0, &mut store);
+    let id = sends(&vm.on_tick(10, &mut store))[0].id;
+    let _ = vm.on_answer(id, answer(b"200", &ok_body("tok", 100)), 20, &mut store);
+    let generation = entry(&store, &config).generation;
+    let hostile = vm.on_response_status(0, generation, Some(b"\xff1"), 30, &mut store);
+    assert!(hostile.is_empty(), "{hostile:?}");
+    let purged = vm.on_response_status(0, generation, Some(b"401"), 30, &mut store);
+    assert!(purged.contains(&Action::Count { profile: 0, metric: Metric::Purged }), "{purged:?}");
+    assert!(vm.cached(0).is_none());
+    let again = vm.on_response_status(0, generation, Some(b"401"), 31, &mut store);
+    assert!(again.is_empty(), "{again:?}");
+}
