@@ -4,6 +4,9 @@ WASM_TARGET   := wasm32-wasip1
 CARGO_WASM    := target/$(WASM_TARGET)/release/oauth2_cc.wasm
 # What ships and what the tests load: the cargo output shrunk by binaryen's wasm-opt.
 WASM          := build/oauth2_cc.wasm
+# The same filter as an Envoy dynamic module (x86_64 Linux; docs/deploy.md says what arm64 takes).
+CARGO_NATIVE  := target/native/liboauth2_cc.so
+NATIVE        := build/liboauth2_cc.so
 WASM_OPT_FLAGS := -Oz --strip-debug --enable-bulk-memory --enable-sign-ext --enable-mutable-globals --enable-nontrapping-float-to-int
 # SDK exports the filter never needs. Envoy calls a stream callback only when the module exports
 # it, and every call is a crossing into the VM on every request (BENCHMARKS.md "Where the time
@@ -20,6 +23,7 @@ MAX_WASM_BYTES := 786432
 
 export E2E_REQUIRE_WASM := 1
 export OAUTH2_CC_WASM := $(CURDIR)/$(WASM)
+export OAUTH2_CC_NATIVE := $(CURDIR)/$(NATIVE)
 
 .PHONY: all run test unit unit-wasm e2e lint fmt build size tools wasm-target wasm-opt clean bench bench-floor bench-floor-native bench-smoke schema wrk fuzz
 
@@ -41,10 +45,13 @@ $(VENV)/.installed: tests/e2e/requirements.txt
 	@$(PY) -c "import sysconfig,os,sys; b=os.path.join(sysconfig.get_paths()['purelib'],'envoy','_bin','envoy'); sys.exit(0 if os.access(b, os.X_OK) else 'envoy binary missing at '+b)"
 	@touch $@
 
-## build: the filter: release wasm, unused SDK exports dropped, then wasm-opt -Oz into build/oauth2_cc.wasm
+## build: the filter, both builds: release wasm, unused SDK exports dropped, then wasm-opt -Oz into
+## build/oauth2_cc.wasm; and the dynamic module (profile `native`) into build/liboauth2_cc.so
 build: wasm-target wasm-opt
 	cargo build --release --target $(WASM_TARGET)
+	cargo build --profile native
 	@mkdir -p build
+	@cp -p $(CARGO_NATIVE) $(NATIVE)
 	@if [ ! -f $(WASM) ] || [ $(CARGO_WASM) -nt $(WASM) ] || [ Makefile -nt $(WASM) ] || [ tools/strip_exports.py -nt $(WASM) ]; then \
 	  echo "strip exports, wasm-opt $(CARGO_WASM) -> $(WASM)"; \
 	  python3 tools/strip_exports.py $(CARGO_WASM) build/oauth2_cc.stripped.wasm $(UNUSED_EXPORTS) && \
