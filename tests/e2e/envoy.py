@@ -42,6 +42,20 @@ HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection
 STRING_VALUE_TYPE = "type.googleapis.com/google.protobuf.StringValue"
 TLS_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 
+# A record the filter itself wrote, from either build, up to the message: proxy-wasm's
+# "[<level>][wasm] [...] wasm log oauth2_cc oauth2_cc: <message>" or the dynamic module's
+# "[<level>][dynamic_modules] [:] oauth2_cc: <message>". ``filter_log("warning")`` adds a level.
+FILTER_LOG = r"\]\[(?:wasm|dynamic_modules)\] .*?oauth2_cc: "
+
+
+def filter_log(level: str) -> str:
+    """Regex prefix of a record the filter wrote at ``level`` (either build)."""
+    return r"\[" + level + FILTER_LOG
+
+
+# What Envoy says when the filter refused its configuration, by build.
+FILTER_REFUSED = {"wasm": "Unable to create Wasm plugin oauth2_cc", "native": "Failed to initialize dynamic module"}
+
 PLUGIN_NAME = "oauth2_cc"
 ROOT_ID = "oauth2_cc"
 VM_ID = "oauth2_cc"
@@ -272,6 +286,24 @@ def native_filter(
     }
 
 
+def native_route_enable(r: dict, *, module_file: str | None = None) -> dict:
+    """Route ``r`` with the native filter enabled on it (when the HCM has it ``disabled``): Envoy's
+    ``FilterConfig`` needs a per-route configuration to enable a filter; the module's has nothing
+    in it (routes pick profiles in the filter configuration)."""
+    r = dict(r)
+    r["typed_per_filter_config"] = {
+        PLUGIN_NAME: {
+            "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
+            "config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilterPerRoute",
+                "dynamic_module_config": {"name": PLUGIN_NAME, "module": {"local": {"filename": module_file or native_path()}}},
+                "per_route_config_name": PLUGIN_NAME,
+            },
+        }
+    }
+    return r
+
+
 def bootstrap_dict(
     plugin_config: Mapping[str, Any] | str | None,
     *,
@@ -293,6 +325,7 @@ def bootstrap_dict(
     route_timeout: str | None = None,
     filter_host: str = "wasm",
     native_file: str | None = None,
+    filter_disabled: bool = False,
 ) -> dict:
     """An Envoy v3 bootstrap as a dict.
 
@@ -304,6 +337,8 @@ def bootstrap_dict(
     Port 0 for the listener or admin lets the kernel pick (see Envoy.ports).
     filter_host: "wasm" (the proxy-wasm build, ``wasm_file``) or "native" (the dynamic module,
     ``native_file``); ``wasm=False`` leaves the filter out whatever the host.
+    filter_disabled: the filter is in the chain but off unless a route enables it
+    (``typed_per_filter_config``; see ``native_route_enable``).
     """
     if routes is None:
         routes = [route("/", "upstream", timeout=route_timeout)]
@@ -328,6 +363,8 @@ def bootstrap_dict(
                 plugin_extra=plugin_extra,
             )
         )
+    if filter_disabled and http_filters:
+        http_filters[0]["disabled"] = True
     http_filters.extend(extra_http_filters or [])
     http_filters.append({"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER_TYPE}})
 
@@ -520,6 +557,8 @@ class Envoy:
         self.returncode: int | None = None
         self._admin_port: int | None = None
         self._listener_port: int | None = None
+        # Where the filter's metrics are: Envoy puts a dynamic module's under its own namespace.
+        self.stat_namespace = "dynamicmodulescustom" if DYNAMIC_MODULE_FILTER_TYPE in config_text else "wasmcustom"
         try:
             cfg = json.loads(config_text)
             self._admin_port = cfg["admin"]["address"]["socket_address"]["port_value"] or None
@@ -709,6 +748,22 @@ class Envoy:
     def stat(self, name: str, default: Any = 0) -> Any:
         return self.stats(filter=f"^{re.escape(name)}$").get(name, default)
 
+    @property
+    def filter_stat_prefix(self) -> str:
+        """``<namespace>.oauth2_cc``: the filter's metrics in /stats, for this Envoy's build."""
+        return f"{self.stat_namespace}.oauth2_cc"
+
+    @property
+    def prometheus_prefix(self) -> str:
+        """What /stats/prometheus puts before ``oauth2_cc_<profile>_<metric>``: nothing for the
+        wasm build (Envoy drops its ``wasmcustom`` namespace), ``envoy_dynamicmodulescustom_``
+        for the dynamic module (Envoy keeps that namespace and adds its ``envoy_`` prefix)."""
+        return "" if self.stat_namespace == "wasmcustom" else f"envoy_{self.stat_namespace}_"
+
+    def filter_stat(self, name: str, default: Any = 0) -> Any:
+        """The filter's metric ``<profile>.<metric>`` (e.g. ``default.injected``), either build."""
+        return self.stat(f"{self.filter_stat_prefix}.{name}", default)
+
     def prometheus(self) -> str:
         return self.admin_get("/stats/prometheus")[1]
 
@@ -743,6 +798,11 @@ class Envoy:
             else:
                 records[-1] += "\n" + line
         return records
+
+    def filter_lines(self) -> list[str]:
+        """Log lines the filter itself wrote (either build)."""
+        rx = re.compile(FILTER_LOG)
+        return [line for line in self.log_lines() if rx.search(line)]
 
     def log_tail(self, n: int = 200) -> str:
         return "\n".join(self.log_lines()[-n:])

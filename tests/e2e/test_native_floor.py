@@ -14,6 +14,8 @@ import pytest
 
 from envoy import FLOOR_NATIVE, native_filter
 
+pytestmark = pytest.mark.host_agnostic
+
 
 @pytest.fixture
 def floor_module() -> str:
