@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes the seed corpora under fuzz/corpus/<target>/: small real inputs each target starts from.
 
-Configs come from src/core/config.rs tests and envoy/demo.yaml, token responses from RFC 6749
+Configs come from src/core/config/tests.rs and envoy/demo.yaml, token responses from RFC 6749
 §5.1/§5.2, cache entries from the encoding in src/core/cache.rs. route_match takes structured
 (`arbitrary`) input, so its seeds are picked from a fuzzing run instead (see README.md).
 Run from anywhere: python3 fuzz/seeds.py
@@ -34,7 +34,8 @@ def config_seeds() -> None:
 
     full = minimal()
     full["profiles"]["billing"].update({
-        "auth_method": "client_secret_post", "scopes": ["read", "write"], "audience": "api",
+        # GET: only with client_secret_basic, tls_client_auth or none (the others are refused)
+        "auth_method": "client_secret_basic", "scopes": ["read", "write"], "audience": "api",
         "resource": ["https://api.example.com"], "params": {"tenant": "t1"},
         "token_request_headers": {"x-api-key": "k"}, "method": "GET", "timeout_ms": 2000,
         "max_wait_ms": 3000, "token_field": "data.token", "expires_in_field": "data.ttl",

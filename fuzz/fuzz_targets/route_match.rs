@@ -83,8 +83,8 @@ impl RequestFacts for Request {
     fn method(&mut self) -> Option<&str> {
         self.method.as_deref()
     }
-    fn header(&mut self, lower_case_name: &str) -> Option<String> {
-        self.headers.iter().find(|(name, _)| name.eq_ignore_ascii_case(lower_case_name)).map(|(_, v)| v.clone())
+    fn header(&mut self, lower_case_name: &str) -> Option<Vec<u8>> {
+        self.headers.iter().find(|(name, _)| name.eq_ignore_ascii_case(lower_case_name)).map(|(_, v)| v.clone().into_bytes())
     }
     fn route_name(&mut self) -> Option<String> {
         self.route_name.clone()

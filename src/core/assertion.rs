@@ -9,12 +9,15 @@
 
 use std::fmt;
 
+mod keys;
+
 use base64::Engine;
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, EncodingKey};
 use serde_json::{Map, Value};
 
 use crate::core::secret::Secret;
+use keys::{EcCurve, ParsedKey, rsa_modulus_bits};
 
 /// `client_assertion_type` of a token request authenticated with a JWT (RFC 7523 §2.2).
 pub const CLIENT_ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
@@ -149,77 +152,46 @@ impl fmt::Display for JwtAlgorithm {
 }
 
 /// Why a key was refused. Messages name the problem, never the key material.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyError {
     /// No PEM block, a block without its END line, or a body that is not base64.
+    #[error(
+        "the private key is not PEM (expected -----BEGIN PRIVATE KEY----- ... -----END PRIVATE KEY----- with a base64 body)"
+    )]
     NotPem,
     /// A PEM block of a kind that cannot sign: a public key, a certificate, an OpenSSH key...
+    #[error(
+        "a PEM \"{label}\" block cannot sign: expected PRIVATE KEY (PKCS#8), RSA PRIVATE KEY (PKCS#1) or EC PRIVATE KEY (SEC1)"
+    )]
     UnsupportedPemLabel { label: String },
     /// An encrypted private key: the filter has no passphrase to open it.
+    #[error("the private key is encrypted; store it decrypted, e.g. `openssl pkcs8 -topk8 -nocrypt -in key.pem`")]
     EncryptedKey,
     /// The DER inside the PEM does not parse as the structure its label announces.
+    #[error("the {format} private key is malformed")]
     MalformedKey { format: &'static str },
     /// A key type or curve no supported algorithm signs with (secp256k1, P-521, Ed448...).
+    #[error("{what} is not supported: use an RSA, EC P-256, EC P-384 or Ed25519 key")]
     UnsupportedKey { what: &'static str },
     /// The key's type does not fit the algorithm: an RSA key with ES256.
+    #[error("an {key} key cannot sign {alg} ({alg} needs {})", alg.key_needed())]
     WrongKeyType { key: &'static str, alg: JwtAlgorithm },
     /// An EC key on the other curve: a P-384 key with ES256.
+    #[error("an EC {key_curve} key cannot sign {alg} ({alg} needs {})", alg.key_needed())]
     CurveMismatch { key_curve: &'static str, alg: JwtAlgorithm },
     /// An RSA key shorter than [`MIN_RSA_BITS`].
+    #[error("the RSA key has {bits} bits; at least {MIN_RSA_BITS} are needed (RFC 7518 §3.3)")]
     RsaKeyTooShort { bits: usize },
     /// A client secret shorter than the hash output of its HMAC algorithm.
+    #[error("the client secret is too short for {alg}: it needs at least {min_bytes} bytes (RFC 7518 §3.2)")]
     HmacSecretTooShort { alg: JwtAlgorithm, min_bytes: usize },
     /// An HMAC algorithm given a private key, or a private-key algorithm given the client secret.
+    #[error("{alg} cannot be used with {method}: {alg} signs with {}", alg.key_needed())]
     AlgorithmNotForMethod { alg: JwtAlgorithm, method: &'static str },
     /// The key parsed but the crypto backend could not sign with it.
+    #[error("the key was read but cannot sign {alg}")]
     KeyRejected { alg: JwtAlgorithm },
 }
-
-impl fmt::Display for KeyError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            KeyError::NotPem => f.write_str(
-                "the private key is not PEM (expected -----BEGIN PRIVATE KEY----- ... \
-                 -----END PRIVATE KEY----- with a base64 body)",
-            ),
-            KeyError::UnsupportedPemLabel { label } => write!(
-                f,
-                "a PEM \"{label}\" block cannot sign: expected PRIVATE KEY (PKCS#8), \
-                 RSA PRIVATE KEY (PKCS#1) or EC PRIVATE KEY (SEC1)"
-            ),
-            KeyError::EncryptedKey => f.write_str(
-                "the private key is encrypted; store it decrypted, e.g. \
-                 `openssl pkcs8 -topk8 -nocrypt -in key.pem`",
-            ),
-            KeyError::MalformedKey { format } => write!(f, "the {format} private key is malformed"),
-            KeyError::UnsupportedKey { what } => {
-                write!(f, "{what} is not supported: use an RSA, EC P-256, EC P-384 or Ed25519 key")
-            }
-            KeyError::WrongKeyType { key, alg } => {
-                write!(f, "an {key} key cannot sign {alg} ({alg} needs {})", alg.key_needed())
-            }
-            KeyError::CurveMismatch { key_curve, alg } => {
-                write!(f, "an EC {key_curve} key cannot sign {alg} ({alg} needs {})", alg.key_needed())
-            }
-            KeyError::RsaKeyTooShort { bits } => {
-                write!(f, "the RSA key has {bits} bits; at least {MIN_RSA_BITS} are needed (RFC 7518 §3.3)")
-            }
-            KeyError::HmacSecretTooShort { alg, min_bytes } => write!(
-                f,
-                "the client secret is too short for {alg}: it needs at least {min_bytes} bytes \
-                 (RFC 7518 §3.2)"
-            ),
-            KeyError::AlgorithmNotForMethod { alg, method } => {
-                write!(f, "{alg} cannot be used with {method}: {alg} signs with {}", alg.key_needed())
-            }
-            KeyError::KeyRejected { alg } => {
-                write!(f, "the key was read but cannot sign {alg}")
-            }
-        }
-    }
-}
-
-impl std::error::Error for KeyError {}
 
 /// A signing key checked against its algorithm at configuration time.
 ///
@@ -243,13 +215,7 @@ impl AssertionSigner {
         if alg.is_hmac() {
             return Err(KeyError::AlgorithmNotForMethod { alg, method: "private_key_jwt" });
         }
-        let (format, der) = pem::private_key(pem.expose())?;
-        let parsed = match format {
-            pem::KeyFormat::Pkcs8 => parse_pkcs8(&der)?,
-            pem::KeyFormat::Pkcs1 => ParsedKey::Rsa { pkcs1: der },
-            pem::KeyFormat::Sec1 => parse_sec1(&der)?,
-        };
-        let key = match (alg, parsed) {
+        let key = match (alg, keys::read_private_key(pem.expose())?) {
             (
                 JwtAlgorithm::RS256
                 | JwtAlgorithm::RS384
@@ -391,48 +357,48 @@ impl AssertionTemplate {
     }
 }
 
-/// Why an assertion could not be built. Messages never contain key material.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Why an assertion could not be built. Messages never contain key material: the signing detail
+/// is a fixed description of the backend's error kind, not its text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AssertionError {
     /// `iss`, `sub` or `aud` is empty (RFC 7523 §3 requires them).
+    #[error("the assertion needs a non-empty \"{claim}\" claim")]
     MissingClaim { claim: &'static str },
     /// `lifetime_s` is 0: the assertion would be expired when issued.
+    #[error("the assertion lifetime must be at least 1 second")]
     ZeroLifetime,
     /// `extra_header` sets a field the signer owns (`alg`).
+    #[error("the assertion header field \"{name}\" is set by the signer and cannot be configured")]
     ReservedHeader { name: &'static str },
     /// `extra_claims` sets a claim computed per assertion (`exp`, `iat`, `nbf`, `jti`).
+    #[error("the assertion claim \"{name}\" is computed for each assertion and cannot be configured")]
     ReservedClaim { name: &'static str },
     /// The `jti` passed in is empty.
+    #[error("the assertion needs a non-empty jti")]
     EmptyJti,
     /// `now + lifetime_s` does not fit in a u64.
+    #[error("the assertion expiry time overflows")]
     TimeOverflow,
     /// The crypto backend failed to sign (e.g. no randomness for RSA blinding or a PSS salt).
-    Signing { alg: JwtAlgorithm, detail: String },
+    #[error("signing the {alg} assertion failed: {detail}")]
+    Signing { alg: JwtAlgorithm, detail: &'static str },
 }
 
-impl fmt::Display for AssertionError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            AssertionError::MissingClaim { claim } => {
-                write!(f, "the assertion needs a non-empty \"{claim}\" claim")
-            }
-            AssertionError::ZeroLifetime => f.write_str("the assertion lifetime must be at least 1 second"),
-            AssertionError::ReservedHeader { name } => {
-                write!(f, "the assertion header field \"{name}\" is set by the signer and cannot be configured")
-            }
-            AssertionError::ReservedClaim { name } => {
-                write!(f, "the assertion claim \"{name}\" is computed for each assertion and cannot be configured")
-            }
-            AssertionError::EmptyJti => f.write_str("the assertion needs a non-empty jti"),
-            AssertionError::TimeOverflow => f.write_str("the assertion expiry time overflows"),
-            AssertionError::Signing { alg, detail } => {
-                write!(f, "signing the {alg} assertion failed: {detail}")
-            }
-        }
+/// What went wrong in the signer, as a fixed text: the backend's own messages may quote what the
+/// crypto crates said, and those never reach a log from here.
+fn signing_detail(error: &jsonwebtoken::errors::Error) -> &'static str {
+    use jsonwebtoken::errors::ErrorKind;
+    match error.kind() {
+        ErrorKind::InvalidRsaKey(_) => "the RSA key was refused",
+        ErrorKind::InvalidEcdsaKey => "the EC key was refused",
+        ErrorKind::InvalidEddsaKey => "the Ed25519 key was refused",
+        ErrorKind::InvalidKeyFormat => "the key format was refused",
+        ErrorKind::RsaFailedSigning => "RSA signing failed (no randomness for blinding or the PSS salt?)",
+        ErrorKind::Signing(_) => "the signature backend failed (no randomness?)",
+        ErrorKind::InvalidAlgorithm | ErrorKind::UnsupportedAlgorithm => "the key does not fit the algorithm",
+        _ => "the signature backend failed",
     }
 }
-
-impl std::error::Error for AssertionError {}
 
 /// Builds and signs one assertion: a compact JWS `header.claims.signature`.
 ///
@@ -479,267 +445,13 @@ pub fn sign_assertion(
     );
     let signature = signer
         .sign(signing_input.as_bytes())
-        .map_err(|error| AssertionError::Signing { alg: signer.alg, detail: error.to_string() })?;
+        .map_err(|error| AssertionError::Signing { alg: signer.alg, detail: signing_detail(&error) })?;
     Ok(format!("{signing_input}.{signature}"))
 }
 
 /// A `jti` from 128 random bits: their base64url encoding without padding (22 characters).
 pub fn jti_from_random(bytes: &[u8; 16]) -> String {
     URL_SAFE_NO_PAD.encode(bytes)
-}
-
-/// A private key, sorted by type, in the DER form `jsonwebtoken` takes for it.
-enum ParsedKey {
-    Rsa { pkcs1: Vec<u8> },
-    Ec { curve: EcCurve, pkcs8: Vec<u8> },
-    Ed25519 { pkcs8: Vec<u8> },
-}
-
-impl ParsedKey {
-    fn kind(&self) -> &'static str {
-        match self {
-            ParsedKey::Rsa { .. } => "RSA",
-            ParsedKey::Ec { curve, .. } => curve.key_kind(),
-            ParsedKey::Ed25519 { .. } => "Ed25519",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum EcCurve {
-    P256,
-    P384,
-}
-
-impl EcCurve {
-    fn name(self) -> &'static str {
-        match self {
-            EcCurve::P256 => "P-256",
-            EcCurve::P384 => "P-384",
-        }
-    }
-
-    fn key_kind(self) -> &'static str {
-        match self {
-            EcCurve::P256 => "EC P-256",
-            EcCurve::P384 => "EC P-384",
-        }
-    }
-
-    fn oid(self) -> &'static [u8] {
-        match self {
-            EcCurve::P256 => oid::P256,
-            EcCurve::P384 => oid::P384,
-        }
-    }
-
-    fn from_oid(curve: &[u8]) -> Result<Self, KeyError> {
-        match curve {
-            oid::P256 => Ok(EcCurve::P256),
-            oid::P384 => Ok(EcCurve::P384),
-            oid::P521 => Err(KeyError::UnsupportedKey { what: "an EC P-521 key" }),
-            oid::SECP256K1 => Err(KeyError::UnsupportedKey { what: "an EC secp256k1 key" }),
-            _ => Err(KeyError::UnsupportedKey { what: "an EC key on an unknown curve" }),
-        }
-    }
-}
-
-/// Object identifiers, as the content bytes of their DER encoding.
-mod oid {
-    /// rsaEncryption, 1.2.840.113549.1.1.1
-    pub const RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01];
-    /// id-RSASSA-PSS, 1.2.840.113549.1.1.10
-    pub const RSA_PSS: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0a];
-    /// id-ecPublicKey, 1.2.840.10045.2.1
-    pub const EC: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
-    /// prime256v1 (P-256), 1.2.840.10045.3.1.7
-    pub const P256: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
-    /// secp384r1 (P-384), 1.3.132.0.34
-    pub const P384: &[u8] = &[0x2b, 0x81, 0x04, 0x00, 0x22];
-    /// secp521r1 (P-521), 1.3.132.0.35
-    pub const P521: &[u8] = &[0x2b, 0x81, 0x04, 0x00, 0x23];
-    /// secp256k1, 1.3.132.0.10
-    pub const SECP256K1: &[u8] = &[0x2b, 0x81, 0x04, 0x00, 0x0a];
-    /// id-Ed25519, 1.3.101.112
-    pub const ED25519: &[u8] = &[0x2b, 0x65, 0x70];
-    /// id-Ed448, 1.3.101.113
-    pub const ED448: &[u8] = &[0x2b, 0x65, 0x71];
-}
-
-/// PKCS#8 `PrivateKeyInfo` (RFC 5208, RFC 5958): sorts the key by its algorithm identifier.
-fn parse_pkcs8(der: &[u8]) -> Result<ParsedKey, KeyError> {
-    const MALFORMED: KeyError = KeyError::MalformedKey { format: "PKCS#8" };
-    let info = der::whole(der, der::SEQUENCE).ok_or(MALFORMED)?;
-    let (_version, rest) = der::take(info, der::INTEGER).ok_or(MALFORMED)?;
-    let (algorithm, rest) = der::take(rest, der::SEQUENCE).ok_or(MALFORMED)?;
-    let (private_key, _attributes) = der::take(rest, der::OCTET_STRING).ok_or(MALFORMED)?;
-    let (algorithm_oid, parameters) = der::take(algorithm, der::OID).ok_or(MALFORMED)?;
-    match algorithm_oid {
-        // The private key of rsaEncryption is a PKCS#1 RSAPrivateKey.
-        oid::RSA => Ok(ParsedKey::Rsa { pkcs1: private_key.to_vec() }),
-        oid::EC => {
-            let (curve, _) = der::take(parameters, der::OID)
-                .ok_or(KeyError::UnsupportedKey { what: "an EC key without a named curve" })?;
-            Ok(ParsedKey::Ec { curve: EcCurve::from_oid(curve)?, pkcs8: der.to_vec() })
-        }
-        oid::ED25519 => Ok(ParsedKey::Ed25519 { pkcs8: der.to_vec() }),
-        oid::ED448 => Err(KeyError::UnsupportedKey { what: "an Ed448 key" }),
-        oid::RSA_PSS => Err(KeyError::UnsupportedKey { what: "an RSA-PSS-only key (id-RSASSA-PSS)" }),
-        _ => Err(KeyError::UnsupportedKey { what: "a key of an unknown algorithm" }),
-    }
-}
-
-/// SEC1 `ECPrivateKey` (RFC 5915), rewrapped as PKCS#8 since that is what the signer reads.
-fn parse_sec1(der: &[u8]) -> Result<ParsedKey, KeyError> {
-    const MALFORMED: KeyError = KeyError::MalformedKey { format: "SEC1 EC" };
-    let key = der::whole(der, der::SEQUENCE).ok_or(MALFORMED)?;
-    let (_version, rest) = der::take(key, der::INTEGER).ok_or(MALFORMED)?;
-    let (_private_key, mut rest) = der::take(rest, der::OCTET_STRING).ok_or(MALFORMED)?;
-    // Optional [0] parameters (the named curve) and [1] public key.
-    let mut curve = None;
-    while !rest.is_empty() {
-        let (tag, value, next) = der::read(rest).ok_or(MALFORMED)?;
-        if tag == der::CONTEXT_0 {
-            let (curve_oid, _) = der::take(value, der::OID)
-                .ok_or(KeyError::UnsupportedKey { what: "an EC key without a named curve" })?;
-            curve = Some(EcCurve::from_oid(curve_oid)?);
-        }
-        rest = next;
-    }
-    let curve = curve.ok_or(KeyError::UnsupportedKey { what: "an EC key without a named curve" })?;
-    let algorithm =
-        der::encode(der::SEQUENCE, &[der::encode(der::OID, oid::EC), der::encode(der::OID, curve.oid())].concat());
-    let pkcs8 = der::encode(
-        der::SEQUENCE,
-        &[der::encode(der::INTEGER, &[0]), algorithm, der::encode(der::OCTET_STRING, der)].concat(),
-    );
-    Ok(ParsedKey::Ec { curve, pkcs8 })
-}
-
-/// Bit length of the modulus of a PKCS#1 `RSAPrivateKey` (RFC 8017 §A.1.2).
-fn rsa_modulus_bits(pkcs1: &[u8]) -> Option<usize> {
-    let key = der::whole(pkcs1, der::SEQUENCE)?;
-    let (_version, rest) = der::take(key, der::INTEGER)?;
-    let (modulus, _) = der::take(rest, der::INTEGER)?;
-    let leading_zeros = modulus.iter().take_while(|byte| **byte == 0).count();
-    let significant = modulus.get(leading_zeros..)?;
-    let first = significant.first()?;
-    Some((significant.len() - 1) * 8 + (8 - first.leading_zeros() as usize))
-}
-
-/// Just enough DER to find our way in key structures; the crypto crates validate the keys.
-mod der {
-    pub const INTEGER: u8 = 0x02;
-    pub const OCTET_STRING: u8 = 0x04;
-    pub const OID: u8 = 0x06;
-    pub const SEQUENCE: u8 = 0x30;
-    pub const CONTEXT_0: u8 = 0xa0;
-
-    /// One element from the front of `input`: (tag, contents, rest). Definite lengths only.
-    pub fn read(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-        let (&tag, rest) = input.split_first()?;
-        if tag & 0x1f == 0x1f {
-            return None; // multi-byte tags do not occur in key structures
-        }
-        let (&first, rest) = rest.split_first()?;
-        let (len, rest) = if first < 0x80 {
-            (usize::from(first), rest)
-        } else {
-            let count = usize::from(first & 0x7f);
-            if count == 0 || count > 4 {
-                return None; // indefinite length (not DER), or absurdly long
-            }
-            let (len_bytes, rest) = rest.split_at_checked(count)?;
-            let len = len_bytes.iter().fold(0usize, |len, byte| (len << 8) | usize::from(*byte));
-            (len, rest)
-        };
-        let (contents, rest) = rest.split_at_checked(len)?;
-        Some((tag, contents, rest))
-    }
-
-    /// The contents of an element with this tag at the front of `input`, and what follows it.
-    pub fn take(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
-        let (found, contents, rest) = read(input)?;
-        (found == tag).then_some((contents, rest))
-    }
-
-    /// The contents of `input` when it is exactly one element with this tag.
-    pub fn whole(input: &[u8], tag: u8) -> Option<&[u8]> {
-        let (contents, rest) = take(input, tag)?;
-        rest.is_empty().then_some(contents)
-    }
-
-    pub fn encode(tag: u8, contents: &[u8]) -> Vec<u8> {
-        let len_bytes = contents.len().to_be_bytes();
-        let skip = len_bytes.iter().take_while(|byte| **byte == 0).count();
-        let significant = len_bytes.get(skip..).unwrap_or_default();
-        let mut out = Vec::with_capacity(contents.len().saturating_add(10));
-        out.push(tag);
-        match significant {
-            [] => out.push(0),
-            [short] if *short < 0x80 => out.push(*short),
-            // At most 8 length bytes (a usize), so the count fits the low 7 bits.
-            long => {
-                out.push(0x80 | long.len() as u8);
-                out.extend_from_slice(long);
-            }
-        }
-        out.extend_from_slice(contents);
-        out
-    }
-}
-
-/// PEM armor (RFC 7468), read leniently: any whitespace, CRLF, or literal `\n` in the body.
-mod pem {
-    use super::{Engine, KeyError, STANDARD};
-
-    pub enum KeyFormat {
-        /// `PRIVATE KEY`
-        Pkcs8,
-        /// `RSA PRIVATE KEY`
-        Pkcs1,
-        /// `EC PRIVATE KEY`
-        Sec1,
-    }
-
-    /// The DER of the first private key block in `text`.
-    pub fn private_key(text: &str) -> Result<(KeyFormat, Vec<u8>), KeyError> {
-        let mut refused = None;
-        let mut rest = text;
-        while let Some((_, after_begin)) = rest.split_once("-----BEGIN ") {
-            let (label, after_label) = after_begin.split_once("-----").ok_or(KeyError::NotPem)?;
-            if label.len() > 64 || !label.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
-                return Err(KeyError::NotPem);
-            }
-            let end = format!("-----END {label}-----");
-            let (body, after_end) = after_label.split_once(end.as_str()).ok_or(KeyError::NotPem)?;
-            rest = after_end;
-            let format = match label {
-                "PRIVATE KEY" => KeyFormat::Pkcs8,
-                "RSA PRIVATE KEY" => KeyFormat::Pkcs1,
-                "EC PRIVATE KEY" => KeyFormat::Sec1,
-                "ENCRYPTED PRIVATE KEY" => {
-                    refused.get_or_insert(KeyError::EncryptedKey);
-                    continue;
-                }
-                // Skipped, so that the key after an `EC PARAMETERS` block (written by
-                // `openssl ecparam -genkey`) or in a key + certificate bundle is found.
-                other => {
-                    refused.get_or_insert(KeyError::UnsupportedPemLabel { label: other.to_string() });
-                    continue;
-                }
-            };
-            // Legacy OpenSSL encryption: `Proc-Type: 4,ENCRYPTED` and `DEK-Info:` headers.
-            if body.contains("Proc-Type:") || body.contains("DEK-Info:") {
-                return Err(KeyError::EncryptedKey);
-            }
-            let base64: String =
-                body.replace("\\n", "").replace("\\r", "").chars().filter(|c| !c.is_ascii_whitespace()).collect();
-            let der = STANDARD.decode(base64).map_err(|_| KeyError::NotPem)?;
-            return Ok((format, der));
-        }
-        Err(refused.unwrap_or(KeyError::NotPem))
-    }
 }
 
 #[cfg(test)]
@@ -1001,7 +713,7 @@ mod tests {
     }
 
     #[test]
-    fn private_keys_that_do_not_fit_are_refused() {
+    fn key_texts_that_are_not_a_usable_private_key_are_refused() {
         let encrypted = "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIB\n-----END ENCRYPTED PRIVATE KEY-----\n";
         let legacy_encrypted = RSA_PKCS1.replace(
             "-----BEGIN RSA PRIVATE KEY-----\n",
@@ -1037,6 +749,16 @@ mod tests {
                 openssh,
                 KeyError::UnsupportedPemLabel { label: "OPENSSH PRIVATE KEY".into() },
             ),
+        ];
+        for (name, alg, pem, expected) in cases {
+            let result = AssertionSigner::from_private_key_pem(alg, &Secret::new(pem));
+            assert_eq!(result.err(), Some(expected), "{name}");
+        }
+    }
+
+    #[test]
+    fn keys_that_do_not_fit_the_algorithm_are_refused() {
+        let cases: Vec<(&str, JwtAlgorithm, &str, KeyError)> = vec![
             (
                 "RSA key for ES256",
                 JwtAlgorithm::ES256,
@@ -1149,38 +871,21 @@ mod tests {
 
     #[test]
     fn a_sec1_key_without_its_curve_is_refused() {
+        use base64::engine::general_purpose::STANDARD;
+        use der::Encode;
         // Rebuild the SEC1 key with only its version, private key and public key.
         let body: String = EC_P256_SEC1.lines().filter(|line| !line.starts_with("-----")).collect();
         let der = STANDARD.decode(body).expect("b64");
-        let key = der::whole(&der, der::SEQUENCE).expect("sequence");
-        let mut rest = key;
-        let mut kept = Vec::new();
-        while let Some((tag, contents, next)) = der::read(rest) {
-            if tag != der::CONTEXT_0 {
-                kept.extend(der::encode(tag, contents));
-            }
-            rest = next;
-        }
-        let stripped = der::encode(der::SEQUENCE, &kept);
+        let mut key = sec1::EcPrivateKey::try_from(der.as_slice()).expect("SEC1");
+        assert!(key.parameters.is_some(), "the fixture names its curve");
+        key.parameters = None;
+        let stripped = key.to_der().expect("encodes");
         let pem =
             format!("-----BEGIN EC PRIVATE KEY-----\n{}\n-----END EC PRIVATE KEY-----\n", STANDARD.encode(stripped));
         assert_eq!(
             AssertionSigner::from_private_key_pem(JwtAlgorithm::ES256, &Secret::new(pem)).err(),
             Some(KeyError::UnsupportedKey { what: "an EC key without a named curve" })
         );
-    }
-
-    #[test]
-    fn der_lengths_round_trip() {
-        for len in [0usize, 1, 127, 128, 255, 256, 65_535, 65_536] {
-            let contents = vec![7u8; len];
-            let encoded = der::encode(der::OCTET_STRING, &contents);
-            assert_eq!(der::whole(&encoded, der::OCTET_STRING), Some(contents.as_slice()), "{len}");
-        }
-        // Indefinite length, a length past the end, a multi-byte tag.
-        for bad in [&[0x30, 0x80, 0, 0][..], &[0x04, 0x05, 1], &[0x1f, 0x01, 0x00]] {
-            assert_eq!(der::read(bad), None, "{bad:?}");
-        }
     }
 
     #[test]

@@ -1,186 +1,22 @@
-//! The per-profile token cache entry kept in proxy-wasm shared data, and every decision about it.
+//! Every decision about a profile's cache entry (`core::entry`): whether a request gets the token,
+//! waits or fails; whether a VM should fetch (the lease, the budget); when a token is refreshed
+//! and stops being usable; what a success, a failure or a rejection does to the entry.
 //!
 //! One entry per profile holds the token, when to refresh it and when it stops being usable, the
 //! fetch lease (which VM is fetching, until when), and the failure state (count, no retry before).
 //! All VMs of the Envoy process read and write it with compare-and-swap; the functions here take an
-//! entry and the time and return what to do or the entry to write, so the host only carries out.
-//!
-//! The encoding is a fixed little-endian header followed by the token, so the request path reads
-//! it without parsing JSON or allocating.
+//! entry and the time and return what to do or the entry to write.
 
 use crate::core::config::{BackoffPolicy, LifetimePolicy};
 use crate::core::token_response::{FailureClass, TokenGrant};
 
-/// Bumped whenever the layout changes: an entry of another version reads as empty (no token).
-const VERSION: u8 = 2;
-/// Flag bit in the failure-class byte.
-const FAILING_WHILE_USABLE: u8 = 0x10;
-const HEADER_LEN: usize = 1 + 8 * 8 + 4 + 4 + 1 + 4;
 /// The window of the per-profile fetch budget.
 pub const BUDGET_WINDOW_MS: u64 = 3_600_000;
 /// How long a worker leaves a due background refresh to the main-thread VMs (capped at half the
 /// time between refresh and expiry), so refreshes and their signing stay off the request threads.
 pub const WORKER_REFRESH_GRACE_MS: u64 = 1_000;
 
-/// A decoded cache entry.
-#[derive(Clone, PartialEq, Eq, Default)]
-pub struct Entry {
-    /// Increases each time a new token is stored; identifies the token without comparing bytes.
-    pub generation: u64,
-    /// When the request that got this token was sent (ms since the epoch).
-    pub token_sent_at_ms: u64,
-    /// From then on, a background refresh is due.
-    pub refresh_at_ms: u64,
-    /// From then on, the token must not be injected.
-    pub expires_at_ms: u64,
-    /// The VM fetching now (0: nobody).
-    pub lease_holder: u64,
-    pub lease_until_ms: u64,
-    /// Consecutive failed fetches.
-    pub failures: u32,
-    /// No fetch before this time (backoff, Retry-After).
-    pub retry_at_ms: u64,
-    pub last_failure: Option<FailureClass>,
-    /// The failures counted so far happened while a token was still usable (refresh retries).
-    pub failing_while_usable: bool,
-    /// Start of the current fetch-budget window, and fetches started in it.
-    pub budget_window_start_ms: u64,
-    pub budget_used: u32,
-    /// Empty when there is no token.
-    pub token: String,
-}
-
-impl std::fmt::Debug for Entry {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Entry")
-            .field("generation", &self.generation)
-            .field("token", &if self.token.is_empty() { "" } else { "[redacted]" })
-            .field("refresh_at_ms", &self.refresh_at_ms)
-            .field("expires_at_ms", &self.expires_at_ms)
-            .field("lease_holder", &self.lease_holder)
-            .field("lease_until_ms", &self.lease_until_ms)
-            .field("failures", &self.failures)
-            .field("retry_at_ms", &self.retry_at_ms)
-            .finish()
-    }
-}
-
-impl Entry {
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(HEADER_LEN + self.token.len());
-        out.push(VERSION);
-        for value in [
-            self.generation,
-            self.token_sent_at_ms,
-            self.refresh_at_ms,
-            self.expires_at_ms,
-            self.lease_holder,
-            self.lease_until_ms,
-            self.retry_at_ms,
-            self.budget_window_start_ms,
-        ] {
-            out.extend_from_slice(&value.to_le_bytes());
-        }
-        out.extend_from_slice(&self.failures.to_le_bytes());
-        out.extend_from_slice(&self.budget_used.to_le_bytes());
-        let class = match self.last_failure {
-            None => 0,
-            Some(FailureClass::Transient) => 1,
-            Some(FailureClass::ConfigurationFault) => 2,
-        };
-        out.push(class | if self.failing_while_usable { FAILING_WHILE_USABLE } else { 0 });
-        out.extend_from_slice(&(self.token.len() as u32).to_le_bytes());
-        out.extend_from_slice(self.token.as_bytes());
-        out
-    }
-
-    /// Decodes an entry; `None` for anything this version did not write (treated as empty).
-    pub fn decode(bytes: &[u8]) -> Option<Entry> {
-        let view = EntryView::decode(bytes)?;
-        let mut reader = Reader { bytes: &bytes[1..] };
-        let generation = reader.u64()?;
-        let token_sent_at_ms = reader.u64()?;
-        let refresh_at_ms = reader.u64()?;
-        let expires_at_ms = reader.u64()?;
-        let lease_holder = reader.u64()?;
-        let lease_until_ms = reader.u64()?;
-        let retry_at_ms = reader.u64()?;
-        let budget_window_start_ms = reader.u64()?;
-        let failures = reader.u32()?;
-        let budget_used = reader.u32()?;
-        let flags = reader.u8()?;
-        let last_failure = match flags & !FAILING_WHILE_USABLE {
-            1 => Some(FailureClass::Transient),
-            2 => Some(FailureClass::ConfigurationFault),
-            _ => None,
-        };
-        let failing_while_usable = flags & FAILING_WHILE_USABLE != 0;
-        Some(Entry {
-            generation,
-            token_sent_at_ms,
-            refresh_at_ms,
-            expires_at_ms,
-            lease_holder,
-            lease_until_ms,
-            failures,
-            retry_at_ms,
-            last_failure,
-            failing_while_usable,
-            budget_window_start_ms,
-            budget_used,
-            token: view.token.to_string(),
-        })
-    }
-
-    fn has_usable_token(&self, now_ms: u64) -> bool {
-        !self.token.is_empty() && now_ms < self.expires_at_ms
-    }
-}
-
-/// The fields the request path needs, borrowed from the shared-data bytes (no allocation).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct EntryView<'a> {
-    pub generation: u64,
-    pub expires_at_ms: u64,
-    pub retry_at_ms: u64,
-    pub token: &'a str,
-}
-
-impl<'a> EntryView<'a> {
-    pub fn decode(bytes: &'a [u8]) -> Option<EntryView<'a>> {
-        if bytes.len() < HEADER_LEN || bytes[0] != VERSION {
-            return None;
-        }
-        let field = |index: usize| -> Option<u64> {
-            let start = 1 + index * 8;
-            Some(u64::from_le_bytes(bytes.get(start..start + 8)?.try_into().ok()?))
-        };
-        let token_len = u32::from_le_bytes(bytes.get(HEADER_LEN - 4..HEADER_LEN)?.try_into().ok()?) as usize;
-        let token = std::str::from_utf8(bytes.get(HEADER_LEN..HEADER_LEN.checked_add(token_len)?)?).ok()?;
-        Some(EntryView { generation: field(0)?, expires_at_ms: field(3)?, retry_at_ms: field(6)?, token })
-    }
-}
-
-struct Reader<'a> {
-    bytes: &'a [u8],
-}
-
-impl Reader<'_> {
-    fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
-        let (head, rest) = self.bytes.split_at_checked(N)?;
-        self.bytes = rest;
-        head.try_into().ok()
-    }
-    fn u64(&mut self) -> Option<u64> {
-        self.take::<8>().map(u64::from_le_bytes)
-    }
-    fn u32(&mut self) -> Option<u32> {
-        self.take::<4>().map(u32::from_le_bytes)
-    }
-    fn u8(&mut self) -> Option<u8> {
-        self.take::<1>().map(|[b]| b)
-    }
-}
+pub use crate::core::entry::{Entry, EntryView};
 
 /// What to do with a request that needs a token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -298,10 +134,11 @@ pub fn expiry_margin_ms(lifetime_ms: u64, policy: &LifetimePolicy) -> u64 {
 ///
 /// Counted from when the request was sent, not when the answer came: the IdP stamps `exp` from its
 /// own clock. When the token carries its own `exp` (`jws_expiry_ms`), the token is usable until the
-/// earlier of the two, each less its margin. A background refresh starts after `ahead_ratio` of the
-/// time the token is usable (so a short-lived token, whose margin is a large part of its life,
-/// still gets its refresh before it stops being usable); an IdP's `refresh_in` (seconds), when
-/// sent, replaces that rule.
+/// earlier of the two, each less its margin. A background refresh starts at `ahead_ratio` of the
+/// lifetime, but no later than [`MIN_MARGIN_MS`] (or the share `ahead_ratio` leaves of a short
+/// usable life) before the token stops being usable, so a short-lived token, whose margin is a
+/// large part of its life, is still refreshed before requests would have to wait. An IdP's
+/// `refresh_in` (seconds), when sent, replaces the `ahead_ratio` rule.
 pub fn token_times(
     sent_at_ms: u64,
     lifetime_s: u64,
@@ -315,12 +152,16 @@ pub fn token_times(
         let claimed_ms = exp_ms.saturating_sub(sent_at_ms);
         expires_at = expires_at.min(exp_ms.saturating_sub(expiry_margin_ms(claimed_ms, policy)));
     }
-    let usable_ms = expires_at.saturating_sub(sent_at_ms);
-    let refresh_after_ms = match refresh_in_s {
-        Some(seconds) => seconds.saturating_mul(1000),
-        None => (usable_ms as f64 * policy.ahead_ratio) as u64,
+    let refresh_at = match refresh_in_s {
+        Some(seconds) => sent_at_ms.saturating_add(seconds.saturating_mul(1000)),
+        None => {
+            let usable_ms = expires_at.saturating_sub(sent_at_ms);
+            let lead_ms = MIN_MARGIN_MS.min((usable_ms as f64 * (1.0 - policy.ahead_ratio)).round() as u64);
+            let by_ratio = sent_at_ms.saturating_add((lifetime_ms as f64 * policy.ahead_ratio).round() as u64);
+            by_ratio.min(expires_at.saturating_sub(lead_ms))
+        }
     };
-    let refresh_at = sent_at_ms.saturating_add(refresh_after_ms).min(expires_at);
+    let refresh_at = refresh_at.min(expires_at);
     (refresh_at, expires_at)
 }
 
@@ -351,7 +192,6 @@ pub fn after_success(
         expires_at_ms,
         failures: 0,
         retry_at_ms: 0,
-        last_failure: None,
         failing_while_usable: false,
         token: grant.access_token.clone(),
         ..next
@@ -390,13 +230,7 @@ pub fn after_failure(
         next.lease_holder = 0;
         next.lease_until_ms = 0;
     }
-    Entry {
-        failures,
-        retry_at_ms: now_ms.saturating_add(delay),
-        last_failure: Some(class),
-        failing_while_usable: usable,
-        ..next
-    }
+    Entry { failures, retry_at_ms: now_ms.saturating_add(delay), failing_while_usable: usable, ..next }
 }
 
 /// The shortest spacing of retries while a still-valid token runs out.
@@ -467,43 +301,17 @@ mod tests {
     }
 
     #[test]
-    fn codec_round_trip_and_view() {
-        let entry = Entry {
-            generation: 3,
-            token_sent_at_ms: 10,
-            refresh_at_ms: 20,
-            expires_at_ms: 30,
-            lease_holder: 40,
-            lease_until_ms: 50,
-            failures: 2,
-            retry_at_ms: 60,
-            last_failure: Some(FailureClass::ConfigurationFault),
-            failing_while_usable: true,
-            budget_window_start_ms: 70,
-            budget_used: 4,
-            token: "abc.def".into(),
-        };
-        let bytes = entry.encode();
-        assert_eq!(Entry::decode(&bytes), Some(entry));
-        assert_eq!(
-            EntryView::decode(&bytes),
-            Some(EntryView { generation: 3, expires_at_ms: 30, retry_at_ms: 60, token: "abc.def" })
-        );
-        assert_eq!(Entry::decode(&bytes[..bytes.len() - 1]), None);
-        assert_eq!(Entry::decode(&[]), None);
-        let mut other_version = bytes.clone();
-        other_version[0] = 9;
-        assert_eq!(Entry::decode(&other_version), None);
-    }
-
-    #[test]
     fn token_times_count_from_send_and_keep_a_whole_second_margin() {
-        // 100 s token: margin 5 s (skew), usable 95 s, refresh after 0.8 of that.
-        assert_eq!(token_times(1_000, 100, None, None, &POLICY), (77_000, 96_000));
+        // 100 s token: margin 5 s (skew), refresh at 0.8 of the lifetime.
+        assert_eq!(token_times(1_000, 100, None, None, &POLICY), (81_000, 96_000));
+        // 10 s token: margin 1 s; refresh at 8 s, a second before the usable end.
+        assert_eq!(token_times(0, 10, None, None, &POLICY), (8_000, 9_000));
         // 3 s token: a tenth would be 0.3 s, but whole-second `exp` stamps need 1 s.
         assert_eq!(token_times(0, 3, None, None, &POLICY), (1_600, 2_000));
         // 1 s token: a 1 s margin would leave nothing, so a tenth it is.
         assert_eq!(token_times(0, 1, None, None, &POLICY), (720, 900));
+        // 2 s token: usable 1 s; refresh 0.2 s before its end.
+        assert_eq!(token_times(0, 2, None, None, &POLICY), (800, 1_000));
         // ahead_ratio 1: refresh no later than expiry.
         let late = LifetimePolicy { ahead_ratio: 1.0, ..POLICY };
         assert_eq!(token_times(0, 100, None, None, &late), (95_000, 95_000));
@@ -549,10 +357,10 @@ mod tests {
 
     #[test]
     fn workers_leave_refreshes_to_the_main_thread_for_a_grace() {
-        let fresh = with_token(0); // refresh at 76 s, expiry at 95 s
+        let fresh = with_token(0); // refresh at 80 s, expiry at 95 s
         let worker = FetchRules { holder: 9, lease_ms: 6_000, defer_refresh: true, max_fetches_per_hour: None };
-        assert_eq!(claim_fetch(&fresh, 76_500, &worker), Claim::NotNeeded);
-        assert!(matches!(claim_fetch(&fresh, 77_000, &worker), Claim::Claimed(_)));
+        assert_eq!(claim_fetch(&fresh, 80_500, &worker), Claim::NotNeeded);
+        assert!(matches!(claim_fetch(&fresh, 81_000, &worker), Claim::Claimed(_)));
         let empty = Entry::default();
         assert!(matches!(claim_fetch(&empty, 0, &worker), Claim::Claimed(_)), "no token: no grace");
     }

@@ -6,8 +6,6 @@
 //! issuer's path). The metadata must name the same issuer (RFC 8414 §3.3, OIDC Discovery §4.3)
 //! and, when it lists the supported client authentication methods, the profile's method.
 
-use std::fmt;
-
 use serde_json::Value;
 
 use crate::core::url::{HttpUrl, UrlError};
@@ -24,43 +22,31 @@ pub fn metadata_urls(issuer: &HttpUrl) -> Vec<HttpUrl> {
 }
 
 /// Why discovery gave no token endpoint.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DiscoveryError {
     /// The document is not at this location (try the next one).
+    #[error("no metadata document at the OpenID Connect or RFC 8414 location")]
     NotFound,
+    #[error("metadata request answered status {0}")]
     Status(u32),
+    #[error("no response to the metadata request")]
     NoResponse,
+    #[error("metadata is not a JSON object")]
     NotJson,
-    IssuerMismatch {
-        found: String,
-    },
+    /// The metadata body is larger than the profile's `max_response_bytes`.
+    #[error("metadata response is larger than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("metadata names issuer {found:?}, not the configured one")]
+    IssuerMismatch { found: String },
+    #[error("metadata has no token_endpoint")]
     NoTokenEndpoint,
+    #[error("metadata token_endpoint: {0}")]
     BadTokenEndpoint(UrlError),
-    AuthMethodNotSupported {
-        method: String,
-        supported: Vec<String>,
-    },
-}
-
-impl fmt::Display for DiscoveryError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            DiscoveryError::NotFound => f.write_str("no metadata document at the OpenID Connect or RFC 8414 location"),
-            DiscoveryError::Status(status) => write!(f, "metadata request answered status {status}"),
-            DiscoveryError::NoResponse => f.write_str("no response to the metadata request"),
-            DiscoveryError::NotJson => f.write_str("metadata is not a JSON object"),
-            DiscoveryError::IssuerMismatch { found } => {
-                write!(f, "metadata names issuer {found:?}, not the configured one")
-            }
-            DiscoveryError::NoTokenEndpoint => f.write_str("metadata has no token_endpoint"),
-            DiscoveryError::BadTokenEndpoint(e) => write!(f, "metadata token_endpoint: {e}"),
-            DiscoveryError::AuthMethodNotSupported { method, supported } => write!(
-                f,
-                "the IdP does not list auth_method {method} in token_endpoint_auth_methods_supported ({})",
-                supported.join(", ")
-            ),
-        }
-    }
+    #[error(
+        "the IdP does not list auth_method {method} in token_endpoint_auth_methods_supported ({})",
+        supported.join(", ")
+    )]
+    AuthMethodNotSupported { method: String, supported: Vec<String> },
 }
 
 impl DiscoveryError {
@@ -155,5 +141,13 @@ mod tests {
         assert_eq!(parse_metadata(200, no_endpoint, issuer, "none"), Err(DiscoveryError::NoTokenEndpoint));
         assert!(DiscoveryError::NoTokenEndpoint.is_configuration_fault());
         assert!(!DiscoveryError::Status(503).is_configuration_fault());
+    }
+
+    /// An oversized metadata body is its own failure, not "not JSON", and a retry may fix it.
+    #[test]
+    fn too_large_is_reported_as_such() {
+        let error = DiscoveryError::TooLarge { limit: 65_536 };
+        assert_eq!(error.to_string(), "metadata response is larger than 65536 bytes");
+        assert!(!error.is_configuration_fault());
     }
 }

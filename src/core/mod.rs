@@ -9,6 +9,7 @@ pub mod assertion;
 pub mod cache;
 pub mod config;
 pub mod discovery;
+pub mod entry;
 pub mod route;
 pub mod secret;
 pub mod token_request;

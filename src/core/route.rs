@@ -6,12 +6,15 @@
 //! the route out. Request facts come through [`RequestFacts`] so the host fetches only what a
 //! matcher actually looks at (a header, the route name or its metadata costs a host call).
 
+use crate::core::url::split_authority;
+
 /// What a matcher may ask about a request.
 pub trait RequestFacts {
     fn authority(&mut self) -> Option<&str>;
     fn path(&mut self) -> Option<&str>;
     fn method(&mut self) -> Option<&str>;
-    fn header(&mut self, lower_case_name: &str) -> Option<String>;
+    /// A request header's value as the client sent it: any bytes (obs-text, not UTF-8).
+    fn header(&mut self, lower_case_name: &str) -> Option<Vec<u8>>;
     fn route_name(&mut self) -> Option<String>;
     /// `filter_metadata.oauth2_cc.profile` of the Envoy route.
     fn metadata_profile(&mut self) -> Option<String>;
@@ -47,7 +50,7 @@ enum HostPattern {
 
 impl AuthorityPattern {
     pub fn parse(pattern: &str) -> Option<AuthorityPattern> {
-        let (host, port) = split_host_port(pattern)?;
+        let (host, port) = split_authority(pattern).ok()?;
         let host = normalize_host(host);
         // Host names, IPv4 and bracketed IPv6 literals, and the leading wildcard: anything else
         // (a slash, a space, a control character) could never match and would hide a typo.
@@ -65,7 +68,7 @@ impl AuthorityPattern {
     }
 
     pub fn matches(&self, authority: &str) -> bool {
-        let Some((host, port)) = split_host_port(authority) else {
+        let Ok((host, port)) = split_authority(authority) else {
             return false;
         };
         if self.port.is_some() && self.port != port {
@@ -85,30 +88,6 @@ impl AuthorityPattern {
 
 fn normalize_host(host: &str) -> String {
     host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase()
-}
-
-/// Splits `host[:port]` (IPv6 literals in brackets). `None` when the port is not a number.
-fn split_host_port(authority: &str) -> Option<(&str, Option<u16>)> {
-    if authority.starts_with('[') {
-        let close = authority.find(']')?;
-        let host = &authority[..=close];
-        return match &authority[close + 1..] {
-            "" => Some((host, None)),
-            rest => Some((host, Some(parse_port(rest.strip_prefix(':')?)?))),
-        };
-    }
-    match authority.rsplit_once(':') {
-        Some((host, port)) => Some((host, Some(parse_port(port)?))),
-        None => Some((authority, None)),
-    }
-}
-
-/// A port: ASCII digits only (RFC 3986 §3.2.3; `u16::from_str` would also take a leading `+`).
-fn parse_port(port: &str) -> Option<u16> {
-    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    port.parse().ok()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -170,7 +149,8 @@ impl RouteMatcher {
         for condition in &self.headers {
             match (facts.header(&condition.name), &condition.value) {
                 (None, _) => return false,
-                (Some(actual), Some(expected)) if &actual != expected => return false,
+                // Bytes against bytes: a value that is not UTF-8 simply is not equal.
+                (Some(actual), Some(expected)) if actual.as_slice() != expected.as_bytes() => return false,
                 _ => {}
             }
         }
@@ -191,15 +171,13 @@ fn path_only(path: &str) -> &str {
 #[derive(Debug, Clone, Default)]
 pub struct RouteTable {
     matchers: Vec<RouteMatcher>,
-    uses_route_name: bool,
     /// Profile names by index, for metadata lookups; empty when metadata is not consulted.
     metadata_profiles: Vec<String>,
 }
 
 impl RouteTable {
     pub fn new(matchers: Vec<RouteMatcher>) -> Self {
-        let uses_route_name = matchers.iter().any(|m| m.route_name.is_some());
-        RouteTable { matchers, uses_route_name, metadata_profiles: Vec::new() }
+        RouteTable { matchers, metadata_profiles: Vec::new() }
     }
 
     /// Consults `filter_metadata.oauth2_cc` of Envoy's route before the matchers.
@@ -231,11 +209,6 @@ impl RouteTable {
             None => Selection::None,
         }
     }
-
-    /// Whether any matcher looks at Envoy's route name (the host can skip the property read).
-    pub fn uses_route_name(&self) -> bool {
-        self.uses_route_name
-    }
 }
 
 #[cfg(test)]
@@ -247,7 +220,7 @@ pub(crate) mod tests {
         pub authority: Option<String>,
         pub path: Option<String>,
         pub method: Option<String>,
-        pub headers: Vec<(String, String)>,
+        pub headers: Vec<(String, Vec<u8>)>,
         pub route_name: Option<String>,
         pub metadata_profile: Option<String>,
         pub metadata_disabled: bool,
@@ -263,7 +236,7 @@ pub(crate) mod tests {
         fn method(&mut self) -> Option<&str> {
             self.method.as_deref()
         }
-        fn header(&mut self, name: &str) -> Option<String> {
+        fn header(&mut self, name: &str) -> Option<Vec<u8>> {
             self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone())
         }
         fn route_name(&mut self) -> Option<String> {
@@ -311,7 +284,21 @@ pub(crate) mod tests {
             let compiled = AuthorityPattern::parse(pattern).expect(pattern);
             assert_eq!(compiled.matches(authority), expected, "{pattern} vs {authority}");
         }
-        for bad in ["", "*.", "a.*.com", "host:port", "*", "api.example.com/", "a b", "\u{0}", "https://x"] {
+        for bad in [
+            "",
+            "*.",
+            "a.*.com",
+            "host:port",
+            "host:0",
+            "host:65536",
+            "host:+80",
+            "host:",
+            "*",
+            "api.example.com/",
+            "a b",
+            "\u{0}",
+            "https://x",
+        ] {
             assert!(AuthorityPattern::parse(bad).is_none(), "{bad}");
         }
     }
@@ -376,16 +363,22 @@ pub(crate) mod tests {
             RouteMatcher { headers: vec![HeaderCondition { name: "x-use-token".into(), value: None }], ..matcher(2) },
             RouteMatcher { route_name: Some("billing-route".into()), ..matcher(3) },
         ]);
-        assert!(table.uses_route_name());
         let mut post = request("h", "/");
         post.method = Some("post".into());
         assert_eq!(table.select(&mut post), Some(0));
         let mut tenant = request("h", "/");
-        tenant.headers = vec![("x-tenant".into(), "a".into())];
+        tenant.headers = vec![("x-tenant".into(), b"a".to_vec())];
         assert_eq!(table.select(&mut tenant), Some(1));
-        tenant.headers = vec![("x-tenant".into(), "b".into())];
+        tenant.headers = vec![("x-tenant".into(), b"b".to_vec())];
         assert_eq!(table.select(&mut tenant), None);
-        tenant.headers = vec![("x-use-token".into(), "".into())];
+        // obs-text and bytes that are not UTF-8: not equal to "a", and never a panic.
+        tenant.headers = vec![("x-tenant".into(), b"\xff\xfe".to_vec())];
+        assert_eq!(table.select(&mut tenant), None);
+        tenant.headers = vec![("x-tenant".into(), b"a\x80".to_vec())];
+        assert_eq!(table.select(&mut tenant), None);
+        tenant.headers = vec![("x-use-token".into(), b"\x81".to_vec())];
+        assert_eq!(table.select(&mut tenant), Some(2), "a present header is present, whatever its bytes");
+        tenant.headers = vec![("x-use-token".into(), Vec::new())];
         assert_eq!(table.select(&mut tenant), Some(2));
         let mut named = request("h", "/");
         named.route_name = Some("billing-route".into());

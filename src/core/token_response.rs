@@ -9,6 +9,7 @@ use std::fmt;
 
 use serde_json::Value;
 
+use crate::core::assertion::AssertionError;
 use crate::core::config::FieldPath;
 
 /// Largest token the filter will inject; far beyond any real JWT, well below header limits.
@@ -36,58 +37,40 @@ impl fmt::Debug for TokenGrant {
 }
 
 /// Why a token response gave no token. `Display` never includes the body or a token.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
     /// The IdP answered with an RFC 6749 §5.2 error code.
+    #[error("token endpoint answered {status} with OAuth error {code:?}")]
     OAuth { status: u32, code: String },
     /// A non-2xx status without an OAuth error body.
+    #[error("token endpoint answered status {status}")]
     Status { status: u32 },
     /// The body is not a JSON object.
+    #[error("token endpoint answered {status} with a body that is not a JSON object")]
     NotJson { status: u32 },
     /// The token field is missing or not a non-empty string.
+    #[error("token response has no non-empty string at {field:?}")]
     MissingToken { field: String },
     /// The token holds bytes that cannot go in a header value (CR, LF, NUL...), or is too large.
+    #[error("token response holds a token with bytes not allowed in a header value, or too long")]
     UnsafeToken,
     /// `expires_in` is present but not a positive number of seconds.
+    #[error("token response has an invalid {field:?} (not a positive number of seconds)")]
     BadExpiresIn { field: String },
     /// The body is larger than the configured cap.
+    #[error("token response is larger than {limit} bytes")]
     TooLarge { limit: usize },
     /// No answer: the callout failed or timed out (status 0 or no headers).
+    #[error("no response from the token endpoint (connection failure or timeout)")]
     NoResponse,
     /// Envoy itself answered for the token endpoint: connection refused or reset, TLS handshake
     /// refused, no healthy host, timeout. `detail` is Envoy's own text, safe to log.
+    #[error("token endpoint unreachable: Envoy answered {status} ({detail})")]
     Unreachable { status: u32, detail: String },
-    /// The request was not sent: its RFC 7523 assertion could not be signed.
-    AssertionFailed,
-}
-
-impl fmt::Display for TokenError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            TokenError::OAuth { status, code } => {
-                write!(f, "token endpoint answered {status} with OAuth error {code:?}")
-            }
-            TokenError::Status { status } => write!(f, "token endpoint answered status {status}"),
-            TokenError::NotJson { status } => {
-                write!(f, "token endpoint answered {status} with a body that is not a JSON object")
-            }
-            TokenError::MissingToken { field } => write!(f, "token response has no non-empty string at {field:?}"),
-            TokenError::UnsafeToken => {
-                f.write_str("token response holds a token with bytes not allowed in a header value, or too long")
-            }
-            TokenError::BadExpiresIn { field } => {
-                write!(f, "token response has an invalid {field:?} (not a positive number of seconds)")
-            }
-            TokenError::TooLarge { limit } => write!(f, "token response is larger than {limit} bytes"),
-            TokenError::AssertionFailed => f.write_str("the JWT assertion could not be signed"),
-            TokenError::Unreachable { status, detail } => {
-                write!(f, "token endpoint unreachable: Envoy answered {status} ({detail})")
-            }
-            TokenError::NoResponse => {
-                f.write_str("no response from the token endpoint (connection failure or timeout)")
-            }
-        }
-    }
+    /// The request was not sent: its RFC 7523 assertion could not be signed. The signer's error
+    /// holds no key material ([`AssertionError`]).
+    #[error("the JWT assertion could not be signed: {0}")]
+    AssertionFailed(AssertionError),
 }
 
 /// How the lifecycle should treat a failure.
@@ -126,13 +109,14 @@ impl TokenError {
             TokenError::BadExpiresIn { .. } => "bad_expires_in",
             TokenError::TooLarge { .. } => "too_large",
             TokenError::NoResponse | TokenError::Unreachable { .. } => "no_response",
-            TokenError::AssertionFailed => "assertion_failed",
+            TokenError::AssertionFailed(_) => "assertion_failed",
         }
     }
 }
 
 /// Known RFC 6749 §5.2 codes keep their name; anything else the IdP invents becomes `other_error`
-/// so a hostile or buggy IdP cannot create unbounded metric names.
+/// so a hostile or buggy IdP cannot create unbounded metric names, and its free text never reaches
+/// a log line (a careless IdP may echo the client's secret in it).
 fn code_label(code: &str) -> &str {
     match code {
         "invalid_request"
@@ -164,7 +148,7 @@ pub fn parse(
     }
     let json: Option<Value> = serde_json::from_slice(body).ok().filter(Value::is_object);
     if let Some(code) = json.as_ref().and_then(|v| v.get("error")).and_then(Value::as_str) {
-        return Err(TokenError::OAuth { status, code: sanitize_code(code) });
+        return Err(TokenError::OAuth { status, code: code_label(code).to_string() });
     }
     if !(200..300).contains(&status) {
         if let Some(detail) = envoy_local_reply(status, body) {
@@ -227,13 +211,6 @@ fn seconds(value: &Value) -> Option<u64> {
         return None;
     }
     Some((number.floor() as u64).min(MAX_LIFETIME_S))
-}
-
-/// The error code as logged and counted: a registered RFC 6749 §5.2 code (or one of the common
-/// extensions) as is, anything else `other_error`. An IdP's free text never reaches a log line:
-/// a careless IdP may echo the client's secret in it.
-fn sanitize_code(code: &str) -> String {
-    code_label(code).to_string()
 }
 
 #[cfg(test)]
@@ -367,5 +344,26 @@ mod tests {
     fn display_and_debug_never_show_the_token() {
         let grant = parse_default(200, r#"{"access_token":"secret-token"}"#).expect("token");
         assert!(!format!("{grant:?}").contains("secret-token"));
+    }
+
+    /// The signer's reason reaches the failure (issue 13), as a fixed text, never key material.
+    #[test]
+    fn assertion_failure_keeps_the_signers_detail() {
+        use crate::core::assertion::JwtAlgorithm;
+        let cases = [
+            (
+                AssertionError::TimeOverflow,
+                "the JWT assertion could not be signed: the assertion expiry time overflows",
+            ),
+            (
+                AssertionError::Signing { alg: JwtAlgorithm::PS256, detail: "RSA signing failed" },
+                "the JWT assertion could not be signed: signing the PS256 assertion failed: RSA signing failed",
+            ),
+        ];
+        for (error, text) in cases {
+            let failure = TokenError::AssertionFailed(error);
+            assert_eq!(failure.to_string(), text);
+            assert_eq!((failure.label(), failure.class()), ("assertion_failed", FailureClass::Transient), "{failure}");
+        }
     }
 }

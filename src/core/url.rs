@@ -4,8 +4,6 @@
 //! scheme. So the parser is deliberately strict and small: absolute `http`/`https`, a host (with an
 //! optional port), no user info, no fragment.
 
-use std::fmt;
-
 /// A parsed absolute http(s) URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpUrl {
@@ -15,27 +13,20 @@ pub struct HttpUrl {
     pub path_and_query: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UrlError {
+    #[error("not an absolute http(s) URL")]
     NotAbsoluteHttp,
+    #[error("the URL has no host")]
     MissingHost,
+    #[error("user info in the URL is not supported (use client_id/client_secret)")]
     UserInfo,
+    #[error("a token URL cannot have a fragment")]
     Fragment,
+    #[error("the URL contains a space or control character")]
     BadCharacter,
+    #[error("the URL's port is not a number from 1 to 65535")]
     BadPort,
-}
-
-impl fmt::Display for UrlError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            UrlError::NotAbsoluteHttp => "not an absolute http(s) URL",
-            UrlError::MissingHost => "the URL has no host",
-            UrlError::UserInfo => "user info in the URL is not supported (use client_id/client_secret)",
-            UrlError::Fragment => "a token URL cannot have a fragment",
-            UrlError::BadCharacter => "the URL contains a space or control character",
-            UrlError::BadPort => "the URL's port is not a number from 1 to 65535",
-        })
-    }
 }
 
 impl HttpUrl {
@@ -76,16 +67,32 @@ fn split_scheme(input: &str) -> Option<(&'static str, &str)> {
 }
 
 fn validate_authority(authority: &str) -> Result<(), UrlError> {
-    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
-        // An IPv6 literal: "[::1]:8443".
-        let close = rest.find(']').ok_or(UrlError::MissingHost)?;
-        let after = &rest[close + 1..];
-        let port = match after.strip_prefix(':') {
-            Some(port) => Some(port),
-            None if after.is_empty() => None,
-            None => return Err(UrlError::BadPort),
+    match split_authority(authority) {
+        Ok(_) => Ok(()),
+        Err(AuthorityError::MissingHost) => Err(UrlError::MissingHost),
+        Err(AuthorityError::BadPort) => Err(UrlError::BadPort),
+    }
+}
+
+/// Why an authority (`host[:port]`) was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthorityError {
+    MissingHost,
+    BadPort,
+}
+
+/// Splits `host[:port]`; an IPv6 literal keeps its brackets (`[::1]`). The filter's one
+/// authority parser: token URLs, route patterns and request authorities read ports alike, ASCII
+/// digits only (RFC 3986 §3.2.3; `u16::from_str` would also take a leading `+`), 1 to 65535.
+pub fn split_authority(authority: &str) -> Result<(&str, Option<u16>), AuthorityError> {
+    let (host, port) = if authority.starts_with('[') {
+        let close = authority.find(']').ok_or(AuthorityError::MissingHost)?;
+        let (host, after) = authority.split_at(close + 1);
+        let port = match after {
+            "" => None,
+            rest => Some(rest.strip_prefix(':').ok_or(AuthorityError::BadPort)?),
         };
-        (&rest[..close], port)
+        (if host == "[]" { "" } else { host }, port)
     } else {
         match authority.rsplit_once(':') {
             Some((host, port)) => (host, Some(port)),
@@ -93,15 +100,17 @@ fn validate_authority(authority: &str) -> Result<(), UrlError> {
         }
     };
     if host.is_empty() {
-        return Err(UrlError::MissingHost);
+        return Err(AuthorityError::MissingHost);
     }
-    if let Some(port) = port {
-        match port.parse::<u16>() {
-            Ok(p) if p > 0 && !port.starts_with('+') => {}
-            _ => return Err(UrlError::BadPort),
-        }
-    }
-    Ok(())
+    let port = match port {
+        None => None,
+        Some(port) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => match port.parse::<u16>() {
+            Ok(0) | Err(_) => return Err(AuthorityError::BadPort),
+            Ok(port) => Some(port),
+        },
+        Some(_) => return Err(AuthorityError::BadPort),
+    };
+    Ok((host, port))
 }
 
 #[cfg(test)]
@@ -144,6 +153,31 @@ mod tests {
         ];
         for (input, expected) in cases {
             assert_eq!(HttpUrl::parse(input), Err(expected), "{input}");
+        }
+    }
+
+    #[test]
+    fn one_authority_parser() {
+        let cases = [
+            ("idp", Ok(("idp", None))),
+            ("idp:8443", Ok(("idp", Some(8443)))),
+            ("idp:080", Ok(("idp", Some(80)))),
+            ("idp:65535", Ok(("idp", Some(65535)))),
+            ("[::1]", Ok(("[::1]", None))),
+            ("[::1]:443", Ok(("[::1]", Some(443)))),
+            ("idp:0", Err(AuthorityError::BadPort)),
+            ("idp:65536", Err(AuthorityError::BadPort)),
+            ("idp:+80", Err(AuthorityError::BadPort)),
+            ("idp:", Err(AuthorityError::BadPort)),
+            ("idp: 80", Err(AuthorityError::BadPort)),
+            ("[::1]x", Err(AuthorityError::BadPort)),
+            ("[::1", Err(AuthorityError::MissingHost)),
+            ("[]:80", Err(AuthorityError::MissingHost)),
+            (":80", Err(AuthorityError::MissingHost)),
+            ("", Err(AuthorityError::MissingHost)),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(split_authority(input), expected, "{input:?}");
         }
     }
 }

@@ -1,21 +1,26 @@
 //! The http context: picks the profile for a request and writes the token, or pauses the request
 //! until one lands, or answers with the failure reply.
 //!
-//! The hit path is one shared-data read and one header write. A request that must wait is listed
-//! with the VM's root context, which resumes it when a token lands (see `root`).
+//! The hit path reads no shared data and no clock: the profile selection (compiled; no header
+//! read for a `/` prefix), this VM's copy of the token (`Driver::cached`), one header write, an
+//! in-VM counter. A request that finds no copy asks the driver (`Driver::on_request`), which may
+//! pause it; the root context's driver resumes or fails it later (see `vm`).
 
 use std::rc::Rc;
 
-use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, MapType};
 
-use crate::core::cache::{self, EntryView, RequestDecision};
+use crate::core::lifecycle::{self, Metric, RequestOutcome};
 use crate::core::route::{RequestFacts, Selection};
-use crate::host::fetch::WAKE;
-use crate::host::root::kick_message;
-use crate::host::vm::{RequestState, VmState, Waiter};
-use crate::host::{abi, clock, shared};
+use crate::host::adapter;
+use crate::host::vm::{RequestState, VmState};
+
+/// The context of a VM that has no accepted configuration: requests pass untouched.
+pub struct PassThrough;
+
+impl Context for PassThrough {}
+impl HttpContext for PassThrough {}
 
 pub struct TokenInjector {
     context_id: u32,
@@ -24,131 +29,118 @@ pub struct TokenInjector {
     request: Rc<RequestState>,
 }
 
+/// What the request path decided before it had to ask the driver.
+enum Plan {
+    Continue,
+    Reply(lifecycle::FailureReply),
+    Miss(usize),
+    /// The VM's state was borrowed: only possible on re-entry, which no host call here causes.
+    Busy,
+}
+
 impl TokenInjector {
     pub fn new(context_id: u32, vm: Rc<VmState>) -> Self {
         TokenInjector { context_id, vm, profile: None, request: Rc::new(RequestState::default()) }
     }
 
-    fn pause_until_token(&mut self, profile_index: usize, now_ms: u64) -> Action {
-        let config = &self.vm.config;
-        let Some(profile) = config.profiles.get(profile_index) else { return Action::Continue };
-        let Ok(mut waiters) = self.vm.waiters.try_borrow_mut() else {
-            send_failure_reply(&self.vm, profile_index);
-            return Action::Pause;
+    /// Selection and the hit path, under a shared borrow of the VM's state (no host call made
+    /// here can re-enter the VM).
+    fn plan(&mut self) -> Plan {
+        let Ok(configured) = self.vm.configured.try_borrow() else { return Plan::Busy };
+        let Some(configured) = configured.as_ref() else { return Plan::Continue };
+        let config = configured.driver.config();
+        let profile = match config.routes.select_request(&mut HostRequestFacts::default()) {
+            Selection::None => return Plan::Continue,
+            Selection::Profile(index) => index,
+            Selection::UnknownProfile(name) => {
+                adapter::log(
+                    adapter::Level::Error,
+                    &format!("route metadata names profile {name:?}, which is not configured; failing the request"),
+                );
+                return Plan::Reply(lifecycle::unknown_profile_reply(config));
+            }
         };
-        if waiters.len() >= config.max_paused_requests {
-            drop(waiters);
-            log::warn!(
-                "profile {:?}: {} requests already wait for a token on this worker (max_paused_requests); failing this one",
-                profile.name,
-                config.max_paused_requests
-            );
-            send_failure_reply(&self.vm, profile_index);
-            return Action::Pause;
+        let Some(p) = config.profiles.get(profile) else { return Plan::Continue };
+        self.profile = Some(profile);
+        // Any value counts as present, whatever its bytes.
+        if p.inject.keep_existing && adapter::header(MapType::HttpRequestHeaders, &p.inject.header).is_some() {
+            return Plan::Continue;
         }
-        self.request.waiting.set(true);
-        self.vm.metrics.waited(profile_index);
-        waiters.push(Waiter {
-            context_id: self.context_id,
-            profile: profile_index,
-            deadline_ms: now_ms.saturating_add(profile.max_wait_ms),
-            shared: Rc::clone(&self.request),
+        let Some(snapshot) = configured.driver.cached(profile) else { return Plan::Miss(profile) };
+        if !self.request.inject(&p.inject.header, &snapshot.header_value, snapshot.generation) {
+            return Plan::Reply(lifecycle::failure_reply(config, profile));
+        }
+        configured.metrics.count(profile, &Metric::Injected);
+        Plan::Continue
+    }
+
+    /// No copy of the token: the driver decides from the shared entry.
+    fn miss(&mut self, profile: usize) -> Action {
+        let now_ms = adapter::now_ms();
+        let request = u64::from(self.context_id);
+        let mut decided = None;
+        // Listed as paused first: the driver's actions may resume it at once.
+        if let Ok(mut paused) = self.vm.paused.try_borrow_mut() {
+            paused.insert(request, Rc::clone(&self.request));
+        }
+        self.vm.drive(|driver, env| {
+            let (outcome, actions) = driver.on_request(profile, request, now_ms, env);
+            decided = Some(outcome);
+            actions
         });
-        drop(waiters);
-        // Ask this VM's root context to fetch now rather than at its next tick.
-        if let Some(queue) = self.vm.own_queue.get() {
-            let _ = hostcalls::enqueue_shared_queue(queue, Some(&kick_message(profile_index)));
+        match decided {
+            Some(RequestOutcome::Wait) => {
+                self.request.waiting.set(true);
+                Action::Pause
+            }
+            Some(RequestOutcome::Inject { value, generation }) => {
+                self.forget_paused();
+                let header = self.vm.config().and_then(|c| c.profiles.get(profile).map(|p| p.inject.header.clone()));
+                match header {
+                    Some(header) if self.request.inject(&header, &value, generation) => Action::Continue,
+                    _ => self.fail(profile),
+                }
+            }
+            Some(RequestOutcome::Fail) | None => {
+                self.forget_paused();
+                self.fail(profile)
+            }
         }
+    }
+
+    fn fail(&self, profile: usize) -> Action {
+        self.vm.send_failure_reply(profile);
         Action::Pause
     }
 
-    fn forget_waiter(&self) {
-        if self.request.waiting.get()
-            && let Ok(mut waiters) = self.vm.waiters.try_borrow_mut()
-        {
-            waiters.retain(|w| w.context_id != self.context_id);
+    fn forget_paused(&self) {
+        if let Ok(mut paused) = self.vm.paused.try_borrow_mut() {
+            paused.remove(&u64::from(self.context_id));
         }
     }
-}
-
-/// Answers the effective context's request with the configured failure status and a small JSON
-/// body naming the profile; never the IdP's body, never a secret.
-pub fn send_failure_reply(vm: &VmState, profile_index: usize) {
-    let config = &vm.config;
-    vm.metrics.failed_request(profile_index);
-    let name = config.profiles.get(profile_index).map_or("", |p| p.name.as_str());
-    // Profile names are restricted to [A-Za-z0-9._-] at configuration time: safe inside JSON.
-    let body = format!(r#"{{"error":"token_unavailable","profile":"{name}"}}"#);
-    let _ = abi::send_local_response(
-        config.failure_status,
-        "oauth2_cc_token_unavailable",
-        &[("content-type", "application/json")],
-        body.as_bytes(),
-    );
 }
 
 impl Context for TokenInjector {}
 
 impl HttpContext for TokenInjector {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let config = Rc::clone(&self.vm.config);
-        let mut facts = HostRequestFacts::default();
-        let profile_index = match config.routes.select_request(&mut facts) {
-            Selection::None => return Action::Continue,
-            Selection::Profile(index) => index,
-            Selection::UnknownProfile(name) => {
-                log::error!("route metadata names profile {name:?}, which is not configured; failing the request");
-                let _ = abi::send_local_response(
-                    config.failure_status,
-                    "oauth2_cc_unknown_profile",
-                    &[("content-type", "application/json")],
-                    br#"{"error":"token_unavailable"}"#,
-                );
-                return Action::Pause;
-            }
-        };
-        let Some(profile) = config.profiles.get(profile_index) else {
-            return Action::Continue;
-        };
-        self.profile = Some(profile_index);
-        if profile.inject.keep_existing && header(&profile.inject.header).is_some() {
-            return Action::Continue;
-        }
-        // The hit path: this VM's copy of the token; no shared-data read, no clock read (a copy is
-        // only kept while it has a margin left, see `cache::keep_vm_copy`).
-        if let Ok(snapshots) = self.vm.snapshots.try_borrow()
-            && let Some(Some(snapshot)) = snapshots.get(profile_index)
-        {
-            if abi::set_request_header(&profile.inject.header, &snapshot.header_value).is_err() {
-                drop(snapshots);
-                send_failure_reply(&self.vm, profile_index);
-                return Action::Pause;
-            }
-            self.request.injected.set(Some(snapshot.generation));
-            self.vm.metrics.injected(profile_index);
-            return Action::Continue;
-        }
-        // No usable copy: ask shared data itself (another VM may have stored a token since).
-        let now_ms = clock::now_ms();
-        let bytes = self.vm.refresh_snapshot(profile_index, now_ms);
-        let view = bytes.as_deref().and_then(EntryView::decode);
-        match cache::decide_request(view.as_ref(), now_ms) {
-            RequestDecision::Inject { token, generation } => {
-                let value = format!("{}{}", profile.inject.prefix, token);
-                if abi::set_request_header(&profile.inject.header, &value).is_err() {
-                    send_failure_reply(&self.vm, profile_index);
-                    return Action::Pause;
+        match self.plan() {
+            Plan::Continue => Action::Continue,
+            Plan::Reply(reply) => {
+                if let Some(profile) = self.profile {
+                    self.vm.with_metrics(|m| m.count(profile, &Metric::FailedRequest));
                 }
-                self.request.injected.set(Some(generation));
-                self.vm.metrics.injected(profile_index);
-                Action::Continue
-            }
-            RequestDecision::Fail => {
-                log::debug!("profile {:?}: no token and the last fetch failed; failing fast", profile.name);
-                send_failure_reply(&self.vm, profile_index);
+                let _ = adapter::send_local_response(
+                    reply.status,
+                    reply.details,
+                    &[("content-type", "application/json")],
+                    reply.body.as_bytes(),
+                );
                 Action::Pause
             }
-            RequestDecision::Wait => self.pause_until_token(profile_index, now_ms),
+            // Fail closed: never send the request on without its token.
+            Plan::Busy => self.fail(self.profile.unwrap_or(0)),
+            Plan::Miss(profile) => self.miss(profile),
         }
     }
 
@@ -162,31 +154,16 @@ impl HttpContext for TokenInjector {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let (Some(profile_index), Some(generation)) = (self.profile, self.request.injected.get()) else {
+        let (Some(profile), Some(generation)) = (self.profile, self.request.injected.get()) else {
             return Action::Continue;
         };
-        let Some(profile) = self.vm.config.profiles.get(profile_index) else { return Action::Continue };
-        if profile.purge_on_status.is_empty() {
-            // Reading `:status` costs a host call and an allocation callback on every request.
+        // Reading `:status` costs a host call and an allocation callback on every request.
+        if self.vm.config().is_none_or(|c| c.profiles.get(profile).is_none_or(|p| p.purge_on_status.is_empty())) {
             return Action::Continue;
         }
-        let status = hostcalls::get_map_value(MapType::HttpResponseHeaders, ":status")
-            .ok()
-            .flatten()
-            .and_then(|s| s.parse::<u32>().ok());
-        if status.is_some_and(|s| profile.purge_on_status.contains(&s))
-            && shared::update(&profile.cache_key, |entry| cache::purge(entry, generation)).is_some()
-        {
-            self.vm.metrics.purged(profile_index);
-            // Every VM drops its copy of the rejected token now, not at its next tick.
-            let _ = self.vm.refresh_snapshot(profile_index, clock::now_ms());
-            shared::broadcast(&self.vm.vm_id.borrow(), WAKE);
-            log::info!(
-                "profile {:?}: upstream answered {} to the token; dropped it, a new one will be fetched",
-                profile.name,
-                status.unwrap_or(0)
-            );
-        }
+        let status = adapter::header(MapType::HttpResponseHeaders, ":status");
+        let now_ms = adapter::now_ms();
+        self.vm.drive(|driver, env| driver.on_response_status(profile, generation, status.as_deref(), now_ms, env));
         Action::Continue
     }
 }
@@ -197,15 +174,20 @@ impl HttpContext for TokenInjector {
 /// Envoy calls for every stream, including one whose client went away while it waited.
 impl Drop for TokenInjector {
     fn drop(&mut self) {
-        self.forget_waiter();
+        if self.request.waiting.get() {
+            self.forget_paused();
+            let request = u64::from(self.context_id);
+            if let Ok(mut configured) = self.vm.configured.try_borrow_mut()
+                && let Some(c) = configured.as_mut()
+            {
+                c.driver.on_request_gone(request);
+            }
+        }
     }
 }
 
-fn header(name: &str) -> Option<String> {
-    hostcalls::get_map_value(MapType::HttpRequestHeaders, name).ok().flatten()
-}
-
-/// Request facts read from the host on first use only.
+/// Request facts read from the host on first use only, as bytes; a value that is not UTF-8 can
+/// never equal a pattern, which is what "absent" means to the authority and path matchers.
 #[derive(Default)]
 struct HostRequestFacts {
     authority: Option<Option<String>>,
@@ -213,34 +195,34 @@ struct HostRequestFacts {
     method: Option<Option<String>>,
 }
 
+fn text(name: &str) -> Option<String> {
+    adapter::header(MapType::HttpRequestHeaders, name).and_then(|b| String::from_utf8(b).ok())
+}
+
 impl RequestFacts for HostRequestFacts {
     fn authority(&mut self) -> Option<&str> {
-        self.authority.get_or_insert_with(|| header(":authority")).as_deref()
+        self.authority.get_or_insert_with(|| text(":authority")).as_deref()
     }
     fn path(&mut self) -> Option<&str> {
-        self.path.get_or_insert_with(|| header(":path")).as_deref()
+        self.path.get_or_insert_with(|| text(":path")).as_deref()
     }
     fn method(&mut self) -> Option<&str> {
-        self.method.get_or_insert_with(|| header(":method")).as_deref()
+        self.method.get_or_insert_with(|| text(":method")).as_deref()
     }
-    fn header(&mut self, lower_case_name: &str) -> Option<String> {
-        header(lower_case_name)
+    fn header(&mut self, lower_case_name: &str) -> Option<Vec<u8>> {
+        adapter::header(MapType::HttpRequestHeaders, lower_case_name)
     }
     fn route_name(&mut self) -> Option<String> {
-        string_property(vec!["xds", "route_name"])
+        adapter::property(&["xds", "route_name"]).and_then(|b| String::from_utf8(b).ok())
     }
     fn metadata_profile(&mut self) -> Option<String> {
-        string_property(vec!["xds", "route_metadata", "filter_metadata", "oauth2_cc", "profile"])
+        // A name that is not UTF-8 names no configured profile: it fails closed as unknown.
+        adapter::property(&["xds", "route_metadata", "filter_metadata", "oauth2_cc", "profile"])
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
     }
     fn metadata_disabled(&mut self) -> bool {
         // A protobuf bool comes back as one byte.
-        hostcalls::get_property(vec!["xds", "route_metadata", "filter_metadata", "oauth2_cc", "disabled"])
-            .ok()
-            .flatten()
+        adapter::property(&["xds", "route_metadata", "filter_metadata", "oauth2_cc", "disabled"])
             .is_some_and(|b| b.as_slice() == [1])
     }
-}
-
-fn string_property(path: Vec<&str>) -> Option<String> {
-    hostcalls::get_property(path).ok().flatten().and_then(|b| String::from_utf8(b).ok())
 }

@@ -1,23 +1,21 @@
-//! The host layer: the only code that calls proxy-wasm.
+//! The proxy-wasm host: carries out what `core` decides, and nothing else decides here.
 //!
-//! It carries out what `core` decides: it reads and writes the shared cache entry, sends token
-//! requests from a root context, writes the header, pauses and resumes requests, and logs. Every
-//! host call goes through `proxy_wasm::hostcalls`, which returns errors instead of panicking (a
-//! panic would kill the VM and every request on its worker).
+//! `adapter` is the only module that calls into Envoy (no panics, bytes in and out); `root` and
+//! `http` are the SDK's contexts, which hand events to the VM's lifecycle driver
+//! (`core::lifecycle`); `vm` carries out the driver's actions; `queue` owns the messages between
+//! VMs (wakes, kicks) and the wake registry; `store` is shared data as the driver's store;
+//! `metrics` maps the driver's counts to Envoy metrics.
 
-mod abi;
-mod clock;
-mod fetch;
+mod adapter;
 mod http;
 mod metrics;
+mod queue;
 mod root;
-mod shared;
+mod store;
 mod vm;
 
 use proxy_wasm::traits::RootContext;
-use proxy_wasm::types::LogLevel;
 
 proxy_wasm::main! {{
-    proxy_wasm::set_log_level(LogLevel::Trace);
     proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> { Box::new(root::FilterRoot::new(context_id)) });
 }}

@@ -1,26 +1,26 @@
-//! State one VM's contexts share: the compiled configuration, the requests paused waiting for a
-//! token, and the identity this VM uses for fetch leases.
+//! One VM's state and the executor of the lifecycle's actions.
 //!
-//! A VM is single-threaded, so `Rc` and `RefCell` are enough; nothing here crosses VMs (that is
-//! what shared data and shared queues are for).
+//! A VM is single-threaded, so `Rc`, `Cell` and `RefCell` are enough; nothing here crosses VMs
+//! (shared data and shared queues do). Borrows are always `try_` borrows, and none is held across
+//! a host call that can re-enter the VM (resuming a request, a local reply): a re-entered context
+//! finds every cell free.
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
 
-use crate::core::cache::{self, EntryView};
+use proxy_wasm::types::MapType;
+
 use crate::core::config::Config;
+use crate::core::lifecycle::{self, Action, CalloutId, Driver, LogLevel};
+use crate::host::adapter::{self, Level};
 use crate::host::metrics::Metrics;
-use crate::host::shared;
+use crate::host::queue;
+use crate::host::store::SharedData;
 
-/// A request paused until its profile has a token.
-pub struct Waiter {
-    pub context_id: u32,
-    pub profile: usize,
-    pub deadline_ms: u64,
-    pub shared: Rc<RequestState>,
-}
-
-/// What the root context and a request's own context both need to know about that request.
+/// What the root context and a request's own context both know about a request.
 #[derive(Default)]
 pub struct RequestState {
     /// Paused waiting for a token: body data must be held back too.
@@ -30,73 +30,197 @@ pub struct RequestState {
     pub injected: Cell<Option<u64>>,
 }
 
-/// Per-VM state shared by the root context and its http contexts.
-pub struct VmState {
-    pub config: Rc<Config>,
-    pub waiters: RefCell<Vec<Waiter>>,
-    /// This VM's own wake queue, for kicking a fetch from an http context.
-    pub own_queue: Cell<Option<u32>>,
-    pub metrics: Metrics,
-    /// Whether this VM serves requests (a worker); main-thread VMs never create http contexts.
-    pub serves_requests: Cell<bool>,
-    /// Per profile, this VM's copy of the cached token, so the request path reads no shared data.
-    pub snapshots: RefCell<Vec<Option<TokenSnapshot>>>,
-    /// The VM id other VMs' wake queues are resolved with.
-    pub vm_id: RefCell<String>,
+impl RequestState {
+    /// Writes the token on the effective context's request and remembers which token it was (for
+    /// a purge if the upstream rejects it). `false`: the header could not be written, and the
+    /// request must not go on without it.
+    pub fn inject(&self, header: &str, value: &str, generation: u64) -> bool {
+        if adapter::set_request_header(header, value).is_err() {
+            return false;
+        }
+        self.injected.set(Some(generation));
+        true
+    }
 }
 
-/// A VM's copy of a profile's token as shared data held it at the last tick or wake.
-///
-/// Shared data stays the source of truth: the copy is refreshed on every tick (100 ms) and on every
-/// wake, and every write that changes the token (a fetch, a purge) wakes all VMs. A copy is kept
-/// only while [`cache::keep_vm_copy`] says so, so it never injects an expired token.
-pub struct TokenSnapshot {
-    pub generation: u64,
-    /// Prefix and token, ready for the header.
-    pub header_value: String,
+/// A configured VM: the driver and what carrying out its actions needs.
+pub struct Configured {
+    pub driver: Driver,
+    pub metrics: Metrics,
+}
+
+/// Per-VM state shared by the root context and its http contexts.
+pub struct VmState {
+    pub root_context_id: u32,
+    /// `None` until a configuration is accepted.
+    pub configured: RefCell<Option<Configured>>,
+    /// This VM's own queue, for kicks from its requests and wakes from every VM.
+    pub own_queue: Cell<Option<u32>>,
+    /// The VM id other VMs' queues are resolved with.
+    pub vm_id: RefCell<String>,
+    /// Requests paused on this VM, by context id.
+    pub paused: RefCell<HashMap<u64, Rc<RequestState>>>,
+    /// Callouts in flight: the host's token → the driver's id.
+    pub callouts: RefCell<HashMap<u32, CalloutId>>,
 }
 
 impl VmState {
-    pub fn new(config: Rc<Config>) -> Self {
+    pub fn new(root_context_id: u32) -> Self {
         VmState {
-            metrics: Metrics::define(&config),
-            config,
-            waiters: RefCell::new(Vec::new()),
+            root_context_id,
+            configured: RefCell::new(None),
             own_queue: Cell::new(None),
-            serves_requests: Cell::new(false),
-            snapshots: RefCell::new(Vec::new()),
             vm_id: RefCell::new(String::new()),
+            paused: RefCell::new(HashMap::new()),
+            callouts: RefCell::new(HashMap::new()),
         }
     }
 
-    /// Re-reads every profile's entry from shared data into this VM's snapshots.
-    pub fn refresh_snapshots(&self, now_ms: u64) {
-        for index in 0..self.config.profiles.len() {
-            let _ = self.refresh_snapshot(index, now_ms);
-        }
+    /// The current configuration, if any.
+    pub fn config(&self) -> Option<Arc<Config>> {
+        self.configured.try_borrow().ok()?.as_ref().map(|c| Arc::clone(c.driver.config()))
     }
 
-    /// Re-reads one profile's entry from shared data into this VM's snapshot (kept only while
-    /// [`cache::keep_vm_copy`] at `now_ms`); returns the entry's bytes for callers that decide on
-    /// more than the token.
-    pub fn refresh_snapshot(&self, profile_index: usize, now_ms: u64) -> Option<Vec<u8>> {
-        let profile = self.config.profiles.get(profile_index)?;
-        let bytes = shared::read(&profile.cache_key).0;
-        let snapshot =
-            bytes.as_deref().and_then(EntryView::decode).filter(|v| cache::keep_vm_copy(v, now_ms)).map(|v| {
-                TokenSnapshot {
-                    generation: v.generation,
-                    header_value: format!("{}{}", profile.inject.prefix, v.token),
+    /// Runs `event` on the driver (if configured and free), then carries out its actions.
+    pub fn drive(&self, event: impl FnOnce(&mut Driver, &mut SharedData) -> Vec<Action>) {
+        let actions = match self.configured.try_borrow_mut() {
+            Ok(mut configured) => match configured.as_mut() {
+                Some(c) => event(&mut c.driver, &mut SharedData),
+                None => return,
+            },
+            Err(_) => return,
+        };
+        self.execute(actions);
+    }
+
+    /// Carries out the driver's actions in order.
+    pub fn execute(&self, actions: Vec<Action>) {
+        let mut work: std::collections::VecDeque<Action> = actions.into();
+        let mut moved_context = false;
+        while let Some(action) = work.pop_front() {
+            match action {
+                Action::Send(callout) => {
+                    let timeout = Duration::from_millis(callout.timeout_ms);
+                    match adapter::dispatch(&callout.cluster, &callout.headers, callout.body.as_deref(), timeout) {
+                        Ok(token) => {
+                            if let Ok(mut callouts) = self.callouts.try_borrow_mut() {
+                                callouts.insert(token, callout.id);
+                            }
+                        }
+                        Err(_) => {
+                            let now_ms = adapter::now_ms();
+                            let more = self.with_driver(|d, env| d.on_send_failed(callout.id, now_ms, env));
+                            work.extend(more);
+                        }
+                    }
                 }
-            });
-        if let Ok(mut snapshots) = self.snapshots.try_borrow_mut() {
-            if snapshots.len() != self.config.profiles.len() {
-                snapshots.resize_with(self.config.profiles.len(), || None);
-            }
-            if let Some(slot) = snapshots.get_mut(profile_index) {
-                *slot = snapshot;
+                Action::BroadcastWake => queue::broadcast_wake(&self.vm_id.borrow()),
+                Action::Kick { profile } => {
+                    if let Some(own) = self.own_queue.get() {
+                        queue::kick(own, profile);
+                    }
+                }
+                Action::Resume { request, profile, header, value, generation } => {
+                    moved_context = true;
+                    self.resume(request, profile, &header, &value, generation);
+                }
+                Action::Fail { request, profile } => {
+                    moved_context = true;
+                    if let Some(state) = self.take_paused(request)
+                        && adapter::set_effective_context(request as u32).is_ok()
+                    {
+                        state.waiting.set(false);
+                        self.send_failure_reply(profile);
+                    }
+                }
+                Action::Log { level, message } => adapter::log(level_of(level), &message),
+                Action::Count { profile, metric } => self.with_metrics(|m| m.count(profile, &metric)),
+                Action::Gauge { profile, remaining_s } => {
+                    self.with_metrics(|m| m.token_remaining(profile, remaining_s))
+                }
             }
         }
-        bytes
+        if moved_context {
+            let _ = adapter::set_effective_context(self.root_context_id);
+        }
+    }
+
+    fn resume(&self, request: u64, profile: usize, header: &str, value: &str, generation: u64) {
+        let Some(state) = self.take_paused(request) else { return };
+        if adapter::set_effective_context(request as u32).is_err() {
+            return; // the request is gone
+        }
+        state.waiting.set(false);
+        if state.inject(header, value, generation) {
+            let _ = adapter::resume_request();
+        } else {
+            self.send_failure_reply(profile);
+        }
+    }
+
+    fn take_paused(&self, request: u64) -> Option<Rc<RequestState>> {
+        self.paused.try_borrow_mut().ok()?.remove(&request)
+    }
+
+    /// Answers the effective context's request with the profile's failure reply.
+    pub fn send_failure_reply(&self, profile: usize) {
+        let Some(config) = self.config() else { return };
+        let reply = lifecycle::failure_reply(&config, profile);
+        let _ = adapter::send_local_response(
+            reply.status,
+            reply.details,
+            &[("content-type", "application/json")],
+            reply.body.as_bytes(),
+        );
+    }
+
+    fn with_driver(&self, f: impl FnOnce(&mut Driver, &mut SharedData) -> Vec<Action>) -> Vec<Action> {
+        match self.configured.try_borrow_mut() {
+            Ok(mut configured) => configured.as_mut().map(|c| f(&mut c.driver, &mut SharedData)).unwrap_or_default(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    pub fn with_metrics(&self, f: impl FnOnce(&Metrics)) {
+        if let Ok(configured) = self.configured.try_borrow()
+            && let Some(c) = configured.as_ref()
+        {
+            f(&c.metrics);
+        }
+    }
+
+    /// The answer to callout `token`: its status, Retry-After and (size permitting) body.
+    pub fn on_callout_answer(&self, token: u32, body_size: usize) {
+        let Some(id) = self.callouts.try_borrow_mut().ok().and_then(|mut c| c.remove(&token)) else { return };
+        let limit = match self.configured.try_borrow() {
+            Ok(configured) => configured.as_ref().map_or(0, |c| c.driver.answer_limit(id)),
+            Err(_) => return,
+        };
+        let status = adapter::header(MapType::HttpCallResponseHeaders, ":status");
+        let retry_after = adapter::header(MapType::HttpCallResponseHeaders, "retry-after");
+        let body = if body_size > limit {
+            None
+        } else {
+            Some(adapter::buffer(proxy_wasm::types::BufferType::HttpCallResponseBody, body_size).unwrap_or_default())
+        };
+        let answer = lifecycle::Answer {
+            status: status.as_deref(),
+            retry_after: retry_after.as_deref(),
+            body: match &body {
+                Some(bytes) => lifecycle::AnswerBody::Bytes(bytes),
+                None => lifecycle::AnswerBody::TooLarge,
+            },
+        };
+        let now_ms = adapter::now_ms();
+        self.drive(|driver, env| driver.on_answer(id, answer, now_ms, env));
+    }
+}
+
+fn level_of(level: LogLevel) -> Level {
+    match level {
+        LogLevel::Debug => Level::Debug,
+        LogLevel::Info => Level::Info,
+        LogLevel::Warn => Level::Warn,
+        LogLevel::Error => Level::Error,
     }
 }

@@ -67,7 +67,6 @@ impl HttpHeader {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u32)]
 pub enum Level {
-    Trace = 0,
     Debug = 1,
     Info = 2,
     Warn = 3,
@@ -197,6 +196,13 @@ pub fn log(level: Level, message: &str) {
     if let Some(c) = callbacks() {
         // SAFETY: a live buffer; Envoy copies it before returning.
         unsafe { (c.log)(level as u32, Buffer::of(message.as_bytes())) }
+    }
+}
+
+/// Logs `oauth2_cc: <message>` at `level` (formatted only when Envoy logs that level).
+pub fn log_line(level: Level, message: std::fmt::Arguments<'_>) {
+    if log_enabled(level) {
+        log(level, &format!("oauth2_cc: {message}"));
     }
 }
 

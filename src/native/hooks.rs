@@ -11,7 +11,6 @@ use std::ffi::{c_char, c_void};
 use std::sync::Arc;
 
 use crate::native::abi::{self, Buffer, ConfigHandle, HttpHeader, Level, Stream};
-use crate::native::logger;
 use crate::native::parked::DELIVERED;
 use crate::native::plugin::Plugin;
 use crate::native::stream::{StreamFilter, Verdict};
@@ -30,10 +29,7 @@ const CONTINUE: u32 = 0;
 #[unsafe(no_mangle)]
 pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const c_char {
     match abi::resolve() {
-        Ok(()) => {
-            logger::install();
-            abi::ABI_VERSION.as_ptr()
-        }
+        Ok(()) => abi::ABI_VERSION.as_ptr(),
         // No logger without the log callback: stderr is Envoy's log stream too.
         Err(missing) => {
             eprintln!("oauth2_cc: this Envoy lacks the dynamic-module callback {missing}; refusing to load");

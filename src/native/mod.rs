@@ -21,7 +21,6 @@
 mod abi;
 mod env;
 mod hooks;
-mod logger;
 mod metrics;
 mod parked;
 mod plugin;

@@ -109,10 +109,13 @@ impl Plugin {
             parked: Mutex::new(HashMap::new()),
         });
         plugin.execute(actions, Thread::Main, &mut lock(&plugin.driver));
-        log::info!(
-            "configured {} profile(s): {}",
-            plugin.config.profiles.len(),
-            plugin.config.profiles.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
+        abi::log_line(
+            Level::Info,
+            format_args!(
+                "configured {} profile(s): {}",
+                plugin.config.profiles.len(),
+                plugin.config.profiles.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
+            ),
         );
         if let Some(main) = main {
             *lock(&plugin.ticker) = Ticker::start(Arc::clone(&main), EVENT_TICK);
@@ -206,7 +209,10 @@ impl Plugin {
             match action {
                 Action::Send(callout) if matches!(thread, Thread::Main) => {
                     if let Err(reason) = self.send(&callout) {
-                        log::warn!("token request to cluster {:?} not sent: {reason}", callout.cluster);
+                        abi::log_line(
+                            Level::Warn,
+                            format_args!("token request to cluster {:?} not sent: {reason}", callout.cluster),
+                        );
                         queue.extend(driver.on_send_failed(callout.id, env::now_ms(), &mut ProcessEnv));
                     }
                 }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::core::lifecycle::{self, RequestId, RequestOutcome, Snapshot};
 use crate::core::route::{RequestFacts, Selection};
-use crate::native::abi::{RESPONSE_HEADER, Stream};
+use crate::native::abi::{self, Level, RESPONSE_HEADER, Stream};
 use crate::native::parked::{Outcome, Parked};
 use crate::native::plugin::{Plugin, Thread};
 
@@ -54,7 +54,10 @@ impl StreamFilter {
             Selection::None => return Verdict::Continue,
             Selection::Profile(index) => index,
             Selection::UnknownProfile(name) => {
-                log::error!("route metadata names profile {name:?}, which is not configured; failing the request");
+                abi::log_line(
+                    Level::Error,
+                    format_args!("route metadata names profile {name:?}, which is not configured; failing the request"),
+                );
                 let reply = lifecycle::unknown_profile_reply(&config);
                 stream.send_response(
                     reply.status,
@@ -67,9 +70,7 @@ impl StreamFilter {
         };
         let Some(profile) = config.profiles.get(profile_index) else { return Verdict::Continue };
         self.profile = Some(profile_index);
-        if profile.inject.keep_existing
-            && stream.header(crate::native::abi::REQUEST_HEADER, &profile.inject.header).is_some()
-        {
+        if profile.inject.keep_existing && stream.header(abi::REQUEST_HEADER, &profile.inject.header).is_some() {
             return Verdict::Continue;
         }
         if let Some((generation, written)) = self.write_copy(stream, profile_index, &profile.inject.header) {
@@ -122,7 +123,7 @@ impl StreamFilter {
 
     fn park(&mut self, stream: Stream, request: RequestId, profile: usize) -> Verdict {
         let Some(scheduler) = stream.scheduler() else {
-            log::error!("no scheduler for a paused request; failing it");
+            abi::log_line(Level::Error, format_args!("no scheduler for a paused request; failing it"));
             self.plugin.run(Thread::Worker(Some(stream)), |driver, _| {
                 driver.on_request_gone(request);
                 Vec::new()
@@ -214,7 +215,7 @@ struct StreamFacts<'a> {
 
 impl<'a> StreamFacts<'a> {
     fn request_header(stream: Stream, name: &str) -> Option<&'a str> {
-        stream.header(crate::native::abi::REQUEST_HEADER, name).and_then(|b| std::str::from_utf8(b).ok())
+        stream.header(abi::REQUEST_HEADER, name).and_then(|b| std::str::from_utf8(b).ok())
     }
 }
 
@@ -231,17 +232,15 @@ impl RequestFacts for StreamFacts<'_> {
         let stream = self.stream;
         *self.method.get_or_insert_with(|| Self::request_header(stream, ":method"))
     }
-    fn header(&mut self, lower_case_name: &str) -> Option<String> {
-        Self::request_header(self.stream, lower_case_name).map(str::to_string)
+    fn header(&mut self, lower_case_name: &str) -> Option<Vec<u8>> {
+        self.stream.header(abi::REQUEST_HEADER, lower_case_name).map(<[u8]>::to_vec)
     }
     fn route_name(&mut self) -> Option<String> {
         self.stream.route_name().and_then(|b| std::str::from_utf8(b).ok()).map(str::to_string)
     }
     fn metadata_profile(&mut self) -> Option<String> {
-        self.stream
-            .route_metadata_string("oauth2_cc", "profile")
-            .and_then(|b| std::str::from_utf8(b).ok())
-            .map(str::to_string)
+        // A name that is not UTF-8 names no configured profile: it fails closed as unknown.
+        self.stream.route_metadata_string("oauth2_cc", "profile").map(|b| String::from_utf8_lossy(b).into_owned())
     }
     fn metadata_disabled(&mut self) -> bool {
         self.stream.route_metadata_bool("oauth2_cc", "disabled").unwrap_or(false)

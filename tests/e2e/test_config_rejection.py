@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import re
+from pathlib import Path
 
 import pytest
 
@@ -37,6 +38,31 @@ def edit(path: list, value=None, *, delete: bool = False):
 
 
 P = ["profiles", "default"]
+KEYS = Path(__file__).resolve().parents[1] / "fixtures" / "keys"
+JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+
+
+def profile_fields(**fields):
+    """A config edit: set fields of the sample's profile; None removes one."""
+
+    def apply(config: dict) -> dict:
+        profile = config["profiles"]["default"]
+        for name, value in fields.items():
+            if value is None:
+                profile.pop(name, None)
+            else:
+                profile[name] = value
+        return config
+
+    return apply
+
+
+def ec_key_jwt() -> dict:
+    return {"algorithm": "ES256", "private_key": (KEYS / "ec_p256_pkcs8.pem").read_text()}
+
+
+# RFC 6749 §2.3.1: GET puts every parameter in the URL, so it is refused with these (issue 11)
+GET_IN_QUERY = r"profiles\.default\.method: GET would put the credentials of {} in the URL"
 
 # id -> (edit of the sample config, or a raw configuration string; regex the rejection line must match)
 CASES = {
@@ -125,19 +151,35 @@ CASES = {
         edit(P + ["token_request_headers"], {"x-api-key": "a\nb"}),
         r"profiles\.default\.token_request_headers\.x-api-key: the value contains a control character",
     ),
-    # (today the message reads "configuration rejected: ?: key must be a string")
+    # broken JSON text is named by line and column
     "invalid_json_text": (
         "{not json",
-        r"configuration rejected: (\?: )?key must be a string",
+        r"configuration rejected: invalid JSON at line 1 column 2: key must be a string",
     ),
-    # serde_path_to_error names the object it was in (the unknown key shows as "?")
+    # ... and by the object it broke in, when there is one
     "invalid_json_nested": (
-        '{"profiles": {"default": {not json',
-        r"configuration rejected: profiles\.default\.\?: key must be a string",
+        '{"profiles": {"default": {\n  "cluster": "idp",\n}}}',
+        r"configuration rejected: profiles\.default: invalid JSON at line 3 column 1: trailing comma",
     ),
     "trailing_garbage": (
-        lambda c: __import__("json").dumps(c) + " trailing",
-        r"configuration rejected: trailing characters",
+        lambda c: __import__("json").dumps(c) + "\n trailing",
+        r"configuration rejected: invalid JSON at line 2 column 2: trailing characters",
+    ),
+    "get_with_client_secret_post": (
+        profile_fields(method="GET", auth_method="client_secret_post"),
+        GET_IN_QUERY.format("auth_method client_secret_post"),
+    ),
+    "get_with_client_secret_jwt": (
+        profile_fields(method="GET", auth_method="client_secret_jwt", client_secret="k" * 32),
+        GET_IN_QUERY.format("auth_method client_secret_jwt"),
+    ),
+    "get_with_private_key_jwt": (
+        profile_fields(method="GET", auth_method="private_key_jwt", client_secret=None, jwt=ec_key_jwt()),
+        GET_IN_QUERY.format("auth_method private_key_jwt"),
+    ),
+    "get_with_jwt_bearer_grant": (
+        profile_fields(method="GET", auth_method="none", client_secret=None, grant_type=JWT_BEARER_GRANT, jwt=ec_key_jwt()),
+        GET_IN_QUERY.format("the JWT-bearer grant"),
     ),
 }
 
@@ -172,6 +214,24 @@ def test_validate_accepts_the_sample(envoy_factory):
     rc, out = envoy_factory.validate(pc.sample(), name="validate-sample")
     assert rc == 0, out[-3000:]
     assert rejection_lines(out) == []
+
+
+# The same profiles with POST, and GET where the credentials stay out of the URL, are valid: the
+# refusals above are the method's.
+ACCEPTED = {
+    "post_with_client_secret_post": profile_fields(method="POST", auth_method="client_secret_post"),
+    "post_with_private_key_jwt": profile_fields(auth_method="private_key_jwt", client_secret=None, jwt=ec_key_jwt()),
+    "get_with_client_secret_basic": profile_fields(method="GET", auth_method="client_secret_basic"),
+    "get_with_tls_client_auth": profile_fields(method="GET", auth_method="tls_client_auth", client_secret=None),
+    "get_with_none": profile_fields(method="GET", auth_method="none", client_secret=None),
+}
+
+
+@pytest.mark.parametrize("case", list(ACCEPTED))
+def test_validate_accepts(envoy_factory, case):
+    rc, out = envoy_factory.validate(ACCEPTED[case](pc.sample()), name=f"validate-{case}")
+    assert rc == 0, out[-3000:]
+    assert rejection_lines(out) == [], rejection_lines(out)
 
 
 @pytest.mark.parametrize("case", ["timeout_ms_0", "route_unknown_profile"])

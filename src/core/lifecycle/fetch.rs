@@ -199,12 +199,14 @@ impl Driver {
         let (client_assertion, grant_assertion) = match sign_assertions(profile, now_ms, env) {
             Ok(signed) => signed,
             Err(error) => {
-                let failure = Failure {
-                    class: FailureClass::Transient,
-                    label: "assertion_failed".into(),
-                    message: format!("signing the assertion failed: {error}"),
-                };
-                return self.record_failure(index, failure, None, now_ms, env, actions);
+                return self.record_failure(
+                    index,
+                    (&TokenError::AssertionFailed(error)).into(),
+                    None,
+                    now_ms,
+                    env,
+                    actions,
+                );
             }
         };
         let extras = RequestExtras {
@@ -346,7 +348,7 @@ impl Driver {
     ) {
         let TokenEndpoint::Discovered { issuer, .. } = &profile.endpoint else { return };
         let result = match body {
-            AnswerBody::TooLarge => Err(DiscoveryError::NotJson),
+            AnswerBody::TooLarge => Err(DiscoveryError::TooLarge { limit: profile.max_response_bytes }),
             AnswerBody::Bytes(body) => discovery::parse_metadata(status, body, issuer, profile.auth_method.name()),
         };
         match result {

@@ -51,22 +51,43 @@ pub enum Update {
     Failed,
 }
 
-/// Applies `change` to the entry at `key` with compare-and-swap, re-reading after a lost race.
-/// `change` returns `None` when there is nothing to write; it may be called once per attempt.
-pub fn update_entry(env: &mut dyn Environment, key: &str, mut change: impl FnMut(&Entry) -> Option<Entry>) -> Update {
+/// Applies `change` to the bytes at `key` (`None`: missing) with compare-and-swap, re-reading
+/// after a lost race: the one CAS loop of the filter. `change` returns `None` when there is nothing
+/// to write; it may be called once per attempt. Returns the bytes written.
+pub fn update_bytes(
+    env: &mut dyn Environment,
+    key: &str,
+    mut change: impl FnMut(Option<&[u8]>) -> Option<Vec<u8>>,
+) -> Result<Option<Vec<u8>>, Update> {
     for _ in 0..CAS_ATTEMPTS {
         let (bytes, version) = env.get(key);
-        let current = bytes.as_deref().and_then(Entry::decode).unwrap_or_default();
-        let Some(next) = change(&current) else { return Update::Unchanged };
+        let Some(next) = change(bytes.as_deref()) else { return Ok(None) };
         // A missing key is created without overwriting one that appeared meanwhile.
         let expected = if bytes.is_none() { Some(CREATE_VERSION) } else { version };
-        match env.set(key, &next.encode(), expected) {
-            Written::Ok => return Update::Written(next),
+        match env.set(key, &next, expected) {
+            Written::Ok => return Ok(Some(next)),
             Written::CasMismatch => continue,
-            Written::Failed => return Update::Failed,
+            Written::Failed => return Err(Update::Failed),
         }
     }
-    Update::Contended
+    Err(Update::Contended)
+}
+
+/// Applies `change` to the entry at `key` with compare-and-swap (see [`update_bytes`]).
+pub fn update_entry(env: &mut dyn Environment, key: &str, mut change: impl FnMut(&Entry) -> Option<Entry>) -> Update {
+    let mut written = None;
+    let outcome = update_bytes(env, key, |bytes| {
+        let current = bytes.and_then(Entry::decode).unwrap_or_default();
+        let next = change(&current)?;
+        let encoded = next.encode();
+        written = Some(next);
+        Some(encoded)
+    });
+    match (outcome, written) {
+        (Ok(Some(_)), Some(entry)) => Update::Written(entry),
+        (Ok(_), _) => Update::Unchanged,
+        (Err(failure), _) => failure,
+    }
 }
 
 /// Creates `key` with an empty entry unless it exists. Never overwrites: a lease another VM took

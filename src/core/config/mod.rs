@@ -1,0 +1,106 @@
+//! Plugin configuration: the JSON model, its validation, and the compiled form the filter runs on.
+//!
+//! `parse` turns the plugin configuration bytes into a [`Config`] or a [`ConfigError`] whose `path`
+//! names the offending JSON field (`profiles.billing.token_url`). Unknown fields are errors, so a typo
+//! never silently turns a feature off. Secrets given as `{"env": "NAME"}` are resolved here through
+//! the lookup the caller passes in (the host reads the VM's environment).
+//!
+//! The parts: `raw` is the JSON as written (serde, and the JSON Schema generated from it);
+//! `profile`, `auth` and `routes` compile one section each, with the checks shared in `checks`;
+//! `runtime` holds the compiled types, including the lifetime and backoff policies `cache` applies.
+
+mod auth;
+mod checks;
+mod profile;
+mod raw;
+mod routes;
+mod runtime;
+#[cfg(test)]
+mod tests;
+
+use serde_json::error::Category;
+
+pub use checks::{valid_header_name, valid_header_value};
+pub use raw::SecretSource;
+pub use runtime::*;
+
+use crate::core::route::RouteTable;
+use raw::RawConfig;
+
+/// A configuration error: the JSON path of the bad field and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{reason}", if path.is_empty() { String::new() } else { format!("{path}: ") })]
+pub struct ConfigError {
+    pub path: String,
+    pub reason: String,
+}
+
+impl ConfigError {
+    fn new(path: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError { path: path.into(), reason: reason.into() }
+    }
+}
+
+/// Parses and validates the plugin configuration. `env` looks up the VM's environment variables.
+pub fn parse(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let raw: RawConfig = serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
+        let path = err.path().to_string();
+        json_error(path, &err.into_inner())
+    })?;
+    deserializer.end().map_err(|err| json_error(String::new(), &err))?;
+    compile(raw, env)
+}
+
+/// A value of the wrong type or shape is named by its JSON path. Broken JSON text is named by its
+/// line and column, with the path of the object it broke in (serde writes the key it could not
+/// read as `?`, which is dropped).
+fn json_error(mut path: String, err: &serde_json::Error) -> ConfigError {
+    let message = strip_position(&err.to_string());
+    match err.classify() {
+        Category::Syntax | Category::Eof => {
+            while let Some(known) = path.strip_suffix('?').map(|p| p.trim_end_matches('.').to_string()) {
+                path = known;
+            }
+            let reason = format!("invalid JSON at line {} column {}: {message}", err.line(), err.column());
+            ConfigError::new(path, reason)
+        }
+        Category::Data | Category::Io => ConfigError::new(if path == "." { String::new() } else { path }, message),
+    }
+}
+
+/// serde_json appends " at line L column C" to its messages; the caller says where itself.
+fn strip_position(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(index) => message[..index].to_string(),
+        None => message.to_string(),
+    }
+}
+
+fn compile(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+    if raw.profiles.is_empty() {
+        return Err(ConfigError::new("profiles", "at least one profile is required"));
+    }
+    let mut profiles = Vec::with_capacity(raw.profiles.len());
+    for (name, raw_profile) in raw.profiles {
+        profiles.push(profile::compile_profile(name, raw_profile, env)?);
+    }
+    let mut matchers = Vec::with_capacity(raw.routes.len());
+    for (index, route) in raw.routes.into_iter().enumerate() {
+        matchers.push(routes::compile_route(index, route, &profiles)?);
+    }
+    let failure_status = raw.on_failure.status.unwrap_or(DEFAULT_FAILURE_STATUS);
+    if !(400..=599).contains(&failure_status) {
+        return Err(ConfigError::new("on_failure.status", "must be an HTTP error status from 400 to 599"));
+    }
+    let max_paused_requests = raw.max_paused_requests.map_or(DEFAULT_MAX_PAUSED_REQUESTS, |n| n as usize);
+    // Bounded so the same configuration is valid on 64-bit hosts and in the 32-bit filter.
+    if !(1..=1_000_000).contains(&max_paused_requests) {
+        return Err(ConfigError::new("max_paused_requests", "must be from 1 to 1000000"));
+    }
+    let mut routes = RouteTable::new(matchers);
+    if raw.route_metadata {
+        routes = routes.with_route_metadata(profiles.iter().map(|p| p.name.clone()).collect());
+    }
+    Ok(Config { profiles, routes, failure_status, max_paused_requests })
+}

@@ -1,0 +1,153 @@
+//! The compiled configuration the filter runs on: profiles, their client authentication, where the
+//! token goes, and the lifetime and backoff policies that `cache` applies. Every value here has
+//! passed validation; the defaults are the documented ones.
+
+use crate::core::assertion::{AssertionSigner, AssertionTemplate};
+use crate::core::route::RouteTable;
+use crate::core::secret::Secret;
+use crate::core::url::HttpUrl;
+
+pub use super::raw::{AuthMethod, TokenMethod};
+
+/// The validated configuration the filter runs on.
+#[derive(Debug)]
+pub struct Config {
+    pub profiles: Vec<Profile>,
+    pub routes: RouteTable,
+    pub failure_status: u32,
+    /// Requests one VM (worker) may hold paused waiting for a token; beyond it, the failure reply.
+    pub max_paused_requests: usize,
+}
+
+/// Where the token endpoint is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenEndpoint {
+    Fixed(HttpUrl),
+    /// Read from the issuer's metadata at start-up.
+    Discovered {
+        issuer: String,
+        issuer_url: HttpUrl,
+    },
+}
+
+/// The client authentication a profile uses, with the secret it needs.
+#[derive(Debug, Clone)]
+pub enum ClientAuth {
+    Basic {
+        secret: Secret,
+    },
+    Post {
+        secret: Secret,
+    },
+    /// `none` and `tls_client_auth`: only `client_id` is sent.
+    ClientIdOnly,
+    /// `client_secret_jwt` and `private_key_jwt`: a fresh signed assertion per token request.
+    Jwt {
+        assertion: JwtAssertion,
+        send_client_id: bool,
+    },
+}
+
+/// How to make the RFC 7523 assertions of a profile: the checked key and the fixed claims.
+#[derive(Debug, Clone)]
+pub struct JwtAssertion {
+    pub signer: AssertionSigner,
+    pub template: AssertionTemplate,
+}
+
+pub const DEFAULT_ASSERTION_LIFETIME_S: u64 = 60;
+
+/// One named way of getting a token.
+#[derive(Debug, Clone)]
+pub struct Profile {
+    pub name: String,
+    pub cluster: String,
+    pub endpoint: TokenEndpoint,
+    pub client_id: String,
+    pub auth_method: AuthMethod,
+    pub client_auth: ClientAuth,
+    pub grant_type: String,
+    pub scopes: Vec<String>,
+    pub audience: Option<String>,
+    pub resources: Vec<String>,
+    /// Extra body/query parameters; a name given here replaces the filter's own parameter.
+    pub params: Vec<(String, String)>,
+    pub request_headers: Vec<(String, String)>,
+    pub method: TokenMethod,
+    pub timeout_ms: u64,
+    pub max_wait_ms: u64,
+    pub token_field: FieldPath,
+    pub expires_in_field: FieldPath,
+    pub inject: Injection,
+    pub lifetime: LifetimePolicy,
+    pub backoff: BackoffPolicy,
+    /// Token requests allowed per hour, if limited.
+    pub max_fetches_per_hour: Option<u32>,
+    /// Largest response body read.
+    pub max_response_bytes: usize,
+    /// RFC 7523 §2.1 JWT-bearer grant: the assertion sent as `assertion`.
+    pub grant_assertion: Option<JwtAssertion>,
+    /// Upstream statuses that mean "this token was rejected": the cached token is dropped.
+    pub purge_on_status: Vec<u32>,
+    /// The shared-data key of this profile's cache entry; changes when what the token depends on changes.
+    pub cache_key: String,
+}
+
+/// Where the token goes on the upstream request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Injection {
+    /// Lower-case header name.
+    pub header: String,
+    pub prefix: String,
+    pub keep_existing: bool,
+}
+
+/// How a token's lifetime is turned into refresh and expiry times.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LifetimePolicy {
+    /// Fraction of the lifetime after which a background refresh starts.
+    pub ahead_ratio: f64,
+    /// Lifetime assumed when the IdP sends no `expires_in`.
+    pub default_ttl_s: u64,
+    /// Safety margin taken off the lifetime (capped at a tenth of it for short-lived tokens).
+    pub skew_s: u64,
+}
+
+/// Retry spacing after failed token requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackoffPolicy {
+    pub base_ms: u64,
+    pub max_ms: u64,
+}
+
+/// A dotted path into a JSON object (`data.token`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldPath(pub Vec<String>);
+
+impl FieldPath {
+    pub(super) fn parse(path: &str) -> Option<FieldPath> {
+        let parts: Vec<String> = path.split('.').map(str::to_string).collect();
+        if parts.iter().any(String::is_empty) {
+            return None;
+        }
+        Some(FieldPath(parts))
+    }
+
+    pub fn display(&self) -> String {
+        self.0.join(".")
+    }
+}
+
+pub const DEFAULT_GRANT_TYPE: &str = "client_credentials";
+pub const DEFAULT_TIMEOUT_MS: u64 = 5_000;
+pub const DEFAULT_AHEAD_RATIO: f64 = 0.8;
+pub const DEFAULT_TTL_S: u64 = 300;
+pub const DEFAULT_SKEW_S: u64 = 5;
+pub const DEFAULT_BACKOFF_BASE_MS: u64 = 1_000;
+pub const DEFAULT_BACKOFF_MAX_MS: u64 = 60_000;
+pub const DEFAULT_FAILURE_STATUS: u32 = 503;
+pub const DEFAULT_MAX_PAUSED_REQUESTS: usize = 1_000;
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 64 * 1024;
+pub(super) const MAX_RESPONSE_BYTES_LIMIT: usize = 1024 * 1024;
+/// Upper bound for any configured duration: a day is far beyond any sane timeout or wait.
+pub(super) const MAX_DURATION_MS: u64 = 86_400_000;
