@@ -1,13 +1,15 @@
-"""Fault matrix: one case per way the token endpoint can fail, on real Envoy (2 workers).
+"""Fault matrix: one case per way the token endpoint can fail, on real Envoy (2 workers), with
+each build (the wasm module and the dynamic module).
 
 Each fault cell asserts, while the fault is on:
 
 * the client gets the failure reply: 503, ``content-type: application/json`` and exactly
   ``{"error":"token_unavailable","profile":"default"}``;
 * the upstream sees nothing;
-* ``wasmcustom.oauth2_cc.default.fetch_failed.<reason>`` counts the failure, and no other reason
-  is counted;
-* Envoy's log has a ``[warning][wasm]`` record of the filter naming the reason text and label;
+* ``<namespace>.oauth2_cc.default.fetch_failed.<reason>`` counts the failure, and no other reason
+  is counted (``wasmcustom`` or ``dynamicmodulescustom``, Envoy's namespace for each build);
+* Envoy's log has a ``warning`` record of the filter (``[wasm]`` or ``[dynamic_modules]``) naming
+  the reason text and label;
 
 then the fault clears (the IdP behaves again) and a later request reaches the upstream with a
 token the IdP issued after the fault (recovery). The harness fails any test whose Envoy logged a

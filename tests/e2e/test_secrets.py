@@ -1,13 +1,14 @@
 """The client secret stays out of logs.
 
-* Inline secret, Envoy's wasm component at ``trace``: no record the filter wrote ("wasm log")
+* Inline secret, the filter's Envoy component at ``trace``: no record the filter wrote
   holds the secret, its form-urlencoded form or its Basic credential - through a successful fetch
   and a failed one whose error body echoes the secret back.
 * Same scenario with Envoy at ``info``: the whole Envoy log holds none of them.
 * ``{"env": ...}`` secret, Envoy at ``debug``: the plugin configuration string never holds the
   secret. What Envoy itself shows is asserted as found on Envoy 1.40: the value sits in
   ``vm_config.environment_variables``, which Envoy prints with the filter config in its debug log
-  and in admin ``/config_dump``; nowhere else.
+  and in admin ``/config_dump``; nowhere else. The dynamic module reads the variable from Envoy's
+  own environment: the value is in no configuration, dump or log line at all.
 """
 
 from __future__ import annotations
