@@ -242,7 +242,8 @@ def test_serve_mode_refuses_bad_config(envoy_factory, upstream, case):
     lines = rejection_lines(e.log())
     assert any(re.search(CASES[case][1], line) for line in lines), e.log_tail(40)
     if envoy_factory.filter_host == "wasm":
-        assert any("Plugin oauth2_cc failed to load" in line for line in e.critical_wasm_lines())
+        critical = e.critical_wasm_lines()
+        assert any("Plugin oauth2_cc failed to load" in line for line in critical), f"critical wasm lines: {critical}"
     else:
         assert any(REFUSED["native"] in line for line in e.records_at("critical")), e.log_tail(20)
     assert upstream.count() == 0

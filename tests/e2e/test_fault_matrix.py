@@ -27,6 +27,7 @@ Run with ``-s`` to see the exact log record of each cell (lines starting with ``
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
@@ -35,9 +36,10 @@ from typing import Any, Callable
 
 import pytest
 
-import plugin_config as pc
 from envoy import filter_log, free_port
 from envoy import wait_until as poll
+from helpers import assert_failure_reply
+import helpers
 
 PROFILE = "default"
 FAILURE_BODY_BYTES = b'{"error":"token_unavailable","profile":"default"}'
@@ -50,11 +52,7 @@ MAX_LIFETIME_S = 10 * 365 * 86_400  # token_response::MAX_LIFETIME_S
 # --------------------------------------------------------------------------- #
 
 
-def one_profile(**fields: Any) -> dict:
-    fields.setdefault("backoff", BACKOFF)
-    return pc.config(profiles={PROFILE: pc.profile(**fields)})
-
-
+one_profile = functools.partial(helpers.one_profile, PROFILE, backoff=BACKOFF)
 
 
 def failed_counters(e) -> dict[str, int]:
@@ -66,13 +64,6 @@ def failed_counters(e) -> dict[str, int]:
         if name.startswith(prefix) and isinstance(value, int) and value > 0:
             out[name.removeprefix(prefix)] = value
     return out
-
-
-def assert_failure_reply(r) -> None:
-    assert r.status == 503, (r.status, r.text)
-    assert r.headers.get("content-type") == "application/json", r.headers
-    assert r.body == FAILURE_BODY_BYTES, r.body
-    assert r.json() == {"error": "token_unavailable", "profile": PROFILE}
 
 
 def warning_record(e, text: str, reason: str, timeout: float = 5.0) -> str:
@@ -110,7 +101,7 @@ def recover(e, token_server, upstream, timeout: float = 6.0) -> str:
     token = token_server.last_token()
     assert token and token not in issued_before, (token, issued_before)
     assert auth == [f"Bearer {token}"], auth
-    assert poll(lambda: e.filter_stat(f"{PROFILE}.fetch_ok") >= 1, 3)
+    assert poll(lambda: e.filter_stat(f"{PROFILE}.fetch_ok") >= 1, 3), f"fetch_ok {e.filter_stat(f'{PROFILE}.fetch_ok')} after 3 s"
     # (the harness checks this again, over the whole log, once Envoy is stopped)
     assert e.wasm_failure_lines() == []
     return token

@@ -63,6 +63,8 @@ EG_POLICY = DEPLOY_DIR / "envoy-gateway" / "extension-policy.yaml"
 OCI_DOCKERFILE = DEPLOY_DIR / "oci" / "Dockerfile"
 
 ENVOY_BOOTSTRAPS = [*shipped_envoy_configs(), DOCKER_ENVOY]
+# Bootstraps that must carry no oauth2-cc filter (the egress-gateway pattern's sidecar: no secret).
+FILTERLESS_BOOTSTRAPS = {ENVOY_DIR / "egress-sidecar.yaml"}
 SECRET_FIELDS = ("client_secret", "private_key")  # SecretSource fields of the plugin config
 
 
@@ -180,7 +182,10 @@ def test_shipped_envoy_config_validates(path, tmp_path):
     wasm = check_wasm_file()
     bootstrap = load_yaml(path)
     plugins = wasm_plugin_configs(bootstrap)
-    assert plugins, f"{rel(path)} has no oauth2-cc wasm filter"
+    if path in FILTERLESS_BOOTSTRAPS:
+        assert not plugins, f"{rel(path)} must not run the filter"
+    else:
+        assert plugins, f"{rel(path)} has no oauth2-cc wasm filter"
     env: dict[str, str] = {}
     rewrite = False
     for plugin in plugins:
@@ -359,7 +364,8 @@ def test_istio_wasmplugin():
     assert spec["phase"] in ("AUTHN", "AUTHZ", "STATS", "UNSPECIFIED_PHASE")
     assert spec["phase"] != "AUTHN", "AUTHN would overwrite Authorization before Istio authenticates it"
     assert spec.get("imagePullPolicy", "IfNotPresent") in ("IfNotPresent", "Always")
-    assert all(m.get("mode") in ("CLIENT", "SERVER", "CLIENT_AND_SERVER") for m in spec.get("match", []))
+    modes = [m.get("mode") for m in spec.get("match", [])]
+    assert set(modes) <= {"CLIENT", "SERVER", "CLIENT_AND_SERVER"}, f"match modes {modes}"
     # Never open: FAIL_RELOAD (Istio >= 1.27) or FAIL_CLOSE. The field defaults to FAIL_CLOSE;
     # say it explicitly.
     assert spec.get("failStrategy") in ("FAIL_RELOAD", "FAIL_CLOSE"), spec.get("failStrategy")
@@ -399,7 +405,8 @@ def test_istio_token_cluster_is_a_service_entry_with_tls_origination():
         assert tls[0].get("sni") == host and host in tls[0].get("subjectAltNames", [host])
         assert not tls[0].get("insecureSkipVerify"), "never skip verifying the IdP"
         # A credentialName (MUTUAL) is served to a sidecar only with a workloadSelector.
-        assert all(d["spec"].get("workloadSelector") for d in dr)
+        selectors = [d["spec"].get("workloadSelector") for d in dr]
+        assert all(selectors), f"DestinationRule workloadSelectors: {selectors}"
 
 
 def test_istio_secret_reaches_the_sidecar_environment():
