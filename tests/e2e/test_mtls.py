@@ -18,6 +18,7 @@ import pytest
 from conftest import SERVERS, check_wasm_file
 from envoy import Envoy
 from envoy import wait_until
+from helpers import assert_failure_reply
 from servers import TokenServer
 from shipped import ENVOY_DIR, cluster, load_yaml, localize
 from tls_certs import CLIENT_CN, make_pki
@@ -25,7 +26,6 @@ from tls_certs import CLIENT_CN, make_pki
 MTLS_YAML = ENVOY_DIR / "mtls.yaml"
 TOKEN_CLUSTER = "idp_mtls"
 PROFILE = "partner"
-FAILURE_BODY = {"error": "token_unavailable", "profile": PROFILE}
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +142,8 @@ def test_client_certificate_gets_a_token(envoy_factory, tmp_path, pki, mtls_serv
     assert "client_secret" not in req.form
     assert "authorization" not in req.headers
     # ... over a connection that presented the demo client certificate
-    assert idp.peer_certs and all(subject_cn(c) == CLIENT_CN for c in idp.peer_certs)
+    cns = [subject_cn(c) for c in idp.peer_certs]
+    assert cns and all(cn == CLIENT_CN for cn in cns), f"client certificate CNs {cns}, expected {CLIENT_CN}"
     assert idp.handshake_errors == []
 
     # The cached token serves the next requests without another fetch.
@@ -161,9 +162,7 @@ def test_without_client_certificate_the_request_fails_closed(envoy_factory, tmp_
     e = start_shipped_mtls(envoy_factory, tmp_path, pki, idp, upstream, name="mtls-nocert",
                            edit=drop_client_cert)
     r = e.request("/v1/orders")
-    assert r.status == 503, r.text
-    assert r.headers.get("content-type") == "application/json"
-    assert r.json() == FAILURE_BODY
+    assert_failure_reply(r, profile=PROFILE)
     assert upstream.count() == 0  # nothing reached the upstream, with or without a token
     assert idp.count() == 0  # no token request got through the TLS layer
     # The IdP refused the handshake for want of a certificate (its handler thread records it).
@@ -199,8 +198,7 @@ def test_idp_certificate_is_verified(envoy_factory, tmp_path, pki, mtls_server, 
 
     e = start_shipped_mtls(envoy_factory, tmp_path, pki, idp, upstream, name=f"mtls-{case}", edit=edit)
     r = e.request("/v1/orders")
-    assert r.status == 503, r.text
-    assert r.json() == FAILURE_BODY
+    assert_failure_reply(r, profile=PROFILE)
     assert idp.count() == 0 and upstream.count() == 0
     e.wait_log(r'profile "partner": token request failed', timeout=5)
     # Envoy counts why it refused the server's certificate.

@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 from jsonschema import Draft202012Validator
 
-from conftest import check_wasm_file
+from conftest import check_native_file, check_wasm_file
 from envoy import REPO_ROOT, Envoy, envoy_bin, request
 from shipped import (
     CERTS_PREFIX,
@@ -39,13 +39,16 @@ from shipped import (
     ENVOY_DIR,
     ENVOY_VERSION,
     SCHEMA_PATH,
+    SHIPPED_NATIVE,
     SHIPPED_WASM,
+    dynamic_module_configs,
     load_yaml,
     load_yaml_docs,
     localize,
     plugin_configuration,
     rewrite_filenames,
     shipped_envoy_configs,
+    shipped_native_configs,
     walk,
     wasm_plugin_configs,
 )
@@ -60,6 +63,8 @@ EG_POLICY = DEPLOY_DIR / "envoy-gateway" / "extension-policy.yaml"
 OCI_DOCKERFILE = DEPLOY_DIR / "oci" / "Dockerfile"
 
 ENVOY_BOOTSTRAPS = [*shipped_envoy_configs(), DOCKER_ENVOY]
+# Bootstraps that must carry no oauth2-cc filter (the egress-gateway pattern's sidecar: no secret).
+FILTERLESS_BOOTSTRAPS = {ENVOY_DIR / "egress-sidecar.yaml"}
 SECRET_FIELDS = ("client_secret", "private_key")  # SecretSource fields of the plugin config
 
 
@@ -177,7 +182,10 @@ def test_shipped_envoy_config_validates(path, tmp_path):
     wasm = check_wasm_file()
     bootstrap = load_yaml(path)
     plugins = wasm_plugin_configs(bootstrap)
-    assert plugins, f"{rel(path)} has no oauth2-cc wasm filter"
+    if path in FILTERLESS_BOOTSTRAPS:
+        assert not plugins, f"{rel(path)} must not run the filter"
+    else:
+        assert plugins, f"{rel(path)} has no oauth2-cc wasm filter"
     env: dict[str, str] = {}
     rewrite = False
     for plugin in plugins:
@@ -205,6 +213,33 @@ def test_shipped_envoy_config_validates(path, tmp_path):
         target = path
     rc, out = run_validate(target, env, tmp_path / "validate.log")
     assert rc == 0 and "OK" in out, f"envoy --mode validate {rel(path)} failed (rc={rc}):\n{out[-4000:]}"
+    assert "configuration rejected" not in out, out[-4000:]
+
+
+NATIVE_BOOTSTRAPS = shipped_native_configs()
+
+
+@pytest.mark.parametrize("path", NATIVE_BOOTSTRAPS, ids=[rel(p) for p in NATIVE_BOOTSTRAPS])
+def test_shipped_native_config_validates(path, tmp_path):
+    """envoy/*.yaml with the dynamic module validate on the build output, and the module parsed
+    the shipped plugin configuration (it logs "configured" once it has)."""
+    native = check_native_file()
+    bootstrap = load_yaml(path)
+    modules = dynamic_module_configs(bootstrap)
+    assert modules, f"{rel(path)} loads no dynamic module"
+    for module in modules:
+        filename = module["module"]["local"]["filename"]
+        assert filename == SHIPPED_NATIVE, f"{rel(path)}: module at {filename!r}, not {SHIPPED_NATIVE!r}"
+    b = json.loads(json.dumps(bootstrap))
+    for module in dynamic_module_configs(b):
+        module["module"]["local"]["filename"] = str(native)
+    target = tmp_path / path.name
+    target.write_text(json.dumps(b, indent=2))
+    # the plugin configuration's {"env": NAME} secrets come from Envoy's own environment
+    env = {m: "validate-dummy" for m in re.findall(r'\{"env": "([A-Z_][A-Z0-9_]*)"\}', path.read_text())}
+    rc, out = run_validate(target, env, tmp_path / "validate.log")
+    assert rc == 0 and "OK" in out, f"envoy --mode validate {rel(path)} failed (rc={rc}):\n{out[-4000:]}"
+    assert re.search(r"oauth2_cc: configured \d+ profile", out), out[-4000:]
     assert "configuration rejected" not in out, out[-4000:]
 
 
@@ -329,7 +364,8 @@ def test_istio_wasmplugin():
     assert spec["phase"] in ("AUTHN", "AUTHZ", "STATS", "UNSPECIFIED_PHASE")
     assert spec["phase"] != "AUTHN", "AUTHN would overwrite Authorization before Istio authenticates it"
     assert spec.get("imagePullPolicy", "IfNotPresent") in ("IfNotPresent", "Always")
-    assert all(m.get("mode") in ("CLIENT", "SERVER", "CLIENT_AND_SERVER") for m in spec.get("match", []))
+    modes = [m.get("mode") for m in spec.get("match", [])]
+    assert set(modes) <= {"CLIENT", "SERVER", "CLIENT_AND_SERVER"}, f"match modes {modes}"
     # Never open: FAIL_RELOAD (Istio >= 1.27) or FAIL_CLOSE. The field defaults to FAIL_CLOSE;
     # say it explicitly.
     assert spec.get("failStrategy") in ("FAIL_RELOAD", "FAIL_CLOSE"), spec.get("failStrategy")
@@ -369,7 +405,8 @@ def test_istio_token_cluster_is_a_service_entry_with_tls_origination():
         assert tls[0].get("sni") == host and host in tls[0].get("subjectAltNames", [host])
         assert not tls[0].get("insecureSkipVerify"), "never skip verifying the IdP"
         # A credentialName (MUTUAL) is served to a sidecar only with a workloadSelector.
-        assert all(d["spec"].get("workloadSelector") for d in dr)
+        selectors = [d["spec"].get("workloadSelector") for d in dr]
+        assert all(selectors), f"DestinationRule workloadSelectors: {selectors}"
 
 
 def test_istio_secret_reaches_the_sidecar_environment():
