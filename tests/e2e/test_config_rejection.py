@@ -1,9 +1,11 @@
 """Envoy refuses a plugin configuration the filter rejects, and its log names the JSON path of
-the bad field after "configuration rejected".
+the bad field after "configuration rejected" — with either build.
 
-``envoy --mode validate`` loads the wasm module and runs on_configure (Envoy 1.40), so a
-configuration the filter refuses fails validation with exit code 1 ("Unable to create Wasm plugin
-oauth2_cc"); one case is also started in serve mode to show Envoy refuses it at startup too.
+``envoy --mode validate`` loads the filter and has it parse its configuration (Envoy 1.40): the
+wasm module's on_configure, the dynamic module's on_http_filter_config_new. A configuration the
+filter refuses fails validation with exit code 1 ("Unable to create Wasm plugin oauth2_cc",
+"Failed to initialize dynamic module"); one case is also started in serve mode to show Envoy
+refuses it at startup too.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from pathlib import Path
 import pytest
 
 import plugin_config as pc
+from envoy import FILTER_REFUSED as REFUSED
+from envoy import filter_log
 
 
 def edit(path: list, value=None, *, delete: bool = False):
@@ -179,7 +183,7 @@ CASES = {
     ),
 }
 
-REJECTION_LINE = re.compile(r"\[error\]\[wasm\].*wasm log oauth2_cc oauth2_cc: configuration rejected: (?P<msg>.*)$")
+REJECTION_LINE = re.compile(filter_log("error") + r"configuration rejected: (?P<msg>.*)$")
 
 
 def make_config(case):
@@ -196,7 +200,7 @@ def test_validate_rejects_bad_config(envoy_factory, case):
     config = make_config(case)
     rc, out = envoy_factory.validate(config, name=f"validate-{case}")
     assert rc != 0, out[-3000:]
-    assert "Unable to create Wasm plugin oauth2_cc" in out, out[-3000:]
+    assert REFUSED[envoy_factory.filter_host] in out, out[-3000:]
     lines = rejection_lines(out)
     assert lines, f"no 'configuration rejected' line:\n{out[-3000:]}"
     pattern = CASES[case][1]
@@ -237,6 +241,9 @@ def test_serve_mode_refuses_bad_config(envoy_factory, upstream, case):
     assert rc != 0
     lines = rejection_lines(e.log())
     assert any(re.search(CASES[case][1], line) for line in lines), e.log_tail(40)
-    critical = e.critical_wasm_lines()
-    assert any("Plugin oauth2_cc failed to load" in line for line in critical), f"critical wasm lines: {critical}"
+    if envoy_factory.filter_host == "wasm":
+        critical = e.critical_wasm_lines()
+        assert any("Plugin oauth2_cc failed to load" in line for line in critical), f"critical wasm lines: {critical}"
+    else:
+        assert any(REFUSED["native"] in line for line in e.records_at("critical")), e.log_tail(20)
     assert upstream.count() == 0

@@ -17,7 +17,7 @@ import urllib.parse
 import pytest
 
 import plugin_config as pc
-from envoy import request_many
+from envoy import FILTER_LOG, filter_log, request_many
 from helpers import assert_failure_reply, one_profile
 
 ODD_ID = "svc:a+b"
@@ -193,7 +193,7 @@ def test_nested_token_and_ttl_fields(envoy_factory, token_server, upstream):
     r = e.request("/v1/x")
     assert r.status == 200, r.text
     assert upstream.last().header("authorization") == "Bearer nested-1"
-    e.wait_log(r"wasm log .*token fetched in \d+ ms, lifetime 60 s")
+    e.wait_log(FILTER_LOG + r".*token fetched in \d+ ms, lifetime 60 s")
     assert token_server.count() == 1
 
 
@@ -277,7 +277,7 @@ def test_token_failure_reply(envoy_factory, token_server, upstream, case):
     r = e.request("/v1/x")
     assert_failure_reply(r)
     assert token_server.count() >= 1
-    m = e.wait_log(r"\[warning\]\[wasm\].*wasm log .*profile \\?\"default\\?\": token request failed: .*" + reason)
+    m = e.wait_log(filter_log("warning") + r"profile \\?\"default\\?\": token request failed: .*" + reason)
     assert m
     r2 = e.request("/v1/y")
     assert_failure_reply(r2)

@@ -1,13 +1,15 @@
-"""Fault matrix: one case per way the token endpoint can fail, on real Envoy (2 workers).
+"""Fault matrix: one case per way the token endpoint can fail, on real Envoy (2 workers), with
+each build (the wasm module and the dynamic module).
 
 Each fault cell asserts, while the fault is on:
 
 * the client gets the failure reply: 503, ``content-type: application/json`` and exactly
   ``{"error":"token_unavailable","profile":"default"}``;
 * the upstream sees nothing;
-* ``wasmcustom.oauth2_cc.default.fetch_failed.<reason>`` counts the failure, and no other reason
-  is counted;
-* Envoy's log has a ``[warning][wasm]`` record of the filter naming the reason text and label;
+* ``<namespace>.oauth2_cc.default.fetch_failed.<reason>`` counts the failure, and no other reason
+  is counted (``wasmcustom`` or ``dynamicmodulescustom``, Envoy's namespace for each build);
+* Envoy's log has a ``warning`` record of the filter (``[wasm]`` or ``[dynamic_modules]``) naming
+  the reason text and label;
 
 then the fault clears (the IdP behaves again) and a later request reaches the upstream with a
 token the IdP issued after the fault (recovery). The harness fails any test whose Envoy logged a
@@ -34,13 +36,13 @@ from typing import Any, Callable
 
 import pytest
 
-from envoy import free_port
+from envoy import filter_log, free_port
 from envoy import wait_until as poll
 from helpers import assert_failure_reply
 import helpers
 
 PROFILE = "default"
-PREFIX = f"wasmcustom.oauth2_cc.{PROFILE}"
+FAILURE_BODY_BYTES = b'{"error":"token_unavailable","profile":"default"}'
 BACKOFF = {"base_ms": 100, "max_ms": 400}
 MAX_LIFETIME_S = 10 * 365 * 86_400  # token_response::MAX_LIFETIME_S
 
@@ -55,18 +57,19 @@ one_profile = functools.partial(helpers.one_profile, PROFILE, backoff=BACKOFF)
 
 def failed_counters(e) -> dict[str, int]:
     """Non-zero fetch_failed.<reason> counters of the profile."""
-    stats = e.stats(filter=re.escape(f"{PREFIX}.fetch_failed."))
+    prefix = f"{e.filter_stat_prefix}.{PROFILE}.fetch_failed."
+    stats = e.stats(filter=re.escape(prefix))
     out = {}
     for name, value in stats.items():
-        if name.startswith(f"{PREFIX}.fetch_failed.") and isinstance(value, int) and value > 0:
-            out[name.removeprefix(f"{PREFIX}.fetch_failed.")] = value
+        if name.startswith(prefix) and isinstance(value, int) and value > 0:
+            out[name.removeprefix(prefix)] = value
     return out
 
 
 def warning_record(e, text: str, reason: str, timeout: float = 5.0) -> str:
     """The filter's [warning][wasm] record for a failed token request with this text and label."""
     rx = re.compile(
-        r"\[warning\]\[wasm\] .*wasm log oauth2_cc oauth2_cc: profile \\?\"default\\?\": "
+        filter_log("warning") + r"profile \\?\"default\\?\": "
         r"token request failed: " + text + r" \[" + re.escape(reason) + r"\]; next attempt in \d+ ms$"
     )
     line = poll(lambda: next((ln for ln in e.log_lines() if rx.search(ln)), None), timeout)
@@ -98,7 +101,7 @@ def recover(e, token_server, upstream, timeout: float = 6.0) -> str:
     token = token_server.last_token()
     assert token and token not in issued_before, (token, issued_before)
     assert auth == [f"Bearer {token}"], auth
-    assert poll(lambda: e.stat(f"{PREFIX}.fetch_ok") >= 1, 3), f"fetch_ok {e.stat(f'{PREFIX}.fetch_ok')} after 3 s"
+    assert poll(lambda: e.filter_stat(f"{PROFILE}.fetch_ok") >= 1, 3), f"fetch_ok {e.filter_stat(f'{PROFILE}.fetch_ok')} after 3 s"
     # (the harness checks this again, over the whole log, once Envoy is stopped)
     assert e.wasm_failure_lines() == []
     return token
@@ -241,8 +244,8 @@ def test_fault_cell(envoy_factory, token_server, upstream, name):
     line = warning_record(e, cell.text, cell.reason)
     print(f"\nFAULT-LOG {name}: {line}")
     assert set(failed_counters(e)) == {cell.reason}, failed_counters(e)
-    assert e.stat(f"{PREFIX}.fetch_ok") == 0
-    assert e.stat(f"{PREFIX}.failed_requests") >= 1
+    assert e.filter_stat(f"{PROFILE}.fetch_ok") == 0
+    assert e.filter_stat(f"{PROFILE}.failed_requests") >= 1
 
     if cell.config_fault:
         # straight to the longest backoff: every retry waits max_ms/2 .. max_ms
@@ -324,12 +327,12 @@ def test_expires_in_accepted(envoy_factory, token_server, upstream, name):
     r = e.request("/v1/x")
     assert r.status == 200, r.text
     assert upstream.last().header_values("authorization") == ["Bearer tok-1"]
-    line = e.wait_log(rf"\[info\]\[wasm\].*token fetched in \d+ ms, lifetime {lifetime} s, usable for [\d.]+ s").string
+    line = e.wait_log(filter_log("info") + rf".*token fetched in \d+ ms, lifetime {lifetime} s, usable for [\d.]+ s").string
     print(f"\nFAULT-LOG {name}: {line}")
     assert failed_counters(e) == {}
-    assert e.stat(f"{PREFIX}.fetch_ok") == 1
+    assert e.filter_stat(f"{PROFILE}.fetch_ok") == 1
     # the gauge is set once a second by the main-thread VM
-    remaining = poll(lambda: e.stat(f"{PREFIX}.token_remaining_s"), 4)
+    remaining = poll(lambda: e.filter_stat(f"{PROFILE}.token_remaining_s"), 4)
     # usable = lifetime - min(skew 5 s, lifetime / 10), counted from when the request was sent
     assert 0 < remaining <= lifetime, remaining
     assert remaining >= lifetime - 5 - 10, remaining  # (10 s of slack for a loaded machine)

@@ -23,6 +23,9 @@ from conftest import check_wasm_file
 from envoy import Envoy, request, wait_until
 from shipped import ENVOY_DIR, cluster, load_yaml, localize, plugin_configuration, wasm_plugin_configs
 
+# The shipped egress configurations load the wasm build.
+pytestmark = pytest.mark.wasm_only
+
 GATEWAY_YAML = ENVOY_DIR / "egress-gateway.yaml"
 SIDECAR_YAML = ENVOY_DIR / "egress-sidecar.yaml"
 PARTNER_HOST = "api.partner.example"

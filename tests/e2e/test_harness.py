@@ -34,6 +34,9 @@ from wasm_stub import LOG_CRITICAL, write_stub
 
 pytest_plugins = ["pytester"]
 
+# The harness's own tests run once: they load no oauth2-cc build or a proxy-wasm stub.
+pytestmark = pytest.mark.wasm_only
+
 
 def post_form(port, path, form, headers=None, conn=None, tls_context=None):
     own = conn is None
@@ -462,7 +465,7 @@ def test_conftest_checks_and_reports(pytester, monkeypatch):
     # the copies live outside the repo: pin the binary and wasm paths
     monkeypatch.setenv("ENVOY_BIN", envoy_bin())
     monkeypatch.setenv("OAUTH2_CC_WASM", wasm_path())
-    res = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA")
+    res = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA", "--host", "wasm")
     res.assert_outcomes(passed=1, failed=3)
     out = res.stdout.str()
     assert "FAILED test_meta.py::test_critical_fails - Failed: Envoy problems" in out

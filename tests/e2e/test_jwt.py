@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 import plugin_config as pc
+from envoy import FILTER_LOG, FILTER_REFUSED
 
 KEYS = Path(__file__).resolve().parents[1] / "fixtures" / "keys"
 
@@ -48,7 +49,7 @@ assert len(HS_SECRET) == 64
 
 # the filter's jti: 128 random bits, base64url without padding (src/core/assertion.rs)
 JTI_RE = re.compile(r"^[A-Za-z0-9_-]{22}$")
-FETCHED_RE = re.compile(r'wasm log .*profile \\?"(?P<profile>[\w.-]+)\\?": token fetched in (?P<ms>\d+) ms')
+FETCHED_RE = re.compile(FILTER_LOG + r'profile \\?"(?P<profile>[\w.-]+)\\?": token fetched in (?P<ms>\d+) ms')
 MAX_SKEW_S = 3  # iat vs. the test's clock (same machine)
 
 
@@ -490,14 +491,21 @@ def test_private_key_from_environment(envoy_factory, token_server, upstream, for
     get_ok(e, upstream, checker)
     checker.assert_clean()
     assert len(checker.assertions()) == 1, f"{len(checker.assertions())} assertions"
-    # the key is in the VM environment only, not in the plugin configuration Envoy holds
-    plugin = json.loads(e.config_text)["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
-        "typed_config"]["http_filters"][0]["typed_config"]["config"]
-    assert plugin["vm_config"]["environment_variables"]["key_values"] == {"SIGNING_KEY": value}
-    assert json.loads(plugin["configuration"]["value"])["profiles"]["default"]["jwt"]["private_key"] == {"env": "SIGNING_KEY"}
+    # the key is in the environment only (the VM's, or Envoy's for the dynamic module), not in the
+    # plugin configuration Envoy holds
+    filt = json.loads(e.config_text)["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"]["http_filters"][0]["typed_config"]
+    if envoy_factory.filter_host == "native":
+        configuration = filt["filter_config"]["value"]
+        assert e.env == {"SIGNING_KEY": value}
+    else:
+        plugin = filt["config"]
+        configuration = plugin["configuration"]["value"]
+        assert plugin["vm_config"]["environment_variables"]["key_values"] == {"SIGNING_KEY": value}
+    assert json.loads(configuration)["profiles"]["default"]["jwt"]["private_key"] == {"env": "SIGNING_KEY"}
     # (the messages name the leaked PEM lines by index: a key's lines are not printed)
     lines = pem_body_lines(pem)
-    in_config = [i for i, line in enumerate(lines) if line in plugin["configuration"]["value"]]
+    in_config = [i for i, line in enumerate(lines) if line in configuration]
     assert in_config == [], f"PEM body lines {in_config} of {len(lines)} in the plugin configuration"
     log = e.log()
     in_log = [i for i, line in enumerate(lines) if line in log]
@@ -545,7 +553,7 @@ def test_refused_at_load_names_the_field(envoy_factory, case):
     m = re.search(r"configuration rejected: " + re.escape(field) + ": (.*)", out)
     assert m, out[-3000:]
     assert reason in m.group(1), m.group(1)
-    assert "Unable to create Wasm plugin" in out, out[-2000:]
+    assert FILTER_REFUSED[envoy_factory.filter_host] in out, out[-2000:]
     if secret:
         assert secret not in out
 
@@ -599,7 +607,7 @@ def test_no_key_secret_or_assertion_in_log(envoy_factory, token_server, upstream
     rs.assert_clean()
     hs.assert_clean()
     log = e.log()
-    assert "wasm log" in log and "token fetched in" in log  # the filter did log
+    assert any("token fetched in" in line for line in e.filter_lines())  # the filter did log
     assertions = rs.assertions() + hs.assertions()
     assert len(assertions) >= 6, f"{len(assertions)} assertions (RS {len(rs.assertions())}, HS {len(hs.assertions())})"
     needles: dict[str, str] = {"client secret": HS_SECRET, "PEM armour": "PRIVATE KEY-----"}
@@ -650,15 +658,21 @@ def lds_envoy(envoy_factory, tmp_path, plugin_config: dict):
 
     def update(new_config: dict):
         before = len(re.findall(r"lds: add/update listener", e.log()))
-        configured = len(re.findall(r"wasm log .*: configured \d+ profile", e.log()))
+        configured_re = FILTER_LOG + r"configured \d+ profile"
+        configured = len(re.findall(configured_re, e.log()))
         new = json.loads(json.dumps(listener))
-        plugin = new["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"][0]["typed_config"]["config"]
-        plugin["configuration"]["value"] = json.dumps(new_config)
+        filt = new["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"][0]["typed_config"]
+        if "filter_config" in filt:  # the dynamic module: one configuration per listener
+            filt["filter_config"]["value"] = json.dumps(new_config)
+            configurations = 1
+        else:  # proxy-wasm: configured on the 4 VMs (2 main, 2 workers)
+            filt["config"]["configuration"]["value"] = json.dumps(new_config)
+            configurations = 4
         write(new)
         deadline = time.monotonic() + 10
-        # the listener is replaced and the new plugin configured on the 4 VMs (2 main, 2 workers)
+        # the listener is replaced and the new plugin configured
         while (len(re.findall(r"lds: add/update listener", e.log())) <= before
-               or len(re.findall(r"wasm log .*: configured \d+ profile", e.log())) < configured + 4):
+               or len(re.findall(configured_re, e.log())) < configured + configurations):
             assert time.monotonic() < deadline, e.log_tail(40)
             time.sleep(0.05)
 

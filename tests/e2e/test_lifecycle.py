@@ -30,7 +30,7 @@ import threading
 import time
 from typing import Any
 
-from envoy import wait_until
+from envoy import FILTER_LOG, filter_log, wait_until
 from helpers import failure_body, one_profile, token_schedule
 
 PROFILE = "default"
@@ -43,8 +43,8 @@ JSON = {"Content-Type": "application/json"}
 
 
 def metric(e, name: str, profile: str = PROFILE) -> int:
-    """``wasmcustom.oauth2_cc.<profile>.<name>`` from admin /stats (0 when not defined yet)."""
-    return e.stat(f"wasmcustom.oauth2_cc.{profile}.{name}", 0)
+    """``<namespace>.oauth2_cc.<profile>.<name>`` from admin /stats (0 when not defined yet)."""
+    return e.filter_stat(f"{profile}.{name}", 0)
 
 
 
@@ -376,7 +376,7 @@ def test_idp_down_across_refresh_and_expiry(envoy_factory, token_server, upstrea
     rel = [r for r in rel if r[0] < total]  # the assertions are about the 12 s run
     failed = [(round(s, 3), round(d, 3), st) for s, d, st in rel if st != 200]
     answers = [(round(dt, 3), st) for dt, st in idp.answers]
-    retry_lines = [line.split("wasm log oauth2_cc oauth2_cc: ", 1)[-1] for line in e.log_lines()
+    retry_lines = [re.split(FILTER_LOG, line, maxsplit=1)[-1] for line in e.log_lines()
                    if "next attempt in" in line or "token fetched" in line]
     # over the whole run, including the time after 12 s spent waiting for the recovery
     all_rel = [(s - t0, st) for s, _, st in results]
@@ -677,7 +677,7 @@ def test_documented_metrics_in_prometheus(envoy_factory, token_server, upstream,
         m = re.search(rf"^{re.escape(metric_name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)
         return float(m.group(1)) if m else None
 
-    prefix = f"oauth2_cc_{name}_"
+    prefix = f"{e.prometheus_prefix}oauth2_cc_{name}_"
     expected_types = {
         "fetch_ok": "counter", "injected": "counter", "waited": "counter", "failed_requests": "counter",
         "purged": "counter", "budget_refused": "counter", "token_remaining_s": "gauge",
@@ -717,7 +717,7 @@ def test_max_fetches_per_hour_stops_calling_the_idp(envoy_factory, token_server,
     token_server.set_response(500, "boom", headers={"Content-Type": "text/plain"})
     e = envoy_factory.start(one_profile(max_fetches_per_hour=2, backoff={"base_ms": 100, "max_ms": 1000}))
     assert token_server.wait_for_count(2, 5), token_server.count()
-    m = e.wait_log(r"\[warning\]\[wasm\].*max_fetches_per_hour \(2\) reached", timeout=5)
+    m = e.wait_log(filter_log("warning") + r".*max_fetches_per_hour \(2\) reached", timeout=5)
     t_refused = time.monotonic()
     statuses = []
     while time.monotonic() < t_refused + 2.0:  # requests keep coming: no token request for them
@@ -725,7 +725,7 @@ def test_max_fetches_per_hour_stops_calling_the_idp(envoy_factory, token_server,
         time.sleep(0.05)
     refused = metric(e, "budget_refused")
     report(record_property, token_requests=token_server.count(), budget_refused=refused,
-           warning=m.string.split("wasm log oauth2_cc oauth2_cc: ", 1)[-1])
+           warning=re.split(FILTER_LOG, m.string, maxsplit=1)[-1])
     assert token_server.count() == 2
     assert refused >= 1
     assert set(statuses) == {503}, status_histogram(statuses)

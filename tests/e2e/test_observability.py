@@ -15,12 +15,16 @@ import os
 import re
 import time
 
+import pytest
 import yaml
 
 from conftest import check_wasm_file
 from envoy import REPO_ROOT, request, wait_until
 from shipped import load_yaml, localize, plugin_configuration, wasm_plugin_configs
 from test_gateway import GATEWAY_YAML, PARTNER_HOST, _plain, _start
+
+# The shipped egress gateway (envoy/egress-gateway.yaml) loads the wasm build.
+pytestmark = pytest.mark.wasm_only
 
 OBS_DIR = REPO_ROOT / "deploy" / "observability"
 FIXTURE = OBS_DIR / "testdata" / "stats_prometheus.txt"

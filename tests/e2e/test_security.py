@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 
 import plugin_config as pc
+from envoy import filter_log
 from envoy import wait_until as poll
 import helpers
 from helpers import failure_body
@@ -103,7 +104,7 @@ def test_client_authorization_is_overwritten_on_a_paused_request(envoy_factory, 
     headers = CLIENT_AUTH_VARIANTS["two_headers_mixed_case"]
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(raw_request, e.port, "/v1/paused", headers)
-        waited = poll(lambda: e.stat("wasmcustom.oauth2_cc.default.waited") >= 1, 10)
+        waited = poll(lambda: e.filter_stat("default.waited") >= 1, 10)
         release.set()
         status, _, body = pending.result(15)
     assert waited, "the request did not wait"
@@ -231,7 +232,7 @@ def test_failure_reply_never_holds_the_idp_body_or_secret(envoy_factory, token_s
         for leak in ("s3cret", "is wrong", "error_description", "invalid_client", "X-Idp"):
             assert leak.lower() not in everything.lower(), (leak, everything)
     assert upstream.count() == 0
-    e.wait_log(r"\[warning\]\[wasm\].*token request failed: .*\[invalid_client\]")
+    e.wait_log(filter_log("warning") + r".*token request failed: .*\[invalid_client\]")
     # the reason goes to the log, the IdP's description does not
     assert [ln for ln in e.log_lines() if "is wrong" in ln] == []
 
@@ -267,8 +268,8 @@ def test_stats_hold_no_secret_or_token(envoy_factory, token_server, upstream):
     assert e.request("/v1/x").status == 200
     assert upstream.last().header("authorization") == f"Bearer {STATS_TOKEN}"
     assert e.request("/bad/x").status == 503
-    assert poll(lambda: e.stat("wasmcustom.oauth2_cc.bad.fetch_failed.other_error") >= 1), e.stats("oauth2_cc")
-    assert poll(lambda: e.stat("wasmcustom.oauth2_cc.default.injected") >= 1), e.stats("oauth2_cc")
+    assert poll(lambda: e.filter_stat("bad.fetch_failed.other_error") >= 1), e.stats("oauth2_cc")
+    assert poll(lambda: e.filter_stat("default.injected") >= 1), e.stats("oauth2_cc")
 
     basic = base64.b64encode(f"svc-a:{urllib.parse.quote_plus(STATS_SECRET)}".encode()).decode()
     forms = {"secret": STATS_SECRET, "token": STATS_TOKEN, "basic": basic,
@@ -284,7 +285,8 @@ def test_stats_hold_no_secret_or_token(envoy_factory, token_server, upstream):
         assert found == [], found
     # the unknown code became other_error, not a metric named after the IdP's text
     names = [ln.split(":")[0] for ln in bodies["/stats"].splitlines() if "fetch_failed" in ln]
-    assert all(re.fullmatch(r"wasmcustom\.oauth2_cc\.(default|bad)\.fetch_failed\.[a-z_]+", n) for n in names), names
+    assert all(re.fullmatch(re.escape(e.filter_stat_prefix) + r"\.(default|bad)\.fetch_failed\.[a-z_]+", n)
+               for n in names), names
 
 
 # --------------------------------------------------------------------------- #
@@ -341,11 +343,11 @@ def test_tokens_and_assertions_never_logged_at_wasm_trace(envoy_factory, token_s
     sent = {v.removeprefix("Bearer ") for v in upstream.authorizations() if v}
     assert sent and sent <= set(issued), (sent, issued)
     lines = e.log_lines()
-    filter_lines = [ln for ln in lines if "wasm log" in ln]
+    filter_lines = e.filter_lines()
     # the level really was trace/debug for the plugin, and the paths ran
     for needle in ("token request sent", "dropped it, a new one will be fetched", "[unsafe_token]"):
-        level = "][debug][wasm]" if needle == "token request sent" else ""
-        assert any(level in ln and needle in ln for ln in filter_lines), (
+        level = filter_log("debug") if needle == "token request sent" else ""
+        assert any(re.search(level, ln) and needle in ln for ln in filter_lines), (
             f"no filter line with {level} {needle!r} among {len(filter_lines)}:\n" + "\n".join(filter_lines[-30:])
         )
     values = {f"token {t}": t for t in issued}
@@ -365,8 +367,8 @@ def test_idp_error_code_echoing_the_secret_is_not_logged(envoy_factory, token_se
     token_server.set_response(401, {"error": f"invalid_client:{secret}", "error_description": "unknown client"})
     e = envoy_factory.start(one_profile(client_secret=secret))
     assert e.request("/v1/x").status == 503
-    assert poll(lambda: e.stat("wasmcustom.oauth2_cc.default.fetch_failed.other_error") >= 1), e.stats("oauth2_cc")
-    e.wait_log(r"\[warning\]\[wasm\].*token request failed: .*\[other_error\]")
+    assert poll(lambda: e.filter_stat("default.fetch_failed.other_error") >= 1), e.stats("oauth2_cc")
+    e.wait_log(filter_log("warning") + r".*token request failed: .*\[other_error\]")
     e.stop()
     assert [ln for ln in e.log_lines() if secret in ln] == []
 

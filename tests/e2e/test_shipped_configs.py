@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 from jsonschema import Draft202012Validator
 
-from conftest import check_wasm_file
+from conftest import check_native_file, check_wasm_file
 from envoy import REPO_ROOT, Envoy, envoy_bin, request
 from shipped import (
     CERTS_PREFIX,
@@ -39,13 +39,16 @@ from shipped import (
     ENVOY_DIR,
     ENVOY_VERSION,
     SCHEMA_PATH,
+    SHIPPED_NATIVE,
     SHIPPED_WASM,
+    dynamic_module_configs,
     load_yaml,
     load_yaml_docs,
     localize,
     plugin_configuration,
     rewrite_filenames,
     shipped_envoy_configs,
+    shipped_native_configs,
     walk,
     wasm_plugin_configs,
 )
@@ -210,6 +213,33 @@ def test_shipped_envoy_config_validates(path, tmp_path):
         target = path
     rc, out = run_validate(target, env, tmp_path / "validate.log")
     assert rc == 0 and "OK" in out, f"envoy --mode validate {rel(path)} failed (rc={rc}):\n{out[-4000:]}"
+    assert "configuration rejected" not in out, out[-4000:]
+
+
+NATIVE_BOOTSTRAPS = shipped_native_configs()
+
+
+@pytest.mark.parametrize("path", NATIVE_BOOTSTRAPS, ids=[rel(p) for p in NATIVE_BOOTSTRAPS])
+def test_shipped_native_config_validates(path, tmp_path):
+    """envoy/*.yaml with the dynamic module validate on the build output, and the module parsed
+    the shipped plugin configuration (it logs "configured" once it has)."""
+    native = check_native_file()
+    bootstrap = load_yaml(path)
+    modules = dynamic_module_configs(bootstrap)
+    assert modules, f"{rel(path)} loads no dynamic module"
+    for module in modules:
+        filename = module["module"]["local"]["filename"]
+        assert filename == SHIPPED_NATIVE, f"{rel(path)}: module at {filename!r}, not {SHIPPED_NATIVE!r}"
+    b = json.loads(json.dumps(bootstrap))
+    for module in dynamic_module_configs(b):
+        module["module"]["local"]["filename"] = str(native)
+    target = tmp_path / path.name
+    target.write_text(json.dumps(b, indent=2))
+    # the plugin configuration's {"env": NAME} secrets come from Envoy's own environment
+    env = {m: "validate-dummy" for m in re.findall(r'\{"env": "([A-Z_][A-Z0-9_]*)"\}', path.read_text())}
+    rc, out = run_validate(target, env, tmp_path / "validate.log")
+    assert rc == 0 and "OK" in out, f"envoy --mode validate {rel(path)} failed (rc={rc}):\n{out[-4000:]}"
+    assert re.search(r"oauth2_cc: configured \d+ profile", out), out[-4000:]
     assert "configuration rejected" not in out, out[-4000:]
 
 

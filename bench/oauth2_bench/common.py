@@ -1,0 +1,84 @@
+"""Paths, the benchmark's cells and their labels, shared by every module of the harness."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "bench"
+# The e2e helpers (Envoy process control, bootstrap builders, token servers) are the bench's too.
+if str(ROOT / "tests" / "e2e") not in sys.path:
+    sys.path.insert(0, str(ROOT / "tests" / "e2e"))
+
+WRK_LUA = BENCH / "wrk_report.lua"
+DEFAULT_OUT = ROOT / "build" / "bench" / "results.json"
+DEFAULT_MD = ROOT / "BENCHMARKS.md"
+DEFAULT_CHART = BENCH / "chart.png"
+DEFAULT_FLOOR_WASM = BENCH / "floor" / "target" / "wasm32-wasip1" / "release" / "floor_injector.wasm"
+# The native floor module (bench/floor-native, built by its own cargo project) and the oauth2-cc
+# dynamic module (`make build`). Cells using them are skipped, with the reason printed, when absent.
+FLOOR_NATIVE_DIR = BENCH / "floor-native"
+DEFAULT_DYNMOD = ROOT / "build" / "liboauth2_cc.so"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+TOKEN_URL = "http://idp.test/oauth2/token"
+CLIENT_ID = "svc-a"
+CLIENT_SECRET = "s3cret"
+TOKEN_REGEX = "^Bearer tok-[0-9]+$"
+
+# key, label, description. Order = the order within each round.
+CONFIGS = [
+    ("none", "(a)", "no filter"),
+    ("native", "(b)", "Envoy credential_injector, oauth2"),
+    # The cheapest proxy-wasm module that writes a header (bench/floor): what Envoy's wasm filter
+    # and V8 charge any proxy-wasm filter for this job, before the filter's own logic.
+    ("floor", "(f)", "floor: minimal proxy-wasm module writing a fixed header (bench/floor)"),
+    # The same job as a dynamic module (bench/floor-native): the floor of any native module.
+    ("floor_native", "(fd)", "native floor: do-nothing dynamic module setting one header (bench/floor-native)"),
+    ("oauth2cc", "(c)", "oauth2-cc, cache hit"),
+    # What (b) does: no response-side work (the native injector does not react to an upstream 401).
+    ("oauth2cc_nopurge", "(c0)", "oauth2-cc, cache hit, purge_on_status [] (no response-side work, as (b))"),
+    ("dynmod", "(d)", "oauth2-cc dynamic module (build/liboauth2_cc.so), cache hit"),
+    ("oauth2cc_refresh", "(c')", "oauth2-cc, 6 s token, background refresh every 3 s"),
+    # The same wasm module with no route matching: what the proxy-wasm plumbing (V8 calls per
+    # stream) costs before the filter does any work of its own.
+    ("oauth2cc_nomatch", "(w)", "oauth2-cc loaded, no route matches (proxy-wasm plumbing only)"),
+    # The filter disabled on the HTTP connection manager and enabled per route elsewhere; the
+    # measured route does not enable it, so Envoy never calls the filter there.
+    ("perroute", "(p)", "oauth2-cc disabled on the HCM, measured route without the per-route enable"),
+]
+LABEL = {k: lab for k, lab, _ in CONFIGS}
+DESC = {k: d for k, _, d in CONFIGS}
+ROUTES = ["direct", "upstream"]
+RQ_STAT = "http.ingress_http.downstream_rq_total"
+WASM_INJECTED = "wasmcustom.oauth2_cc.default.injected"
+INJECTED_STAT = {
+    "native": "http.ingress_http.credential_injector.injected",
+    "oauth2cc": WASM_INJECTED,
+    "oauth2cc_nopurge": WASM_INJECTED,
+    "oauth2cc_refresh": WASM_INJECTED,
+}
+# Cells whose measured route must leave the filter's counter alone (the filter never runs there).
+ZERO_INJECTED_STAT = {"perroute": WASM_INJECTED}
+STEADY_EXPIRES_IN = 3600
+REFRESH_EXPIRES_IN = 6
+REFRESH_AHEAD_RATIO = 0.5
+
+# Cells whose measured routes carry no token (their upstream route is /up/open).
+NO_TOKEN = ("none", "oauth2cc_nomatch", "perroute")
+# Cells that must make no token request while measured (a cache hit throughout).
+CACHE_HIT = ("native", "oauth2cc", "oauth2cc_nopurge", "dynmod")
+FLOOR_TOKEN = "Bearer tok-0"  # what bench/floor and bench/floor-native write
+FLOORS = ("floor", "floor_native")
+
+
+def path_of(config: str, route_kind: str) -> str:
+    if route_kind == "direct":
+        return "/direct"
+    return "/up/open" if config in NO_TOKEN else "/up/auth"
+
+
+class BenchError(RuntimeError):
+    pass

@@ -1,0 +1,316 @@
+//! One filter configuration (`filter_config` of a `DynamicModuleFilter`): the compiled
+//! configuration, the lifecycle driver behind its lock, the requests it paused, the callouts it
+//! sent, and the executor that carries out the driver's actions.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::core::config::{self, Config};
+use crate::core::lifecycle::{self, Action, Answer, AnswerBody, CalloutId, Driver, LogLevel, RequestId};
+use crate::native::abi::{self, ConfigHandle, Level, Scheduler, Stream};
+use crate::native::env::{self, ProcessEnv};
+use crate::native::metrics::Metrics;
+use crate::native::parked::{Outcome, Parked};
+use crate::native::ticker::Ticker;
+
+/// Main-thread events (`on_http_filter_config_scheduled`).
+pub const EVENT_TICK: u64 = 1;
+pub const EVENT_WAKE: u64 = 2;
+
+/// Where an action list is carried out: only the main thread may send callouts and touch Envoy's
+/// counters directly.
+#[derive(Clone, Copy)]
+pub enum Thread {
+    Main,
+    /// A request's worker, with that request's stream (`None`: the stream is going away).
+    Worker(Option<Stream>),
+}
+
+/// A callout answer copied out of Envoy's buffers, waiting for the driver.
+struct OwnedAnswer {
+    envoy_id: u64,
+    status: Option<Vec<u8>>,
+    retry_after: Option<Vec<u8>>,
+    body: Vec<u8>,
+    /// The body was larger than any profile accepts (only its first bytes were kept).
+    too_large: bool,
+    /// Main-thread events that found no callout for `envoy_id` yet.
+    misses: u8,
+}
+
+/// How many main-thread events an answer waits for its callout id before it is dropped.
+const MAX_MISSES: u8 = 3;
+
+pub struct Plugin {
+    /// Tells this configuration's token copies apart from another's in a thread's cache.
+    pub id: u64,
+    handle: ConfigHandle,
+    pub config: Arc<Config>,
+    pub metrics: Metrics,
+    driver: Mutex<Driver>,
+    /// Moves after every driver event that may change its token copies (see `stream`).
+    epoch: AtomicU64,
+    main: Option<Arc<Scheduler>>,
+    ticker: Mutex<Option<Ticker>>,
+    /// Envoy's callout id -> the driver's.
+    callouts: Mutex<HashMap<u64, CalloutId>>,
+    /// Answers not yet given to the driver (one can arrive while the driver is busy).
+    answers: Mutex<Vec<OwnedAnswer>>,
+    /// Profiles kicked by requests since the last wake.
+    kicks: Mutex<Vec<usize>>,
+    /// Callouts the driver asked for off the main thread, sent on the next wake.
+    outbox: Mutex<Vec<lifecycle::Callout>>,
+    parked: Mutex<HashMap<RequestId, Arc<Parked>>>,
+    /// The largest token answer any profile accepts (callout bodies are copied up to this).
+    answer_cap: usize,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing that panics runs under these locks; if it did, the data is still consistent.
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn level(level: LogLevel) -> Level {
+    match level {
+        LogLevel::Debug => Level::Debug,
+        LogLevel::Info => Level::Info,
+        LogLevel::Warn => Level::Warn,
+        LogLevel::Error => Level::Error,
+    }
+}
+
+impl Plugin {
+    /// Compiles the configuration; `Err` carries the line to log (it names the bad field, never
+    /// a secret), and Envoy then rejects the filter configuration.
+    pub fn load(handle: ConfigHandle, bytes: &[u8]) -> Result<Arc<Plugin>, String> {
+        let config = config::parse(bytes, &|name| std::env::var(name).ok())
+            .map_err(|error| format!("oauth2_cc: configuration rejected: {error}"))?;
+        let config = Arc::new(config);
+        static IDS: AtomicU64 = AtomicU64::new(1);
+        let now = env::now_ms();
+        let (driver, actions) = Driver::new(Arc::clone(&config), env::random_u64(), now, &mut ProcessEnv);
+        let validating = abi::is_validation_mode();
+        let main = if validating { None } else { handle.scheduler().map(Arc::new) };
+        let plugin = Arc::new(Plugin {
+            id: IDS.fetch_add(1, Ordering::Relaxed),
+            handle,
+            metrics: Metrics::define(handle, &config),
+            answer_cap: config.profiles.iter().map(|p| p.max_response_bytes).max().unwrap_or(0),
+            config,
+            driver: Mutex::new(driver),
+            epoch: AtomicU64::new(1),
+            main: main.clone(),
+            ticker: Mutex::new(None),
+            callouts: Mutex::new(HashMap::new()),
+            answers: Mutex::new(Vec::new()),
+            kicks: Mutex::new(Vec::new()),
+            outbox: Mutex::new(Vec::new()),
+            parked: Mutex::new(HashMap::new()),
+        });
+        plugin.execute(actions, Thread::Main, &mut lock(&plugin.driver));
+        abi::log_line(
+            Level::Info,
+            format_args!(
+                "configured {} profile(s): {}",
+                plugin.config.profiles.len(),
+                plugin.config.profiles.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+        );
+        if let Some(main) = main {
+            *lock(&plugin.ticker) = Ticker::start(Arc::clone(&main), EVENT_TICK);
+            // The first tick now: prefetch tokens before the first request needs one.
+            main.commit(EVENT_TICK);
+        }
+        Ok(plugin)
+    }
+
+    /// Stops the tick thread (the configuration is going away).
+    pub fn shut_down(&self) {
+        let ticker = lock(&self.ticker).take();
+        drop(ticker);
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Runs `event` on the driver under its lock and carries out what it returns.
+    pub fn run(&self, thread: Thread, event: impl FnOnce(&mut Driver, u64) -> Vec<Action>) {
+        let mut driver = lock(&self.driver);
+        let actions = event(&mut driver, env::now_ms());
+        self.execute(actions, thread, &mut driver);
+        drop(driver);
+        self.epoch.fetch_add(1, Ordering::Release);
+    }
+
+    /// Like [`Plugin::run`] for an event that also returns a value (a request's outcome).
+    pub fn run_with<T>(&self, thread: Thread, event: impl FnOnce(&mut Driver, u64) -> (T, Vec<Action>)) -> T {
+        let mut driver = lock(&self.driver);
+        let (value, actions) = event(&mut driver, env::now_ms());
+        self.execute(actions, thread, &mut driver);
+        value
+    }
+
+    /// Reads the driver under its lock without an event (the request path's token copies).
+    pub fn with_driver<T>(&self, read: impl FnOnce(&Driver) -> T) -> T {
+        read(&lock(&self.driver))
+    }
+
+    /// A main-thread event posted by the tick thread, a wake or a kick.
+    pub fn on_main_event(&self, event: u64) {
+        if event == EVENT_TICK {
+            self.metrics.flush();
+            self.run(Thread::Main, |driver, now| driver.on_tick(now, &mut ProcessEnv));
+        } else {
+            let kicked = std::mem::take(&mut *lock(&self.kicks));
+            self.run(Thread::Main, |driver, now| driver.on_wake(&kicked, now, &mut ProcessEnv));
+        }
+        let outbox = std::mem::take(&mut *lock(&self.outbox));
+        if !outbox.is_empty() {
+            self.run(Thread::Main, |_, _| outbox.into_iter().map(Action::Send).collect());
+        }
+        self.drain_answers();
+    }
+
+    fn post_main(&self, event: u64) {
+        if let Some(main) = &self.main {
+            main.commit(event);
+        }
+    }
+
+    /// A paused request's mailbox, listed so the driver's outcome can reach it.
+    pub fn park(&self, request: RequestId, parked: Arc<Parked>) {
+        lock(&self.parked).insert(request, parked);
+    }
+
+    /// A paused request went away before its outcome.
+    pub fn unpark(&self, request: RequestId) {
+        if let Some(parked) = lock(&self.parked).remove(&request) {
+            parked.close();
+            self.run(Thread::Worker(None), |driver, _| {
+                driver.on_request_gone(request);
+                Vec::new()
+            });
+        }
+    }
+
+    fn deliver(&self, request: RequestId, outcome: Outcome) {
+        if let Some(parked) = lock(&self.parked).remove(&request) {
+            let _ = parked.deliver(outcome);
+        }
+    }
+
+    /// Carries out `actions` in order (the driver's lock is held: a dispatch failure goes back to
+    /// the driver at once, and whatever it returns is carried out next).
+    fn execute(&self, actions: Vec<Action>, thread: Thread, driver: &mut Driver) {
+        let mut queue: VecDeque<Action> = actions.into();
+        while let Some(action) = queue.pop_front() {
+            match action {
+                Action::Send(callout) if matches!(thread, Thread::Main) => {
+                    if let Err(reason) = self.send(&callout) {
+                        abi::log_line(
+                            Level::Warn,
+                            format_args!("token request to cluster {:?} not sent: {reason}", callout.cluster),
+                        );
+                        queue.extend(driver.on_send_failed(callout.id, env::now_ms(), &mut ProcessEnv));
+                    }
+                }
+                Action::Send(callout) => {
+                    lock(&self.outbox).push(callout);
+                    self.post_main(EVENT_WAKE);
+                }
+                Action::BroadcastWake => self.post_main(EVENT_WAKE),
+                Action::Kick { profile } => {
+                    lock(&self.kicks).push(profile);
+                    self.post_main(EVENT_WAKE);
+                }
+                Action::Resume { request, header, value, generation, .. } => {
+                    self.deliver(request, Outcome::Resume { header, value, generation })
+                }
+                Action::Fail { request, .. } => self.deliver(request, Outcome::Fail),
+                Action::Log { level: l, message } => abi::log(level(l), &format!("oauth2_cc: {message}")),
+                Action::Count { profile, metric } => match thread {
+                    Thread::Main => self.metrics.count_on_main(profile, &metric),
+                    Thread::Worker(stream) => self.metrics.count_on_worker(profile, &metric, stream),
+                },
+                Action::Gauge { profile, remaining_s } => self.metrics.gauge(profile, remaining_s),
+            }
+        }
+    }
+
+    fn send(&self, callout: &lifecycle::Callout) -> Result<(), String> {
+        let headers: Vec<(&str, &[u8])> = callout.headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes())).collect();
+        let body = callout.body.as_deref().unwrap_or_default();
+        match self.handle.http_callout(&callout.cluster, &headers, body, callout.timeout_ms) {
+            Ok(envoy_id) => {
+                lock(&self.callouts).insert(envoy_id, callout.id);
+                Ok(())
+            }
+            Err(code) => Err(format!("Envoy refused the callout (init result {code})")),
+        }
+    }
+
+    /// A callout's answer (main thread). Copied out of Envoy's buffers at once; given to the
+    /// driver now, or on the next main-thread event when the driver is busy (Envoy may answer a
+    /// callout inline, while the executor that sent it still holds the driver).
+    pub fn on_callout_done(&self, envoy_id: u64, answered: bool, headers: &[(&[u8], &[u8])], chunks: &[&[u8]]) {
+        let header = |name: &[u8]| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.to_vec());
+        let total: usize = chunks.iter().map(|c| c.len()).sum();
+        let mut body = Vec::with_capacity(total.min(self.answer_cap));
+        for chunk in chunks {
+            let room = self.answer_cap.saturating_sub(body.len());
+            body.extend_from_slice(chunk.get(..room.min(chunk.len())).unwrap_or_default());
+        }
+        let answer = OwnedAnswer {
+            envoy_id,
+            status: if answered { header(b":status") } else { None },
+            retry_after: if answered { header(b"retry-after") } else { None },
+            too_large: total > self.answer_cap,
+            body: if answered { body } else { Vec::new() },
+            misses: 0,
+        };
+        lock(&self.answers).push(answer);
+        self.drain_answers();
+    }
+
+    fn drain_answers(&self) {
+        let Ok(mut driver) = self.driver.try_lock() else {
+            self.post_main(EVENT_WAKE);
+            return;
+        };
+        loop {
+            let answers = std::mem::take(&mut *lock(&self.answers));
+            if answers.is_empty() {
+                break;
+            }
+            let mut unmatched = Vec::new();
+            for mut answer in answers {
+                let Some(id) = lock(&self.callouts).remove(&answer.envoy_id) else {
+                    // Answered inline, before `send` recorded its id: try again on the next event.
+                    answer.misses = answer.misses.saturating_add(1);
+                    if answer.misses < MAX_MISSES {
+                        unmatched.push(answer);
+                    }
+                    continue;
+                };
+                let body = if answer.too_large || answer.body.len() > driver.answer_limit(id) {
+                    AnswerBody::TooLarge
+                } else {
+                    AnswerBody::Bytes(&answer.body)
+                };
+                let view =
+                    Answer { status: answer.status.as_deref(), retry_after: answer.retry_after.as_deref(), body };
+                let actions = driver.on_answer(id, view, env::now_ms(), &mut ProcessEnv);
+                self.execute(actions, Thread::Main, &mut driver);
+            }
+            if !unmatched.is_empty() {
+                lock(&self.answers).extend(unmatched);
+                self.post_main(EVENT_WAKE);
+                break;
+            }
+        }
+        drop(driver);
+        self.epoch.fetch_add(1, Ordering::Release);
+    }
+}

@@ -1,0 +1,261 @@
+//! The native host against a fake Envoy: the callback table is a set of recording functions, so
+//! the executor's side of the ABI (what it defines, sends, posts and answers) is checked without
+//! a real Envoy (the e2e suite covers that).
+
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::abi::{self, Buffer, Callbacks, ConfigHandle, HttpHeader, Ptr};
+use super::parked::{DELIVERED, Outcome, Parked};
+use super::plugin::{EVENT_TICK, EVENT_WAKE, Plugin};
+
+/// What the fake Envoy was asked to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Call {
+    Log(u32, String),
+    DefineCounter(String),
+    DefineGauge(String),
+    Increment(usize, u64),
+    SetGauge(usize, u64),
+    Callout { cluster: String, headers: Vec<(String, String)>, body: Vec<u8> },
+    ConfigCommit(u64),
+    StreamCommit(u64),
+}
+
+static CALLS: Mutex<Vec<Call>> = Mutex::new(Vec::new());
+/// Tests share the process-wide callback table and store: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+/// The fake's answer to a callout (0: success).
+static CALLOUT_RESULT: Mutex<u32> = Mutex::new(0);
+
+fn record(call: Call) {
+    CALLS.lock().unwrap().push(call);
+}
+
+fn text(b: Buffer) -> String {
+    // SAFETY: the module passes live buffers.
+    String::from_utf8_lossy(unsafe { b.as_bytes() }).into_owned()
+}
+
+unsafe extern "C" fn log(level: u32, message: Buffer) {
+    record(Call::Log(level, text(message)));
+}
+unsafe extern "C" fn log_enabled(_: u32) -> bool {
+    true
+}
+unsafe extern "C" fn no() -> bool {
+    false
+}
+unsafe extern "C" fn get_header(_: Ptr, _: u32, _: Buffer, _: *mut Buffer, _: usize, _: *mut usize) -> bool {
+    false
+}
+unsafe extern "C" fn set_header(_: Ptr, _: u32, _: Buffer, _: Buffer) -> bool {
+    true
+}
+unsafe extern "C" fn send_response(_: Ptr, _: u32, _: *mut HttpHeader, _: usize, _: Buffer, _: Buffer) {}
+unsafe extern "C" fn continue_decoding(_: Ptr) {}
+unsafe extern "C" fn attribute(_: Ptr, _: u32, _: *mut Buffer) -> bool {
+    false
+}
+unsafe extern "C" fn metadata_string(_: Ptr, _: u32, _: Buffer, _: Buffer, _: *mut Buffer) -> bool {
+    false
+}
+unsafe extern "C" fn metadata_bool(_: Ptr, _: u32, _: Buffer, _: Buffer, _: *mut bool) -> bool {
+    false
+}
+/// Schedulers are the address of a static tag: 1 for streams, 2 for the configuration.
+static STREAM_TAG: u8 = 1;
+static CONFIG_TAG: u8 = 2;
+unsafe extern "C" fn stream_scheduler_new(_: Ptr) -> Ptr {
+    (&raw const STREAM_TAG).cast_mut().cast()
+}
+unsafe extern "C" fn config_scheduler_new(_: Ptr) -> Ptr {
+    (&raw const CONFIG_TAG).cast_mut().cast()
+}
+unsafe extern "C" fn stream_commit(_: Ptr, event: u64) {
+    record(Call::StreamCommit(event));
+}
+unsafe extern "C" fn config_commit(_: Ptr, event: u64) {
+    record(Call::ConfigCommit(event));
+}
+unsafe extern "C" fn scheduler_delete(_: Ptr) {}
+unsafe extern "C" fn callout(
+    _: Ptr,
+    id: *mut u64,
+    cluster: Buffer,
+    headers: *mut HttpHeader,
+    n: usize,
+    body: Buffer,
+    _: u64,
+) -> u32 {
+    // SAFETY: the module passes `n` live headers.
+    let list = unsafe { std::slice::from_raw_parts(headers, n) };
+    let headers = list
+        .iter()
+        .map(|h| (text(Buffer { ptr: h.key, len: h.key_len }), text(Buffer { ptr: h.value, len: h.value_len })))
+        .collect();
+    // SAFETY: as above.
+    let body = unsafe { body.as_bytes() }.to_vec();
+    record(Call::Callout { cluster: text(cluster), headers, body });
+    // SAFETY: the module passes a live id slot.
+    unsafe { *id = 77 };
+    *CALLOUT_RESULT.lock().unwrap()
+}
+static NEXT_METRIC: Mutex<usize> = Mutex::new(0);
+fn next_metric(id: *mut usize) -> u32 {
+    let mut next = NEXT_METRIC.lock().unwrap();
+    *next += 1;
+    // SAFETY: the module passes a live id slot.
+    unsafe { *id = *next };
+    abi::METRICS_SUCCESS
+}
+unsafe extern "C" fn define_counter(_: Ptr, name: Buffer, _: *mut Buffer, _: usize, id: *mut usize) -> u32 {
+    record(Call::DefineCounter(text(name)));
+    next_metric(id)
+}
+unsafe extern "C" fn define_gauge(_: Ptr, name: Buffer, _: *mut Buffer, _: usize, id: *mut usize) -> u32 {
+    record(Call::DefineGauge(text(name)));
+    next_metric(id)
+}
+unsafe extern "C" fn increment(_: Ptr, id: usize, _: *mut Buffer, _: usize, by: u64) -> u32 {
+    record(Call::Increment(id, by));
+    abi::METRICS_SUCCESS
+}
+unsafe extern "C" fn set_gauge(_: Ptr, id: usize, _: *mut Buffer, _: usize, value: u64) -> u32 {
+    record(Call::SetGauge(id, value));
+    abi::METRICS_SUCCESS
+}
+
+/// Installs the fake Envoy and clears what it recorded; hold the guard for the whole test.
+fn fake_envoy() -> MutexGuard<'static, ()> {
+    let guard = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    abi::install(Callbacks {
+        log,
+        log_enabled,
+        is_validation_mode: no,
+        get_header,
+        set_header,
+        send_response,
+        continue_decoding,
+        get_attribute_string: attribute,
+        get_metadata_string: metadata_string,
+        get_metadata_bool: metadata_bool,
+        filter_scheduler_new: stream_scheduler_new,
+        filter_scheduler_commit: stream_commit,
+        filter_scheduler_delete: scheduler_delete,
+        config_scheduler_new,
+        config_scheduler_commit: config_commit,
+        config_scheduler_delete: scheduler_delete,
+        config_http_callout: callout,
+        config_define_counter: define_counter,
+        config_define_gauge: define_gauge,
+        config_increment_counter: increment,
+        config_set_gauge: set_gauge,
+        filter_increment_counter: increment,
+    });
+    CALLS.lock().unwrap().clear();
+    *CALLOUT_RESULT.lock().unwrap() = 0;
+    guard
+}
+
+fn calls() -> Vec<Call> {
+    CALLS.lock().unwrap().clone()
+}
+
+/// A one-profile configuration whose cache key no other test uses (the store is per process).
+fn config(cluster: &str) -> String {
+    format!(
+        r#"{{"profiles": {{"p": {{"cluster": "{cluster}", "token_url": "https://idp.example/{cluster}/token",
+            "client_id": "svc", "client_secret": "s3cr3t-value"}}}},
+            "routes": [{{"match": {{"path_prefix": "/"}}, "profile": "p"}}]}}"#
+    )
+}
+
+fn handle() -> ConfigHandle {
+    ConfigHandle(std::ptr::null_mut::<c_void>())
+}
+
+#[test]
+fn a_bad_configuration_is_refused_naming_the_field() {
+    let _envoy = fake_envoy();
+    let bad = config("idp-bad").replace(r#""client_id": "svc""#, r#""client_id": 7"#);
+    let Err(line) = Plugin::load(handle(), bad.as_bytes()) else { panic!("accepted a bad configuration") };
+    assert!(line.starts_with("oauth2_cc: configuration rejected: profiles.p.client_id"), "{line}");
+    assert!(!line.contains("s3cr3t"), "{line}");
+}
+
+#[test]
+fn loading_defines_the_wasm_metric_names_and_ticks_at_once() {
+    let _envoy = fake_envoy();
+    let plugin = Plugin::load(handle(), config("idp-load").as_bytes()).unwrap();
+    let calls = calls();
+    for name in ["fetch_ok", "injected", "waited", "failed_requests", "purged", "budget_refused"] {
+        assert!(calls.contains(&Call::DefineCounter(format!("oauth2_cc.p.{name}"))), "{name}: {calls:?}");
+    }
+    assert!(calls.contains(&Call::DefineGauge("oauth2_cc.p.token_remaining_s".into())), "{calls:?}");
+    assert!(calls.contains(&Call::ConfigCommit(EVENT_TICK)), "the first tick is posted at load: {calls:?}");
+    plugin.shut_down();
+}
+
+#[test]
+fn a_tick_sends_the_token_request_from_the_configuration() {
+    let _envoy = fake_envoy();
+    let plugin = Plugin::load(handle(), config("idp-tick").as_bytes()).unwrap();
+    plugin.on_main_event(EVENT_TICK);
+    let sent: Vec<Call> = calls().into_iter().filter(|c| matches!(c, Call::Callout { .. })).collect();
+    let [Call::Callout { cluster, headers, body }] = sent.as_slice() else { panic!("one callout expected: {sent:?}") };
+    assert_eq!(cluster, "idp-tick");
+    assert!(headers.iter().any(|(k, v)| k == ":path" && v == "/idp-tick/token"), "{headers:?}");
+    assert!(String::from_utf8_lossy(body).contains("grant_type=client_credentials"));
+    // A second tick while the request is in flight sends nothing more (the lease holds).
+    plugin.on_main_event(EVENT_TICK);
+    assert_eq!(calls().iter().filter(|c| matches!(c, Call::Callout { .. })).count(), 1);
+    plugin.shut_down();
+}
+
+#[test]
+fn a_refused_dispatch_goes_back_to_the_driver_and_is_counted() {
+    let _envoy = fake_envoy();
+    *CALLOUT_RESULT.lock().unwrap() = 2; // ClusterNotFound
+    let plugin = Plugin::load(handle(), config("idp-missing").as_bytes()).unwrap();
+    plugin.on_main_event(EVENT_TICK);
+    let calls = calls();
+    assert!(
+        calls.iter().any(|c| matches!(c, Call::DefineCounter(n) if n == "oauth2_cc.p.fetch_failed.no_cluster")),
+        "{calls:?}"
+    );
+    assert!(calls.iter().any(|c| matches!(c, Call::Log(3..=4, m) if m.contains("idp-missing"))), "{calls:?}");
+    plugin.shut_down();
+}
+
+#[test]
+fn an_answer_stores_the_token_and_wakes() {
+    let _envoy = fake_envoy();
+    let plugin = Plugin::load(handle(), config("idp-answer").as_bytes()).unwrap();
+    plugin.on_main_event(EVENT_TICK);
+    CALLS.lock().unwrap().clear();
+    let body = br#"{"access_token":"tok-answer","expires_in":3600}"#;
+    plugin.on_callout_done(77, true, &[(b":status", b"200")], &[&body[..20], &body[20..]]);
+    let calls = calls();
+    assert!(calls.contains(&Call::ConfigCommit(EVENT_WAKE)), "a stored token wakes the waiters: {calls:?}");
+    let cached = plugin.with_driver(|d| d.cached(0).map(|s| s.header_value.clone()));
+    assert_eq!(cached.as_deref(), Some("Bearer tok-answer"));
+    assert!(calls.iter().all(|c| !format!("{c:?}").contains("tok-answer")), "no token in logs: {calls:?}");
+    plugin.shut_down();
+}
+
+#[test]
+fn a_paused_request_gets_its_outcome_through_its_own_scheduler() {
+    let _envoy = fake_envoy();
+    let parked = Arc::new(Parked::new(stream_scheduler()));
+    assert!(parked.deliver(Outcome::Fail));
+    assert_eq!(calls(), vec![Call::StreamCommit(DELIVERED)]);
+    assert!(matches!(parked.take(), Some(Outcome::Fail)));
+    parked.close();
+    assert!(!parked.deliver(Outcome::Fail), "nothing is posted to a request that is gone");
+    assert_eq!(calls().len(), 1);
+}
+
+fn stream_scheduler() -> abi::Scheduler {
+    abi::Stream(std::ptr::null_mut()).scheduler().unwrap()
+}
