@@ -15,6 +15,7 @@ Only the standard library is used.
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import socket
 import ssl
@@ -232,6 +233,18 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _handle
 
+    def __getattr__(self, name: str):
+        # Any other method (PURGE, an extension method) is recorded and answered too, not 501.
+        if name.startswith("do_"):
+            return self._handle
+        raise AttributeError(name)
+
+
+# http.server reads request heads with http.client's limit of 100 header fields (and answers 431
+# beyond it); the hostile-client tests send 100 repeats of one header plus the usual ones.
+# Envoy joins repeated inline headers (Authorization) into one line, beyond http.client's 64 KiB.
+http.client._MAXHEADERS = max(getattr(http.client, "_MAXHEADERS", 100), 1000)
+http.client._MAXLINE = max(getattr(http.client, "_MAXLINE", 65536), 4 << 20)
 
 Handler = Callable[[Recorded], tuple[int, Any, Any]]
 
