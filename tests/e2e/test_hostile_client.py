@@ -22,7 +22,6 @@ import re
 import threading
 import time
 
-import pytest
 
 import plugin_config as pc
 from envoy import bootstrap_dict, http_connection_manager, raw_request, route, start_bootstrap
