@@ -2,13 +2,19 @@
 
 Envoy with two workers and ``failure_policy: FAIL_RELOAD`` (the README's advice). Every request-side
 input the filter reads — header matchers (``routes[].match.headers``), the ``keep_existing`` header,
-``:authority``, ``:path``, ``:method``, and the route name and route metadata strings (those come
-from Envoy's configuration, not the client: protobuf strings must be UTF-8, so only long and
-non-ASCII UTF-8 values are reachable there) — is sent non-UTF-8 bytes, obs-text (``\\x80``-``\\xff``),
-16 KiB values and 100 repeats, many times, on raw sockets so that nothing re-encodes them. Envoy
-must accept each request (the test checks it does: no 400/431 from Envoy's codec), the filter must
-answer it as its rules say, log no ``critical`` wasm line and no VM failure, and ordinary requests
-sent right after on the same routes must get their token.
+``:authority``, ``:path``, ``:method``, and the route name and route metadata strings — is sent
+non-UTF-8 bytes, obs-text (``\\x80``-``\\xff``), 16 KiB values and 100 repeats, many times, on raw
+sockets so that nothing re-encodes them. The filter must answer each request as its rules say, log no
+``critical`` wasm line and no VM failure, and ordinary requests sent right after on the same routes
+must get their token.
+
+What Envoy 1.40 itself refuses (400 before any filter runs) is listed in ``CODEC_REJECTS`` and
+checked: any non-host byte in ``:authority``, raw non-ASCII in ``:path``, unknown, lower-case or
+non-token methods. So ``:authority`` gets 16 KiB and repeats, ``:path`` 16 KiB and percent-encoded
+non-UTF-8, ``:method`` PURGE. Route names and metadata come from Envoy's configuration, not the
+client; Envoy accepts a configuration file with raw ``\\xff\\xfe`` bytes in a route name or a
+metadata string but turns each invalid byte into a space (checked by hand: the filter logged
+profile ``"p  "`` for ``p\\xff\\xfe``), so only long non-ASCII UTF-8 values reach the filter there.
 
 The IdP side: a 429 whose ``Retry-After`` is not UTF-8 must not break the filter, and a 429 whose
 ``Retry-After`` is an HTTP-date (RFC 9110 §10.2.3) must be honoured like delta-seconds.
