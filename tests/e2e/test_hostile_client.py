@@ -30,7 +30,7 @@ import time
 
 
 import plugin_config as pc
-from envoy import bootstrap_dict, http_connection_manager, raw_request, route, start_bootstrap
+from envoy import Response, bootstrap_dict, http_connection_manager, raw_request, route, start_bootstrap
 from servers import json_body
 
 # Envoy's own wasm failures (besides the harness's `critical` check, in conftest).
@@ -254,16 +254,26 @@ def one_profile_config(**fields) -> dict:
     return pc.config(profiles={"default": pc.profile(**fields)})
 
 
+def request_until_token(e, seconds: float) -> Response:
+    """Requests every 50 ms until one gets 200 or ``seconds`` pass; the last reply (status 0 when
+    the last request got no reply within 3 s)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            r = e.request("/x", timeout=3)
+        except OSError as exc:  # socket.timeout included
+            r = Response(0, {}, repr(exc).encode())
+        if r.status == 200 or time.monotonic() > deadline:
+            return r
+        time.sleep(0.05)
+
+
 def test_non_utf8_retry_after_is_harmless(envoy_factory, token_server, upstream):
     """A 429 whose Retry-After is not UTF-8 (the server writes it as Latin-1 bytes 0xff 0xfe):
     the filter treats it as absent (its own backoff), and the next token request succeeds."""
     token_server.fail_next(3, status=429, body={"error": "slow_down"}, headers={"Retry-After": "\xff\xfe"})
     e = envoy_factory.start(one_profile_config())
-    deadline = time.monotonic() + 10
-    r = e.request("/x")
-    while r.status != 200 and time.monotonic() < deadline:
-        time.sleep(0.1)
-        r = e.request("/x")
+    r = request_until_token(e, 10)
     failures = vm_failures(e)
     assert r.status == 200 and not failures, (
         f"last reply {r.status} {r.body[:100]!r}; token requests {token_server.count()}; VM failures:\n"
@@ -288,11 +298,7 @@ def test_retry_after_http_date_is_honoured(envoy_factory, token_server, upstream
 
     token_server.set_handler(handler)
     e = envoy_factory.start(one_profile_config())
-    deadline = time.monotonic() + 12
-    r = e.request("/x")
-    while r.status != 200 and time.monotonic() < deadline:
-        time.sleep(0.05)
-        r = e.request("/x")  # requests keep asking for a token while the filter backs off
+    r = request_until_token(e, 12)  # requests keep asking for a token while the filter backs off
     assert "answered" in stamp, "the IdP never saw a token request"
     gap = stamp.get("next", math.inf) - stamp["answered"]
     ahead = stamp["until"] - stamp["answered"]
