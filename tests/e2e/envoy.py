@@ -854,3 +854,68 @@ def wait_until(pred: Callable[[], Any], timeout: float = 5.0, interval: float = 
         if value or time.monotonic() > deadline:
             return value
         time.sleep(interval)
+
+
+# --------------------------------------------------------------------------- #
+# Raw requests and bootstrap tweaks (hostile-client tests)
+# --------------------------------------------------------------------------- #
+
+
+def raw_request(
+    port: int,
+    target: bytes = b"/",
+    headers: Iterable[tuple[bytes | str, bytes | str]] = (),
+    method: bytes = b"GET",
+    host: bytes | None = b"localhost",
+    timeout: float = 10,
+) -> Response:
+    """One HTTP/1.1 request written byte for byte on a fresh connection (nothing re-encoded:
+    header values may hold any byte but CR, LF and NUL), so Envoy sees exactly these bytes.
+    ``host`` None sends no Host header. Returns the parsed response (status 0 when Envoy closed
+    the connection without one)."""
+    def b(x: bytes | str) -> bytes:
+        return x.encode("latin-1") if isinstance(x, str) else x
+
+    lines = [method + b" " + target + b" HTTP/1.1"]
+    if host is not None:
+        lines.append(b"Host: " + host)
+    lines += [b(k) + b": " + b(v) for k, v in headers]
+    lines.append(b"Connection: close")
+    head = b"\r\n".join(lines) + b"\r\n\r\n"
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        sock.sendall(head)
+        resp = http.client.HTTPResponse(sock)
+        try:
+            resp.begin()
+        except (http.client.RemoteDisconnected, ConnectionResetError):
+            return Response(0, {}, b"")
+        data = resp.read()
+        out: dict[str, str] = {}
+        for k, v in resp.getheaders():
+            k = k.lower()
+            out[k] = f"{out[k]}, {v}" if k in out else v
+        return Response(resp.status, out, data)
+    finally:
+        sock.close()
+
+
+def http_connection_manager(boot: dict) -> dict:
+    """The typed_config of the first listener's HTTP connection manager in a bootstrap dict."""
+    listener = boot["static_resources"]["listeners"][0]
+    return listener["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+def start_bootstrap(factory: Any, boot: Mapping[str, Any], name: str, concurrency: int = 2,
+                    ready_timeout: float = 30) -> "Envoy":
+    """Start an Envoy on a bootstrap dict built (and then edited) by the test, registered with
+    conftest's ``envoy_factory`` (``factory.envoys`` / ``factory.tmp_path``) so that it is stopped
+    and checked for wasm failures after the test like any other; waits until it is LIVE."""
+    e = Envoy(json.dumps(boot, indent=2), factory.tmp_path / name, concurrency=concurrency,
+              log_level=os.environ.get("E2E_ENVOY_LOG_LEVEL", "info"), name=name)
+    e.allow_critical = False
+    e.expect_running = True
+    factory.envoys.append(e)
+    e.start()
+    e.wait_ready(ready_timeout)
+    return e

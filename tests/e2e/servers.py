@@ -15,6 +15,7 @@ Only the standard library is used.
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import socket
 import ssl
@@ -232,6 +233,18 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _handle
 
+    def __getattr__(self, name: str):
+        # Any other method (PURGE, an extension method) is recorded and answered too, not 501.
+        if name.startswith("do_"):
+            return self._handle
+        raise AttributeError(name)
+
+
+# http.server reads request heads with http.client's limit of 100 header fields (and answers 431
+# beyond it); the hostile-client tests send 100 repeats of one header plus the usual ones.
+# Envoy joins repeated inline headers (Authorization) into one line, beyond http.client's 64 KiB.
+http.client._MAXHEADERS = max(getattr(http.client, "_MAXHEADERS", 100), 1000)
+http.client._MAXLINE = max(getattr(http.client, "_MAXLINE", 65536), 4 << 20)
 
 Handler = Callable[[Recorded], tuple[int, Any, Any]]
 
@@ -572,3 +585,93 @@ class EchoUpstream(_RecordingServer):
             "header_list": [[k, v] for k, v in rec.header_list],
             "body": rec.body.decode("utf-8", "replace"),
         }
+
+
+# --------------------------------------------------------------------------- #
+# An IdP that stamps whole-second iat/exp
+# --------------------------------------------------------------------------- #
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def jws_payload(token: str) -> dict[str, Any] | None:
+    """The decoded payload of a JWS-shaped token (``header.payload.signature``), else None.
+    No signature check."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        return json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except ValueError:
+        return None
+
+
+class WholeSecondIssuer:
+    """``TokenServer.set_handler`` handler: an IdP whose clock has whole seconds, as many real ones
+    (oidc-provider, an OpenID-certified server): ``iat = floor(now)``, ``exp = iat + lifetime`` and
+    ``expires_in = lifetime``, so a token lives up to 1 s less than ``expires_in`` says.
+
+    ``jws=True``: access tokens are JWS-shaped (``header.payload.signature``, base64url, the
+    signature does not verify) with ``iat``/``exp`` in the payload; ``jws=False``: opaque tokens,
+    the expiry known only here (``expiry[token]``).
+
+    ``lifetimes``: the lifetimes (s) it chooses from. ``steer``: choose them so that the short-life
+    case happens on most fetches instead of by chance: when ``now``'s fraction of a second is at
+    least ``late_fraction`` it issues the shortest lifetime (the token then dies before a refresh at
+    80 % of ``expires_in`` would replace it); otherwise it picks the lifetime whose refresh (at
+    ``refresh_ratio`` of it, plus ``refresh_lag_s``) would land late in a second. Any lifetime it
+    picks is one an IdP may legitimately issue; only the order is chosen.
+    """
+
+    def __init__(self, server: "TokenServer", *, jws: bool = True, lifetimes: Iterable[int] = (3, 4, 5),
+                 steer: bool = True, late_fraction: float = 0.7, refresh_ratio: float = 0.8,
+                 refresh_lag_s: float = 0.08):
+        self.server = server
+        self.jws = jws
+        self.lifetimes = sorted(lifetimes)
+        self.steer = steer
+        self.late_fraction = late_fraction
+        self.refresh_ratio = refresh_ratio
+        self.refresh_lag_s = refresh_lag_s
+        self._lock = threading.Lock()
+        self.expiry: dict[str, int] = {}  # token -> exp (Unix seconds)
+        self.log: list[tuple[float, int, int, str]] = []  # (issued at, lifetime, exp, token)
+        self._turn = 0
+
+    def _lifetime(self, now: float) -> int:
+        frac = now - int(now)
+        if not self.steer:
+            self._turn += 1
+            return self.lifetimes[self._turn % len(self.lifetimes)]
+        if frac >= self.late_fraction:
+            return self.lifetimes[0]
+
+        def distance(life: int) -> float:
+            nxt = (frac + self.refresh_ratio * life + self.refresh_lag_s) % 1.0
+            return abs(nxt - (self.late_fraction + 1.0) / 2)
+
+        return min(self.lifetimes, key=distance)
+
+    def __call__(self, rec: Recorded) -> tuple[int, Any, Any]:
+        now = time.time()
+        life = self._lifetime(now)
+        iat = int(now)
+        exp = iat + life
+        with self._lock:
+            n = len(self.log) + 1
+            if self.jws:
+                header = {"alg": "RS256", "typ": "at+jwt", "kid": "whole-second"}
+                payload = {"iss": "http://idp.test", "sub": "svc-a", "aud": "api", "client_id": "svc-a",
+                           "iat": iat, "exp": exp, "jti": f"t{n}"}
+                token = ".".join([b64url(json_body(header)), b64url(json_body(payload)),
+                                  b64url(f"not-a-signature-{n}".encode())])
+            else:
+                token = f"opaque-{n}"
+            self.expiry[token] = exp
+            self.log.append((now, life, exp, token))
+        with self.server._lock:
+            self.server._issued.append(token)  # visible in issued_tokens()
+        body = {"access_token": token, "token_type": "Bearer", "expires_in": life}
+        return 200, [("Content-Type", "application/json"), ("Cache-Control", "no-store")], json_body(body)
