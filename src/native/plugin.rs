@@ -209,8 +209,9 @@ impl Plugin {
             match action {
                 Action::Send(callout) if matches!(thread, Thread::Main) => {
                     if let Err(reason) = self.send(&callout) {
+                        // The driver logs the one clear error line; this is the host's detail.
                         abi::log_line(
-                            Level::Warn,
+                            Level::Debug,
                             format_args!("token request to cluster {:?} not sent: {reason}", callout.cluster),
                         );
                         queue.extend(driver.on_send_failed(callout.id, env::now_ms(), &mut ProcessEnv));
