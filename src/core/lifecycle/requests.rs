@@ -2,7 +2,7 @@
 //! request that finds no copy, the requests paused until a token lands, and the upstream's
 //! rejection of a token (purge).
 
-use super::{Action, Driver, Environment, LogLevel, Metric, RequestId, Update, log, read_entry, store};
+use super::{Action, Driver, Environment, LogLevel, Metric, RequestId, Update, log, store};
 use crate::core::cache::{self, EntryView, RequestDecision};
 use crate::core::config::Config;
 
@@ -267,13 +267,6 @@ impl Driver {
             *slot = snapshot;
         }
         bytes
-    }
-
-    /// The remaining lifetime of a profile's token, for callers outside the tick.
-    pub fn remaining_ms(&self, profile: usize, now_ms: u64, env: &dyn Environment) -> u64 {
-        let Some(p) = self.config.profiles.get(profile) else { return 0 };
-        let entry = read_entry(env, &p.cache_key);
-        if entry.token.is_empty() { 0 } else { entry.expires_at_ms.saturating_sub(now_ms) }
     }
 }
 
