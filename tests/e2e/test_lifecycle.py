@@ -289,7 +289,12 @@ def test_steady_load_30s_short_lived_tokens(envoy_factory, token_server, upstrea
     assert expected - 2 <= len(token_times) <= expected + 1, (
         f"{len(token_times)} token requests in {duration} s, expected {expected - 2}..{expected + 1}; gaps {gaps}"
     )
-    assert min(gaps) >= lowest, f"a refresh sooner than {lowest} s after the previous one: gaps {gaps}"
+    # Gaps are measured where the IdP received the requests: one that arrived late (a delayed
+    # callout on a loaded machine) shortens the next gap by as much, though the refresh after it
+    # went out on schedule. So a short gap counts as early only if the previous arrival was not
+    # late by as much: together the two gaps must still span two refresh periods.
+    early = [g for i, g in enumerate(gaps) if g < lowest and (i == 0 or gaps[i - 1] + g < 2 * lowest)]
+    assert not early, f"a refresh sooner than {lowest} s after the previous one: {early} in gaps {gaps}"
     assert len(late) <= late_allowed, (
         f"{len(late)} refreshes at or after {late_from} s (allowed {late_allowed}): late {late}, gaps {gaps}"
     )
