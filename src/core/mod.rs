@@ -10,6 +10,7 @@ pub mod cache;
 pub mod config;
 pub mod discovery;
 pub mod entry;
+pub mod metrics;
 pub mod route;
 pub mod secret;
 pub mod token_request;

@@ -1,29 +1,20 @@
-//! The filter's metrics, per profile, through proxy-wasm metrics (Envoy `/stats`, `/stats/prometheus`).
+//! The filter's metrics through proxy-wasm (Envoy `/stats`, `/stats/prometheus`): names and ids
+//! come from [`crate::core::metrics`], shared with the dynamic module.
 //!
-//! Names are `oauth2_cc.<profile>.<metric>` (README, "Metrics"). Injections are counted in the VM
-//! first and added to Envoy's counter on the root context's tick, so the hit path makes no metric
-//! host call.
+//! Injections are counted in the VM first and added to Envoy's counter on the root context's
+//! tick, so the hit path makes no metric host call.
 
-use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::cell::Cell;
 
 use proxy_wasm::types::MetricType;
 
 use crate::core::config::Config;
 use crate::core::lifecycle::Metric;
+use crate::core::metrics::MetricIds;
 use crate::host::adapter;
 
-/// Metric ids of one profile (`None` when the host refused to define one).
 struct ProfileMetrics {
-    prefix: String,
-    fetch_ok: Option<u32>,
-    injected: Option<u32>,
-    waited: Option<u32>,
-    failed_requests: Option<u32>,
-    purged: Option<u32>,
-    budget_refused: Option<u32>,
-    token_remaining_s: Option<u32>,
-    fetch_failed: RefCell<HashMap<String, Option<u32>>>,
+    ids: MetricIds<u32>,
     /// Injections counted in this VM and not yet added to the counter.
     pending_injected: Cell<u64>,
 }
@@ -38,57 +29,29 @@ impl Metrics {
         let profiles = config
             .profiles
             .iter()
-            .map(|profile| {
-                let prefix = format!("oauth2_cc.{}", profile.name);
-                let counter = |name: &str| adapter::define_metric(MetricType::Counter, &format!("{prefix}.{name}"));
-                ProfileMetrics {
-                    fetch_ok: counter("fetch_ok"),
-                    injected: counter("injected"),
-                    waited: counter("waited"),
-                    failed_requests: counter("failed_requests"),
-                    purged: counter("purged"),
-                    budget_refused: counter("budget_refused"),
-                    token_remaining_s: adapter::define_metric(
-                        MetricType::Gauge,
-                        &format!("{prefix}.token_remaining_s"),
-                    ),
-                    fetch_failed: RefCell::new(HashMap::new()),
-                    pending_injected: Cell::new(0),
-                    prefix,
-                }
+            .map(|profile| ProfileMetrics {
+                ids: MetricIds::define(
+                    &profile.name,
+                    |name| adapter::define_metric(MetricType::Counter, name),
+                    |name| adapter::define_metric(MetricType::Gauge, name),
+                ),
+                pending_injected: Cell::new(0),
             })
             .collect();
         Metrics { profiles }
     }
 
-    /// Counts one event. Failure reasons are a closed set (see `Metric::FetchFailed`), so the
-    /// metric names stay bounded.
     pub fn count(&self, profile: usize, metric: &Metric) {
         let Some(p) = self.profiles.get(profile) else { return };
-        let id = match metric {
-            Metric::Injected => {
-                p.pending_injected.set(p.pending_injected.get().wrapping_add(1));
-                return;
-            }
-            Metric::FetchOk => p.fetch_ok,
-            Metric::Waited => p.waited,
-            Metric::FailedRequest => p.failed_requests,
-            Metric::Purged => p.purged,
-            Metric::BudgetRefused => p.budget_refused,
-            Metric::FetchFailed(reason) => {
-                let Ok(mut by_reason) = p.fetch_failed.try_borrow_mut() else { return };
-                *by_reason.entry(reason.clone()).or_insert_with(|| {
-                    adapter::define_metric(MetricType::Counter, &format!("{}.fetch_failed.{reason}", p.prefix))
-                })
-            }
-        };
-        if let Some(id) = id {
+        if *metric == Metric::Injected {
+            p.pending_injected.set(p.pending_injected.get().wrapping_add(1));
+        } else if let Some(id) = p.ids.counter(metric) {
             adapter::increment_metric(id, 1);
         }
     }
 
     pub fn token_remaining(&self, profile: usize, seconds: u64) {
-        if let Some(id) = self.profiles.get(profile).and_then(|p| p.token_remaining_s) {
+        if let Some(id) = self.profiles.get(profile).and_then(|p| p.ids.token_remaining_s()) {
             adapter::record_metric(id, seconds);
         }
     }
@@ -97,7 +60,7 @@ impl Metrics {
     pub fn flush(&self) {
         for p in &self.profiles {
             let n = p.pending_injected.replace(0);
-            if let (Some(id), true) = (p.injected, n > 0) {
+            if let (Some(id), true) = (p.ids.counter(&Metric::Injected), n > 0) {
                 adapter::increment_metric(id, n);
             }
         }

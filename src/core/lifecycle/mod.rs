@@ -21,6 +21,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use crate::core::config::Config;
+pub use crate::core::metrics::Metric;
 use crate::core::url::HttpUrl;
 pub use requests::{FailureReply, RequestOutcome, Snapshot, failure_reply, unknown_profile_reply};
 pub use store::{Environment, Update, Written};
@@ -36,20 +37,6 @@ pub enum LogLevel {
     Info,
     Warn,
     Error,
-}
-
-/// A per-profile metric to count (names: `oauth2_cc.<profile>.<metric>`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Metric {
-    FetchOk,
-    /// A failed token request by reason, a closed set of labels (`TokenError::label`,
-    /// `discovery`, `no_cluster`, `assertion_failed`).
-    FetchFailed(String),
-    Injected,
-    Waited,
-    FailedRequest,
-    Purged,
-    BudgetRefused,
 }
 
 /// An HTTP request to send to a cluster from the context that outlives requests (a root context,
