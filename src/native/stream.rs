@@ -84,8 +84,16 @@ impl StreamFilter {
             return Verdict::Continue;
         }
         let request = REQUEST_IDS.fetch_add(1, Ordering::Relaxed);
+        // The mailbox is made first and listed before the driver's lock is released: the main
+        // thread may resume a waiting request at once, before this thread could list it later.
+        let mailbox = stream.scheduler().map(|scheduler| Arc::new(Parked::new(scheduler)));
         let outcome = self.plugin.run_with(Thread::Worker(Some(stream)), |driver, now| {
-            driver.on_request(profile_index, request, now, &mut crate::native::env::ProcessEnv)
+            let (outcome, actions) =
+                driver.on_request(profile_index, request, now, &mut crate::native::env::ProcessEnv);
+            if let (RequestOutcome::Wait, Some(mailbox)) = (&outcome, &mailbox) {
+                self.plugin.park(request, Arc::clone(mailbox));
+            }
+            (outcome, actions)
         });
         match outcome {
             RequestOutcome::Inject { value, generation } => {
@@ -101,7 +109,21 @@ impl StreamFilter {
                 self.reply_failure(stream, profile_index);
                 Verdict::Stop
             }
-            RequestOutcome::Wait => self.park(stream, request, profile_index),
+            RequestOutcome::Wait => match mailbox {
+                Some(mailbox) => {
+                    self.parked = Some((request, mailbox));
+                    Verdict::Stop
+                }
+                None => {
+                    abi::log_line(Level::Error, format_args!("no scheduler for a paused request; failing it"));
+                    self.plugin.run(Thread::Worker(Some(stream)), |driver, _| {
+                        driver.on_request_gone(request);
+                        Vec::new()
+                    });
+                    self.fail(stream, profile_index);
+                    Verdict::Stop
+                }
+            },
         }
     }
 
@@ -120,22 +142,6 @@ impl StreamFilter {
             let snapshot = copies.snapshots.get(profile)?.as_ref()?;
             Some((snapshot.generation, stream.set_request_header(header, snapshot.header_value.as_bytes())))
         })
-    }
-
-    fn park(&mut self, stream: Stream, request: RequestId, profile: usize) -> Verdict {
-        let Some(scheduler) = stream.scheduler() else {
-            abi::log_line(Level::Error, format_args!("no scheduler for a paused request; failing it"));
-            self.plugin.run(Thread::Worker(Some(stream)), |driver, _| {
-                driver.on_request_gone(request);
-                Vec::new()
-            });
-            self.fail(stream, profile);
-            return Verdict::Stop;
-        };
-        let parked = Arc::new(Parked::new(scheduler));
-        self.plugin.park(request, Arc::clone(&parked));
-        self.parked = Some((request, parked));
-        Verdict::Stop
     }
 
     /// The main thread delivered this paused request's outcome (on its worker).

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use super::abi::{self, Buffer, Callbacks, ConfigHandle, HttpHeader, Ptr};
 use super::parked::{DELIVERED, Outcome, Parked};
 use super::plugin::{EVENT_TICK, EVENT_WAKE, Plugin};
+use super::stream::{StreamFilter, Verdict};
 
 /// What the fake Envoy was asked to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,8 +47,18 @@ unsafe extern "C" fn log_enabled(_: u32) -> bool {
 unsafe extern "C" fn no() -> bool {
     false
 }
-unsafe extern "C" fn get_header(_: Ptr, _: u32, _: Buffer, _: *mut Buffer, _: usize, _: *mut usize) -> bool {
-    false
+/// Every request is `GET /` (enough for the routes of [`config`]).
+unsafe extern "C" fn get_header(_: Ptr, _: u32, name: Buffer, out: *mut Buffer, _: usize, _: *mut usize) -> bool {
+    static PATH: &[u8] = b"/";
+    static METHOD: &[u8] = b"GET";
+    let value = match text(name).as_str() {
+        ":path" => PATH,
+        ":method" => METHOD,
+        _ => return false,
+    };
+    // SAFETY: the module passes a live out slot; the value is static.
+    unsafe { *out = Buffer::of(value) };
+    true
 }
 unsafe extern "C" fn set_header(_: Ptr, _: u32, _: Buffer, _: Buffer) -> bool {
     true
@@ -66,7 +77,14 @@ unsafe extern "C" fn metadata_bool(_: Ptr, _: u32, _: Buffer, _: Buffer, _: *mut
 /// Schedulers are the address of a static tag: 1 for streams, 2 for the configuration.
 static STREAM_TAG: u8 = 1;
 static CONFIG_TAG: u8 = 2;
+/// Run once, the next time the module makes a stream scheduler (a test's "meanwhile, on the main
+/// thread").
+static ON_STREAM_SCHEDULER: Mutex<Option<Box<dyn FnOnce() + Send>>> = Mutex::new(None);
 unsafe extern "C" fn stream_scheduler_new(_: Ptr) -> Ptr {
+    let meanwhile = ON_STREAM_SCHEDULER.lock().unwrap().take();
+    if let Some(meanwhile) = meanwhile {
+        meanwhile();
+    }
     (&raw const STREAM_TAG).cast_mut().cast()
 }
 unsafe extern "C" fn config_scheduler_new(_: Ptr) -> Ptr {
@@ -155,6 +173,7 @@ fn fake_envoy() -> MutexGuard<'static, ()> {
     });
     CALLS.lock().unwrap().clear();
     *CALLOUT_RESULT.lock().unwrap() = 0;
+    *ON_STREAM_SCHEDULER.lock().unwrap() = None;
     guard
 }
 
@@ -258,4 +277,39 @@ fn a_paused_request_gets_its_outcome_through_its_own_scheduler() {
 
 fn stream_scheduler() -> abi::Scheduler {
     abi::Stream(std::ptr::null_mut()).scheduler().unwrap()
+}
+
+/// A request misses while the token request is in flight, and the answer is stored on the main
+/// thread while the worker is still between the driver's decision and listing its mailbox (here:
+/// while it makes the request's scheduler). The request must still get its token: at once, or
+/// through its scheduler. (Before the mailbox was listed under the driver's lock, the driver's
+/// Resume found no mailbox and the request hung until the client gave up; seen in the e2e suite.)
+#[test]
+fn a_token_stored_while_a_missing_request_is_being_paused_still_reaches_it() {
+    let _envoy = fake_envoy();
+    let plugin = Plugin::load(handle(), config("idp-race").as_bytes()).unwrap();
+    plugin.on_main_event(EVENT_TICK); // the token request is in flight
+    let main = Arc::clone(&plugin);
+    *ON_STREAM_SCHEDULER.lock().unwrap() = Some(Box::new(move || {
+        let body = br#"{"access_token":"tok-race","expires_in":3600}"#;
+        main.on_callout_done(77, true, &[(b":status", b"200")], &[&body[..]]);
+    }));
+    CALLS.lock().unwrap().clear();
+    let stream = abi::Stream(std::ptr::null_mut());
+    let mut filter = StreamFilter::new(Arc::clone(&plugin));
+    let verdict = filter.on_request_headers(stream);
+    let calls = calls();
+    assert!(ON_STREAM_SCHEDULER.lock().unwrap().is_none(), "the answer was not delivered meanwhile");
+    match verdict {
+        Verdict::Continue => {} // the token was there when the driver decided
+        Verdict::Stop => {
+            assert!(
+                calls.contains(&Call::StreamCommit(DELIVERED)),
+                "a paused request was never resumed (verdict Stop, no DELIVERED post): {calls:?}"
+            );
+            filter.on_delivered(stream);
+            assert!(!filter.waiting());
+        }
+    }
+    plugin.shut_down();
 }
