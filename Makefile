@@ -9,8 +9,8 @@ CARGO_NATIVE  := target/native/liboauth2_cc.so
 NATIVE        := build/liboauth2_cc.so
 WASM_OPT_FLAGS := -Oz --strip-debug --enable-bulk-memory --enable-sign-ext --enable-mutable-globals --enable-nontrapping-float-to-int
 # SDK exports the filter never needs. Envoy calls a stream callback only when the module exports
-# it, and every call is a crossing into the VM on every request (BENCHMARKS.md "Where the time
-# goes"). The SDK drops an http context in proxy_on_delete, so proxy_on_log/proxy_on_done are not
+# it, and every call is a crossing into the VM on every request (docs/architecture.md, "Unused SDK exports stripped"
+# table row). The SDK drops an http context in proxy_on_delete, so proxy_on_log/proxy_on_done are not
 # needed; proxy_on_request_body/trailers stay (they keep a waiting request paused).
 UNUSED_EXPORTS := proxy_on_response_body proxy_on_response_trailers proxy_on_log proxy_on_done \
   proxy_on_new_connection proxy_on_downstream_data proxy_on_downstream_connection_close \

@@ -4,7 +4,7 @@
     python3 tools/strip_exports.py IN.wasm OUT.wasm proxy_on_log proxy_on_done ...
 
 Why: Envoy (proxy-wasm-cpp-host) calls a stream callback only when the module exports it, and
-each call is a crossing into V8 that costs about as much as a header write (see BENCHMARKS.md).
+each call is a crossing into V8 that costs about as much as a header write (docs/architecture.md, decisions).
 The proxy-wasm Rust SDK exports every callback of the ABI; the filter needs few of them. Run
 wasm-opt afterwards: it removes the functions no export reaches any more.
 
