@@ -25,7 +25,7 @@ export E2E_REQUIRE_WASM := 1
 export OAUTH2_CC_WASM := $(CURDIR)/$(WASM)
 export OAUTH2_CC_NATIVE := $(CURDIR)/$(NATIVE)
 
-.PHONY: all help run test unit unit-wasm e2e lint fmt build size tools wasm-target wasm-opt clean bench bench-floor bench-floor-native bench-smoke schema wrk fuzz rules compat simulate
+.PHONY: all help run test unit unit-wasm e2e lint fmt build size tools wasm-target wasm-opt clean bench bench-floor bench-floor-native bench-smoke schema wrk fuzz rules compat simulate validate
 
 ## all: the default target: build
 all: build
@@ -132,6 +132,12 @@ clean:
 ## schema: rewrite schema/oauth2-cc.schema.json from the Rust config types (a unit test fails when it is stale)
 schema:
 	UPDATE_SCHEMA=1 cargo test -p oauth2-cc-core --lib json_schema_is_up_to_date
+
+## validate: build/oauth2-cc, the configuration checker: `build/oauth2-cc validate CONFIG.json` (or `-` for stdin) prints what the filter logs at load; exit 0 accepted, 1 refused
+validate:
+	cargo build --release -p oauth2-cc-validate
+	@mkdir -p build
+	@cp -p target/release/oauth2-cc build/oauth2-cc
 
 BENCH_ARGS ?=
 

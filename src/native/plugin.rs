@@ -85,7 +85,7 @@ impl Plugin {
     /// a secret), and Envoy then rejects the filter configuration.
     pub fn load(handle: ConfigHandle, bytes: &[u8]) -> Result<Arc<Plugin>, String> {
         let config = config::parse(bytes, &|name| std::env::var(name).ok())
-            .map_err(|error| format!("oauth2_cc: configuration rejected: {error}"))?;
+            .map_err(|error| format!("oauth2_cc: {}", config::rejected_message(&error)))?;
         let config = Arc::new(config);
         static IDS: AtomicU64 = AtomicU64::new(1);
         let now = env::now_ms();
@@ -109,14 +109,7 @@ impl Plugin {
             parked: Mutex::new(HashMap::new()),
         });
         plugin.execute(actions, Thread::Main, &mut lock(&plugin.driver));
-        abi::log_line(
-            Level::Info,
-            format_args!(
-                "configured {} profile(s): {}",
-                plugin.config.profiles.len(),
-                plugin.config.profiles.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
-            ),
-        );
+        abi::log_line(Level::Info, format_args!("{}", config::configured_message(&plugin.config)));
         if let Some(main) = main {
             *lock(&plugin.ticker) = Ticker::start(Arc::clone(&main), EVENT_TICK);
             // The first tick now: prefetch tokens before the first request needs one.

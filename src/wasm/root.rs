@@ -67,7 +67,7 @@ impl RootContext for FilterRoot {
         let config = match config::parse(&bytes, &|name| std::env::var(name).ok()) {
             Ok(config) => Arc::new(config),
             Err(error) => {
-                adapter::log(Level::Error, &format!("configuration rejected: {error}"));
+                adapter::log(Level::Error, &config::rejected_message(&error));
                 return false;
             }
         };
@@ -85,14 +85,7 @@ impl RootContext for FilterRoot {
             }
             self.next_heartbeat_ms = now_ms.saturating_add(HEARTBEAT_MS);
         }
-        adapter::log(
-            Level::Info,
-            &format!(
-                "configured {} profile(s): {}",
-                config.profiles.len(),
-                config.profiles.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
-            ),
-        );
+        adapter::log(Level::Info, &config::configured_message(&config));
         let metrics = Metrics::define(&config);
         let actions = match self.vm.configured.try_borrow_mut() {
             Ok(mut configured) => match configured.as_mut() {

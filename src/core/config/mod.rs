@@ -69,6 +69,18 @@ fn json_error(mut path: String, err: &serde_json::Error) -> ConfigError {
     }
 }
 
+/// The line a host logs when it refuses a configuration at load (both hosts, and
+/// `oauth2-cc validate`, say exactly this).
+pub fn rejected_message(error: &ConfigError) -> String {
+    format!("configuration rejected: {error}")
+}
+
+/// The line a host logs when a configuration loads: how many profiles, and their names.
+pub fn configured_message(config: &Config) -> String {
+    let names: Vec<&str> = config.profiles.iter().map(|p| p.name.as_str()).collect();
+    format!("configured {} profile(s): {}", names.len(), names.join(", "))
+}
+
 /// serde_json appends " at line L column C" to its messages; the caller says where itself.
 fn strip_position(message: &str) -> String {
     match message.rfind(" at line ") {
