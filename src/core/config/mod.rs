@@ -16,6 +16,8 @@ mod raw;
 mod routes;
 mod runtime;
 #[cfg(test)]
+mod schema;
+#[cfg(test)]
 mod tests;
 
 use serde_json::error::Category;

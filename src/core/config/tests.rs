@@ -298,7 +298,8 @@ fn bad_jwt_settings_name_the_field() {
 fn json_schema_is_up_to_date() {
     let mut schema =
         schemars::generate::SchemaSettings::draft2020_12().into_generator().into_root_schema_for::<RawConfig>();
-    schema.insert("$id".into(), json!("https://github.com/oauth2-cc/oauth2-cc/schema/oauth2-cc.schema.json"));
+    schema.insert("$id".into(), json!(super::schema::SCHEMA_ID));
+    schema.as_object_mut().into_iter().flat_map(|map| map.values_mut()).for_each(drop_null_defaults);
     schema.insert("title".into(), json!("oauth2-cc plugin configuration"));
     let text = serde_json::to_string_pretty(&schema).expect("serializable") + "\n";
     // The workspace root, without `..` (a WASI preopen does not reach through it).
@@ -309,6 +310,21 @@ fn json_schema_is_up_to_date() {
     }
     let committed = std::fs::read_to_string(&path).unwrap_or_default();
     assert!(committed == text, "schema/oauth2-cc.schema.json is stale: run `make schema`");
+}
+
+/// serde's `default` on an optional field reads as `"default": null`; where the default is not a
+/// constant (max_wait_ms follows timeout_ms) the description says it, and no null is claimed.
+fn drop_null_defaults(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            if map.get("default") == Some(&serde_json::Value::Null) {
+                map.remove("default");
+            }
+            map.values_mut().for_each(drop_null_defaults);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(drop_null_defaults),
+        _ => {}
+    }
 }
 
 #[test]
