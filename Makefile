@@ -106,7 +106,7 @@ fuzz:
 	FUZZ_SECONDS=$(FUZZ_SECONDS) fuzz/run.sh
 
 ## e2e: the end-to-end tests (tests/e2e) on the pinned Envoy, each with build/oauth2_cc.wasm and build/liboauth2_cc.so
-e2e: tools build bench-floor-native
+e2e: tools build bench-floor-native validate
 	$(PY) -m pytest tests/e2e -q
 
 ## lint: pyflakes on the Python, cargo fmt --check, clippy -D warnings (native and wasm, filter and bench floor)

@@ -177,7 +177,8 @@ pub(super) struct RawJwt {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawInject {
     /// Header name (default authorization).
-    #[cfg_attr(test, schemars(schema_with = "super::schema::inject_header"))]
+    #[cfg_attr(test, schemars(extend("default" = "authorization", "pattern" = super::schema::HEADER_NAME,
+        "not" = {"type": "string", "pattern": super::schema::any_case(&["host"])})))]
     pub(super) header: Option<String>,
     /// Written before the token (default "Bearer "; "" sends the raw token).
     #[cfg_attr(test, schemars(extend("default" = "Bearer ", "pattern" = super::schema::HEADER_VALUE)))]

@@ -22,11 +22,10 @@ pub(super) const FIELD_PATH: &str = r"^[^.]+(\.[^.]+)*$";
 pub(super) const HTTP_URL: &str = r"^[Hh][Tt][Tt][Pp][Ss]?://[^/?#@\x00-\x20\x7f]*[^/?#@:\x00-\x20\x7f\[][^/?#@\x00-\x20\x7f]*([/?][^#\x00-\x20\x7f]*)?$";
 
 /// A route's host pattern: `host`, `host:port`, `*.suffix`, or a bracketed IPv6 literal.
-pub(super) const AUTHORITY: &str =
-    r"^((\*\.)?[A-Za-z0-9._-]*[A-Za-z0-9_-][A-Za-z0-9._-]*|\[[0-9A-Fa-f:.]+\])(:[1-9][0-9]{0,4})?$";
+pub(super) const AUTHORITY: &str = r"^((\*\.)?[A-Za-z0-9._-]*[A-Za-z0-9_-][A-Za-z0-9._-]*|\[[0-9A-Fa-f:.]+\])(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}))?$";
 
 /// Case-insensitive exact match of one of `words` (JSON Schema regexes have no flags).
-fn any_case(words: &[&str]) -> String {
+pub(super) fn any_case(words: &[&str]) -> String {
     let alternatives: Vec<String> =
         words
             .iter()
@@ -48,12 +47,6 @@ fn any_case(words: &[&str]) -> String {
 /// Names of the token request's extra headers: not one the filter or Envoy sets.
 pub(super) fn token_request_header_names() -> Value {
     json!({"pattern": HEADER_NAME, "not": {"pattern": any_case(&["host", "content-length", "transfer-encoding"])}})
-}
-
-/// The header the token goes into: any but `host`.
-pub(super) fn inject_header(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-    schemars::json_schema!({"type": ["string", "null"], "default": "authorization", "pattern": HEADER_NAME,
-        "not": {"type": "string", "pattern": any_case(&["host"])}})
 }
 
 pub(super) fn resource(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
@@ -118,7 +111,8 @@ pub(super) fn profile_rules() -> Value {
          "then": lacks("client_secret")},
         // `jwt` is required by private_key_jwt and the JWT-bearer grant, and used by nothing else.
         {"if": auth_method_is(&["private_key_jwt"]), "then": has("jwt")},
-        {"if": jwt_bearer_grant(), "then": has("jwt")},
+        // (client_secret_jwt signs with its defaults when `jwt` is absent.)
+        {"if": {"allOf": [jwt_bearer_grant(), {"not": auth_method_is(&["client_secret_jwt"])}]}, "then": has("jwt")},
         {"if": {"not": {"anyOf": [auth_method_is(&["client_secret_jwt", "private_key_jwt"]), jwt_bearer_grant()]}},
          "then": lacks("jwt")},
         // client_secret_jwt signs with HMAC over the client secret, never a private key.
