@@ -49,7 +49,8 @@ pub(super) struct RawProfile {
     /// Instead of token_url: the issuer whose OpenID Connect / RFC 8414 metadata names the token endpoint,
     /// read through `cluster` at start-up.
     #[serde(default)]
-    #[cfg_attr(test, schemars(extend("pattern" = super::schema::HTTP_URL, "not" = {"type": "string", "pattern": "[?]"})))]
+    #[cfg_attr(test, schemars(extend("pattern" = super::schema::HTTP_URL,
+        "not" = {"type": "string", "pattern": "[?]"})))]
     pub(super) issuer: Option<String>,
     /// The OAuth client identifier.
     #[cfg_attr(test, schemars(extend("minLength" = 1)))]
@@ -92,7 +93,8 @@ pub(super) struct RawProfile {
     pub(super) method: TokenMethod,
     #[serde(default)]
     /// Timeout of one token request (default 5000).
-    #[cfg_attr(test, schemars(extend("default" = super::runtime::DEFAULT_TIMEOUT_MS, "minimum" = 1, "maximum" = super::runtime::MAX_DURATION_MS)))]
+    #[cfg_attr(test, schemars(extend("default" = super::runtime::DEFAULT_TIMEOUT_MS,
+        "minimum" = 1, "maximum" = super::runtime::MAX_DURATION_MS)))]
     pub(super) timeout_ms: Option<u64>,
     #[serde(default)]
     /// Longest a request waits for a token before the failure reply (default timeout_ms + 1000).
@@ -117,7 +119,8 @@ pub(super) struct RawProfile {
     pub(super) backoff: RawBackoff,
     #[serde(default)]
     /// Upstream statuses that drop the token that was sent, so a new one is fetched (default [401]).
-    #[cfg_attr(test, schemars(extend("default" = [401], "items" = {"type": "integer", "minimum": 100, "maximum": 599})))]
+    #[cfg_attr(test, schemars(extend("default" = [401],
+        "items" = {"type": "integer", "minimum": 100, "maximum": 599})))]
     pub(super) purge_on_status: Option<Vec<u32>>,
     #[serde(default)]
     /// RFC 7523 assertion settings (private_key_jwt, client_secret_jwt, JWT-bearer grant).
@@ -128,7 +131,8 @@ pub(super) struct RawProfile {
     pub(super) max_fetches_per_hour: Option<u32>,
     /// Largest token (or metadata) response body read, in bytes (default 65536); a larger one is a failure.
     #[serde(default)]
-    #[cfg_attr(test, schemars(extend("default" = 65536, "minimum" = 256, "maximum" = super::runtime::MAX_RESPONSE_BYTES_LIMIT)))]
+    #[cfg_attr(test, schemars(extend("default" = 65536,
+        "minimum" = 256, "maximum" = super::runtime::MAX_RESPONSE_BYTES_LIMIT)))]
     pub(super) max_response_bytes: Option<usize>,
 }
 
@@ -138,7 +142,8 @@ pub(super) struct RawProfile {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawJwt {
     /// JWS algorithm: RS256/384/512, PS256/384/512, ES256, ES384, EdDSA, or HS256/384/512 (client_secret_jwt).
-    #[cfg_attr(test, schemars(extend("enum" = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA", "HS256", "HS384", "HS512", null])))]
+    #[cfg_attr(test, schemars(extend("enum" = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+        "ES256", "ES384", "EdDSA", "HS256", "HS384", "HS512", null])))]
     pub(super) algorithm: Option<String>,
     /// PEM private key (PKCS#8, PKCS#1 RSA, SEC1 EC) for private_key_jwt.
     pub(super) private_key: Option<SecretSource>,
@@ -208,10 +213,12 @@ pub(super) struct RawRefresh {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawBackoff {
     /// First retry ceiling (default 1000); doubles per failure.
-    #[cfg_attr(test, schemars(extend("default" = super::runtime::DEFAULT_BACKOFF_BASE_MS, "minimum" = 1, "maximum" = super::runtime::MAX_DURATION_MS)))]
+    #[cfg_attr(test, schemars(extend("default" = super::runtime::DEFAULT_BACKOFF_BASE_MS,
+        "minimum" = 1, "maximum" = super::runtime::MAX_DURATION_MS)))]
     pub(super) base_ms: Option<u64>,
     /// Largest retry ceiling (default 60000); configuration faults such as invalid_client use it at once.
-    #[cfg_attr(test, schemars(extend("default" = super::runtime::DEFAULT_BACKOFF_MAX_MS, "minimum" = 1, "maximum" = super::runtime::MAX_DURATION_MS)))]
+    #[cfg_attr(test, schemars(extend("default" = super::runtime::DEFAULT_BACKOFF_MAX_MS,
+        "minimum" = 1, "maximum" = super::runtime::MAX_DURATION_MS)))]
     pub(super) max_ms: Option<u64>,
 }
 

@@ -19,10 +19,18 @@ pub(super) const PROFILE_NAME: &str = r"^[A-Za-z0-9._-]+$";
 /// A dotted field path: names joined by '.', none empty.
 pub(super) const FIELD_PATH: &str = r"^[^.]+(\.[^.]+)*$";
 /// An absolute http(s) URL as the filter reads it: a host, no user info, no fragment, no spaces.
-pub(super) const HTTP_URL: &str = r"^[Hh][Tt][Tt][Pp][Ss]?://[^/?#@\x00-\x20\x7f]*[^/?#@:\x00-\x20\x7f\[][^/?#@\x00-\x20\x7f]*([/?][^#\x00-\x20\x7f]*)?$";
+pub(super) const HTTP_URL: &str = concat!(
+    r"^[Hh][Tt][Tt][Pp][Ss]?://",
+    r"[^/?#@\x00-\x20\x7f]*[^/?#@:\x00-\x20\x7f\[][^/?#@\x00-\x20\x7f]*",
+    r"([/?][^#\x00-\x20\x7f]*)?$"
+);
 
 /// A route's host pattern: `host`, `host:port`, `*.suffix`, or a bracketed IPv6 literal.
-pub(super) const AUTHORITY: &str = r"^((\*\.)?[A-Za-z0-9._-]*[A-Za-z0-9_-][A-Za-z0-9._-]*|\[[0-9A-Fa-f:.]+\])(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}))?$";
+pub(super) const AUTHORITY: &str = concat!(
+    r"^((\*\.)?[A-Za-z0-9._-]*[A-Za-z0-9_-][A-Za-z0-9._-]*|\[[0-9A-Fa-f:.]+\])",
+    // A port from 1 to 65535.
+    r"(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}))?$"
+);
 
 /// Case-insensitive exact match of one of `words` (JSON Schema regexes have no flags).
 pub(super) fn any_case(words: &[&str]) -> String {
