@@ -329,3 +329,18 @@ def test_each_known_difference_occurs(verdicts, pattern, reason):
     shown = [n for n, (_, by_schema, by_filter) in verdicts.items()
              if by_filter and by_schema is None and re.search(pattern, by_filter)]
     assert shown, f"no configuration shows {pattern!r} ({reason})"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_validate_says_what_envoy_logs(case):
+    """`oauth2-cc validate -` (stdin) refuses each configuration test_config_rejection.py has Envoy
+    refuse, with a line matching the same pattern that test finds in Envoy's log, and exit 1."""
+    config = make_config(case)
+    text = config if isinstance(config, str) else json.dumps(config)
+    proc = subprocess.run([str(VALIDATE), "validate", "-"], input=text, capture_output=True, text=True,
+                          env={"PATH": os.environ.get("PATH", "")}, timeout=30)
+    print(proc.stderr)
+    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stderr.startswith("configuration rejected: "), proc.stderr
+    assert re.search(CASES[case][1], proc.stderr), (CASES[case][1], proc.stderr)
+    assert pc.DEFAULT_CLIENT_SECRET not in proc.stderr
