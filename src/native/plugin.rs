@@ -264,7 +264,9 @@ impl Plugin {
                     Thread::Main => self.metrics.count_on_main(profile, &metric),
                     Thread::Worker(stream) => self.metrics.count_on_worker(profile, &metric, stream),
                 },
-                Action::Gauge { profile, remaining_s } => self.metrics.gauge(profile, remaining_s),
+                Action::Gauge { profile, remaining_s, lifetime_s } => {
+                    self.metrics.gauges(profile, remaining_s, lifetime_s)
+                }
             }
         }
     }
