@@ -191,7 +191,8 @@ DIST_CHECK_ARGS = --out $(DIST) --registry $(REGISTRY_BIN) --workflow-schema-che
 ## dist: release files in dist/: both builds, the wasm as an OCI image layout, CycloneDX SBOMs,
 ## third-party licenses, SHA256SUMS; then dist-check's checks (docs/development.md)
 dist: build dist-tools
-	python3 tools/dist.py build --wasm $(WASM) --native $(NATIVE) $(DIST_CHECK_ARGS)
+	python3 tools/dist.py build --wasm $(WASM) --native $(NATIVE) $(DIST_CHECK_ARGS) \
+	  --wasm-lib $(basename $(notdir $(CARGO_WASM))) --native-lib $(patsubst lib%,%,$(basename $(notdir $(CARGO_NATIVE))))
 
 ## dist-check: check an existing dist/: sums, the layout as Istio and Envoy Gateway read it, skopeo
 ## inspect and copy, a push and pull through a local registry, the SBOMs, the release workflow

@@ -2,7 +2,8 @@
 """Release files: `make dist` runs `dist.py build`, `make dist-check` runs `dist.py check`.
 
     python3 tools/dist.py version                 # the crate version (every workspace package's)
-    python3 tools/dist.py build  --out dist --wasm build/oauth2_cc.wasm --native build/liboauth2_cc.so
+    python3 tools/dist.py build  --out dist --wasm build/oauth2_cc.wasm --native build/liboauth2_cc.so \
+                                 [--wasm-lib oauth2_cc] [--native-lib oauth2_cc]
     python3 tools/dist.py check  --out dist [--registry PATH] [--workflow-schema-check PATH]
 
 `build` writes, into a fresh `--out`: both modules; a CycloneDX SBOM per module (`cargo cyclonedx`
@@ -75,8 +76,19 @@ def source_date_epoch() -> int:
         return 0
 
 
-def sbom(module: str, target: str, out: Path, epoch: int) -> Path:
-    """`cargo cyclonedx` for the module's target, written to out/<module>.cdx.json."""
+def package_dir(lib: str) -> Path:
+    """The directory (relative to the workspace) of the package whose cdylib target is `lib`."""
+    meta = json.loads(run(["cargo", "metadata", "--no-deps", "--format-version", "1", "--offline"]))
+    dirs = [Path(p["manifest_path"]).parent.relative_to(REPO) for p in meta["packages"]
+            for t in p["targets"] if t["name"] == lib and "cdylib" in t["kind"]]
+    if len(dirs) != 1:
+        raise DistError(f"{len(dirs)} workspace packages build the cdylib {lib!r}, expected 1")
+    return dirs[0]
+
+
+def sbom(module: str, lib: str, target: str, out: Path, epoch: int) -> Path:
+    """`cargo cyclonedx` for the module's target, the SBOM of the package that builds it, written
+    to out/<module>.cdx.json."""
     name = f"{module}.cdx"
     with tempfile.TemporaryDirectory() as tmp:
         # cargo-cyclonedx writes next to each package's Cargo.toml: run it on a copy of the
@@ -87,15 +99,11 @@ def sbom(module: str, target: str, out: Path, epoch: int) -> Path:
         run(["cargo", "cyclonedx", "--format", "json", "--spec-version", "1.5", "--target", target,
              "--no-build-deps", "--override-filename", name, "--quiet"],
             cwd=work, env={"SOURCE_DATE_EPOCH": str(epoch)})
-        found = sorted(work.rglob(f"{name}.json"))
-        if not found:
-            raise DistError(f"cargo cyclonedx wrote no {name}.json")
-        boms = [json.loads(p.read_text()) for p in found]
-        # One package builds the module; after a workspace split, pick the one whose SBOM has the
-        # most components (the host crate links the core and everything else).
-        best = max(boms, key=lambda b: len(b.get("components", [])))
+        written = work / package_dir(lib) / f"{name}.json"
+        if not written.is_file():
+            raise DistError(f"cargo cyclonedx wrote no {written.relative_to(work)}")
         dest = out / f"{name}.json"
-        dest.write_text(json.dumps(best, indent=1, sort_keys=True) + "\n")
+        dest.write_text(json.dumps(json.loads(written.read_text()), indent=1, sort_keys=True) + "\n")
         return dest
 
 
@@ -141,8 +149,8 @@ def build(args: argparse.Namespace) -> None:
     shutil.copyfile(args.wasm, out / "oauth2_cc.wasm")
     shutil.copyfile(args.native, out / "liboauth2_cc.so")
     shutil.copyfile(REPO / "LICENSE", out / "LICENSE")
-    for module, target, _ in MODULES:
-        sbom(module, target, out, epoch)
+    for (module, target, _), lib in zip(MODULES, (args.wasm_lib, args.native_lib)):
+        sbom(module, lib, target, out, epoch)
     third_party_licenses(out)
     layout = out / OCI_NAME
     digest = wasm_oci_image.build_layout((out / "oauth2_cc.wasm").read_bytes(), layout, ver, epoch, args.source)
@@ -244,6 +252,8 @@ def main(argv: list[str]) -> int:
         if name == "build":
             p.add_argument("--wasm", type=Path, required=True)
             p.add_argument("--native", type=Path, required=True)
+            p.add_argument("--wasm-lib", default="oauth2_cc", help="the cdylib target that builds the wasm")
+            p.add_argument("--native-lib", default="oauth2_cc", help="the cdylib target that builds the .so")
             p.add_argument("--source", help="the repository URL, for the image's org.opencontainers.image.source")
     args = ap.parse_args(argv)
     try:
