@@ -188,22 +188,23 @@ CHECK_JSONSCHEMA_VERSION := 0.39.0
 REGISTRY_BIN := build/tools/registry
 DIST_CHECK_ARGS = --out $(DIST) --registry $(REGISTRY_BIN) --workflow-schema-check $(VENV)/bin/check-jsonschema
 
-## dist: release files in dist/: both builds, the wasm as an OCI image layout, CycloneDX SBOMs,
-## third-party licenses, SHA256SUMS; then dist-check's checks (docs/development.md)
+## dist: release files in dist/ (both builds, OCI image layout, SBOMs, licenses, SHA256SUMS), then checked as dist-check does
+# Layout and checks: docs/development.md ("Release builds").
 dist: build dist-tools
 	python3 tools/dist.py build --wasm $(WASM) --native $(NATIVE) $(DIST_CHECK_ARGS) \
 	  --wasm-lib $(basename $(notdir $(CARGO_WASM))) --native-lib $(patsubst lib%,%,$(basename $(notdir $(CARGO_NATIVE))))
 
-## dist-check: check an existing dist/: sums, the layout as Istio and Envoy Gateway read it, skopeo
-## inspect and copy, a push and pull through a local registry, the SBOMs, the release workflow
+## dist-check: check dist/: sums, the layout as Istio/Envoy Gateway read it, skopeo, a local registry round trip, SBOMs
+# and the release workflow against the GitHub workflow schema.
 dist-check: dist-tools
 	python3 tools/dist.py check $(DIST_CHECK_ARGS)
 
-## dist-tools: cargo-cyclonedx and cargo-about (cargo install), skopeo (apt), Distribution's registry
-## (only its binary, unpacked from Debian's docker-registry package into build/tools), check-jsonschema (.venv)
+## dist-tools: the release tools when missing: cargo-cyclonedx, cargo-about, skopeo, a registry binary, check-jsonschema
+# cargo install for the cargo plugins; apt for skopeo; Distribution's registry is only its binary, unpacked
+# from Debian's docker-registry package into build/tools (no service installed); check-jsonschema into .venv.
 dist-tools: $(VENV)/.installed
 	@cargo cyclonedx --version >/dev/null 2>&1 || cargo install --locked cargo-cyclonedx --version $(CARGO_CYCLONEDX_VERSION)
-	@cargo about --version >/dev/null 2>&1 || cargo install --locked cargo-about --version $(CARGO_ABOUT_VERSION)
+	@cargo about --version >/dev/null 2>&1 || cargo install --locked cargo-about --version $(CARGO_ABOUT_VERSION) --features cli
 	@command -v skopeo >/dev/null || { apt-get update -qq && apt-get install -y -qq skopeo >/dev/null; } || \
 	  { echo "skopeo is needed: apt-get install skopeo"; exit 1; }
 	@test -x $(REGISTRY_BIN) || { \

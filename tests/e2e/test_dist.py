@@ -98,7 +98,9 @@ def test_reader_refuses_what_the_fetchers_would_not_read(tmp_path, wasm):
     out, manifest_path = fresh("corrupt")
     layer = json.loads(manifest_path.read_bytes())["layers"][0]["digest"].split(":")[1]
     blob = out / "blobs" / "sha256" / layer
-    blob.write_bytes(blob.read_bytes()[:-1] + b"\0")
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    blob.write_bytes(bytes(data))
     with pytest.raises(oci_check.LayoutError, match="does not match its digest"):
         oci_check.read_as_wasm_fetcher(out, VERSION)
 
