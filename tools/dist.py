@@ -102,14 +102,19 @@ def sbom(module: str, lib: str, target: str, out: Path, epoch: int) -> Path:
         written = work / package_dir(lib) / f"{name}.json"
         if not written.is_file():
             raise DistError(f"cargo cyclonedx wrote no {written.relative_to(work)}")
+        # The tool names our own packages by their absolute path (here a temporary directory):
+        # write it as the workspace root, `.`, as the purls already do, so the SBOM is the same
+        # on every machine.
+        text = written.read_text().replace(f"file://{work}", "file://.")
         dest = out / f"{name}.json"
-        dest.write_text(json.dumps(json.loads(written.read_text()), indent=1, sort_keys=True) + "\n")
+        dest.write_text(json.dumps(json.loads(text), indent=1, sort_keys=True) + "\n")
         return dest
 
 
 def third_party_licenses(out: Path) -> Path:
     dest = out / "THIRD-PARTY-LICENSES.md"
-    run(["cargo", "about", "generate", "--fail", "--config", "tools/about.toml", "--output-file",
+    # --frozen: Cargo.lock as committed, and only the license files the crates ship (no network).
+    run(["cargo", "about", "generate", "--fail", "--frozen", "--config", "tools/about.toml", "--output-file",
          str(dest), "tools/about.hbs"])
     return dest
 
