@@ -110,8 +110,8 @@ fn reason_index(reason: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::assertion::AssertionError;
-    use crate::core::token_response::TokenError;
+    use crate::assertion::AssertionError;
+    use crate::token_response::TokenError;
 
     fn defined(profile: &str) -> (MetricIds<usize>, Vec<String>) {
         let mut names = Vec::new();

@@ -1,4 +1,4 @@
-//! The filter's metrics in the dynamic module: names and ids come from [`crate::core::metrics`],
+//! The filter's metrics in the dynamic module: names and ids come from [`oauth2_cc_core::metrics`],
 //! shared with the wasm build. Envoy decides the namespace in front: `dynamicmodulescustom.` (the
 //! `DynamicModuleConfig.metrics_namespace` default) here, `wasmcustom.` for the wasm build; in
 //! `/stats/prometheus` the wasm names lose their namespace (`oauth2_cc_<profile>_<metric>`) while
@@ -11,10 +11,10 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::core::config::Config;
-use crate::core::lifecycle::Metric;
-use crate::core::metrics::MetricIds;
-use crate::native::abi::{ConfigHandle, Stream};
+use crate::abi::{ConfigHandle, Stream};
+use oauth2_cc_core::config::Config;
+use oauth2_cc_core::lifecycle::Metric;
+use oauth2_cc_core::metrics::MetricIds;
 
 struct ProfileMetrics {
     ids: MetricIds<usize>,

@@ -6,13 +6,13 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::core::config::{self, Config};
-use crate::core::lifecycle::{self, Action, Answer, AnswerBody, CalloutId, Driver, LogLevel, RequestId};
-use crate::native::abi::{self, ConfigHandle, Level, Scheduler, Stream};
-use crate::native::env::{self, ProcessEnv};
-use crate::native::metrics::Metrics;
-use crate::native::parked::{Outcome, Parked};
-use crate::native::ticker::Ticker;
+use crate::abi::{self, ConfigHandle, Level, Scheduler, Stream};
+use crate::env::{self, ProcessEnv};
+use crate::metrics::Metrics;
+use crate::parked::{Outcome, Parked};
+use crate::ticker::Ticker;
+use oauth2_cc_core::config::{self, Config};
+use oauth2_cc_core::lifecycle::{self, Action, Answer, AnswerBody, CalloutId, Driver, LogLevel, RequestId};
 
 /// Main-thread events (`on_http_filter_config_scheduled`).
 pub const EVENT_TICK: u64 = 1;

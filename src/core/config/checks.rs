@@ -4,7 +4,7 @@
 use super::ConfigError;
 use super::raw::SecretSource;
 use super::runtime::{FieldPath, MAX_DURATION_MS};
-use crate::core::secret::Secret;
+use crate::secret::Secret;
 
 /// Looks up a secret: inline, or the VM's environment variable; empty is refused.
 pub(super) fn resolve_secret(

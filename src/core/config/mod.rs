@@ -24,7 +24,7 @@ pub use checks::{valid_header_name, valid_header_value};
 pub use raw::SecretSource;
 pub use runtime::*;
 
-use crate::core::route::RouteTable;
+use crate::route::RouteTable;
 use raw::RawConfig;
 
 /// A configuration error: the JSON path of the bad field and what is wrong with it.

@@ -7,7 +7,7 @@ use super::auth::{CompiledAuth, compile_auth};
 use super::checks::{cache_key, duration, field_path, valid_header_name, valid_header_value};
 use super::raw::{RawBackoff, RawInject, RawProfile, RawRefresh};
 use super::runtime::*;
-use crate::core::url::HttpUrl;
+use crate::url::HttpUrl;
 
 type At<'a> = &'a dyn Fn(&str) -> String;
 

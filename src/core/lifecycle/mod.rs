@@ -20,9 +20,9 @@ pub mod store;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use crate::core::config::Config;
-pub use crate::core::metrics::Metric;
-use crate::core::url::HttpUrl;
+use crate::config::Config;
+pub use crate::metrics::Metric;
+use crate::url::HttpUrl;
 pub use requests::{FailureReply, RequestOutcome, Snapshot, failure_reply, unknown_profile_reply};
 pub use store::{Environment, Update, Written};
 
@@ -259,8 +259,8 @@ impl Driver {
 }
 
 /// The decoded entry at `key` (empty when missing or of another layout version).
-fn read_entry(env: &dyn Environment, key: &str) -> crate::core::cache::Entry {
-    env.get(key).0.as_deref().and_then(crate::core::cache::Entry::decode).unwrap_or_default()
+fn read_entry(env: &dyn Environment, key: &str) -> crate::cache::Entry {
+    env.get(key).0.as_deref().and_then(crate::cache::Entry::decode).unwrap_or_default()
 }
 
 fn log(actions: &mut Vec<Action>, level: LogLevel, message: String) {

@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use super::store::memory::MemoryStore;
 use super::*;
-use crate::core::cache::Entry;
-use crate::core::config::{self, Config};
+use crate::cache::Entry;
+use crate::config::{self, Config};
 
 fn config_with(profile_extra: &str) -> Arc<Config> {
     config_at(r#""token_url": "http://idp.test/token""#, profile_extra)

@@ -13,12 +13,12 @@ use std::time::Duration;
 
 use proxy_wasm::types::MapType;
 
-use crate::core::config::Config;
-use crate::core::lifecycle::{self, Action, CalloutId, Driver, LogLevel};
-use crate::host::adapter::{self, Level};
-use crate::host::metrics::Metrics;
-use crate::host::queue;
-use crate::host::store::SharedData;
+use crate::adapter::{self, Level};
+use crate::metrics::Metrics;
+use crate::queue;
+use crate::store::SharedData;
+use oauth2_cc_core::config::Config;
+use oauth2_cc_core::lifecycle::{self, Action, CalloutId, Driver, LogLevel};
 
 /// What the root context and a request's own context both know about a request.
 #[derive(Default)]
