@@ -114,7 +114,7 @@ def sbom(module: str, lib: str, target: str, out: Path, epoch: int) -> Path:
 def third_party_licenses(out: Path) -> Path:
     dest = out / "THIRD-PARTY-LICENSES.md"
     # --frozen: Cargo.lock as committed, and only the license files the crates ship (no network).
-    run(["cargo", "about", "generate", "--fail", "--frozen", "--config", "tools/about.toml", "--output-file",
+    run(["cargo", "about", "generate", "--workspace", "--fail", "--frozen", "--config", "tools/about.toml", "--output-file",
          str(dest), "tools/about.hbs"])
     return dest
 
