@@ -64,9 +64,12 @@ impl Metrics {
         }
     }
 
-    pub fn gauge(&self, profile: usize, remaining_s: u64) {
-        if let Some(id) = self.profiles.get(profile).and_then(|p| p.ids.token_remaining_s()) {
-            self.handle.set_gauge(id, remaining_s);
+    pub fn gauges(&self, profile: usize, remaining_s: u64, lifetime_s: u64) {
+        let Some(p) = self.profiles.get(profile) else { return };
+        for (id, value) in [(p.ids.token_remaining_s(), remaining_s), (p.ids.token_lifetime_s(), lifetime_s)] {
+            if let Some(id) = id {
+                self.handle.set_gauge(id, value);
+            }
         }
     }
 

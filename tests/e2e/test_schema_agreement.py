@@ -43,6 +43,8 @@ JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 KNOWN_DIFFERENCES = [
     (r"environment variable .* is not set",
      "the schema sees the configuration, not the VM's environment"),
+    (r'file ".*" cannot be read',
+     "the schema sees the configuration, not the dynamic module's filesystem"),
     (r"jwt\.private_key: (?!.*(is required|remove private_key))",
      "whether a PEM text is a key of the algorithm's type (and long enough) is not a JSON property"),
     (r"client_secret: (the HMAC key|HS\d+ needs|.*at least \d+ bytes)",
@@ -62,7 +64,7 @@ PROBES: list[Any] = [
     "https://idp.example/t?x=1", "*.example.com", "a:65535", "a:65536", "[::1]:8443", "*.", "http://", "/p",
     "a b", "a..b", "Host", "x-ok", "bad\nvalue",
     0, 1, -1, 99, 100, 399, 400, 599, 600, 255, 256, 3601, 1048577, 86400001, 1000001, 0.0, 1.5,
-    True, [], ["a"], {}, {"env": "OAUTH2_CC_TEST_UNSET"},
+    True, [], ["a"], {}, {"env": "OAUTH2_CC_TEST_UNSET"}, {"file": "/nonexistent/oauth2-cc-test"},
 ]
 
 
