@@ -129,7 +129,8 @@ impl Plugin {
             ),
         );
         if let Some(main) = main {
-            if !plugin.ticker.register(plugin.id, &main, EVENT_TICK) {
+            let keys = plugin.config.profiles.iter().map(|p| p.cache_key.clone()).collect();
+            if !plugin.ticker.register(plugin.id, &main, EVENT_TICK, keys) {
                 abi::log_line(
                     Level::Error,
                     format_args!("cannot start the tick thread; tokens are fetched on demand only"),
@@ -176,7 +177,14 @@ impl Plugin {
     /// A main-thread event posted by the tick thread, a wake or a kick.
     pub fn on_main_event(&self, main: OnMain, event: u64) {
         if event == EVENT_TICK {
-            self.run(Thread::Main(main), |driver, now| driver.on_tick(now, &mut ProcessEnv));
+            // A newer configuration with the same cache key owns its fetches (a drained one
+            // fetches nothing); asked before the driver's lock (the tick thread's list is a
+            // lock of its own).
+            let superseded = self.ticker.superseded(self.id);
+            self.run(Thread::Main(main), |driver, now| {
+                driver.set_superseded(superseded);
+                driver.on_tick(now, &mut ProcessEnv)
+            });
         } else {
             let kicked = std::mem::take(&mut *lock(&self.kicks));
             self.run(Thread::Main(main), |driver, now| driver.on_wake(&kicked, now, &mut ProcessEnv));

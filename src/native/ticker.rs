@@ -8,7 +8,9 @@
 //! it commits under its lock, so a configuration that unregisters never has its scheduler deleted
 //! on this thread. The thread starts with the first registration and is stopped and joined when
 //! the last configuration goes away (the module may be unloaded then). The same list carries a
-//! broadcast wake: a token one configuration stored reaches every configuration at once.
+//! broadcast wake: a token one configuration stored reaches every configuration at once; and
+//! each configuration's cache keys, so an older configuration (a listener being drained) learns
+//! that a newer one owns a key's fetches.
 
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
@@ -19,9 +21,11 @@ use crate::sync::{Condvar, Mutex, lock, thread, wait_period};
 pub const TICK_PERIOD: Duration = Duration::from_millis(100);
 
 struct Registered {
+    /// Configuration ids grow with load order: a larger one is newer.
     config: u64,
     scheduler: Weak<Scheduler>,
     event: u64,
+    cache_keys: Vec<String>,
 }
 
 #[derive(Default)]
@@ -48,11 +52,18 @@ impl Ticker {
     }
 
     /// Posts `event` on `scheduler` every period until `config` unregisters (or the scheduler is
-    /// dropped). False if the thread could not be started.
-    pub fn register(self: &Arc<Self>, config: u64, scheduler: &Arc<Scheduler>, event: u64) -> bool {
+    /// dropped); `cache_keys` are the configuration's profiles' keys. False if the thread could
+    /// not be started.
+    pub fn register(
+        self: &Arc<Self>,
+        config: u64,
+        scheduler: &Arc<Scheduler>,
+        event: u64,
+        cache_keys: Vec<String>,
+    ) -> bool {
         let mut state = lock(&self.state);
         state.registered.retain(|r| r.scheduler.strong_count() > 0);
-        state.registered.push(Registered { config, scheduler: Arc::downgrade(scheduler), event });
+        state.registered.push(Registered { config, scheduler: Arc::downgrade(scheduler), event, cache_keys });
         if state.thread.is_some() {
             return true;
         }
@@ -80,6 +91,18 @@ impl Ticker {
         if let Some(finished) = finished {
             let _ = finished.join();
         }
+    }
+
+    /// The cache keys of `config` that a newer registered configuration also has (the driver's
+    /// `set_superseded`: the newest configuration of a key owns its fetches).
+    pub fn superseded(&self, config: u64) -> Vec<String> {
+        let state = lock(&self.state);
+        let Some(own) = state.registered.iter().find(|r| r.config == config) else { return Vec::new() };
+        own.cache_keys
+            .iter()
+            .filter(|key| state.registered.iter().any(|r| r.config > config && r.cache_keys.contains(key)))
+            .cloned()
+            .collect()
     }
 
     /// Posts `event` to every registered configuration now (a token changed: a configuration
