@@ -24,6 +24,7 @@ mod hooks;
 mod metrics;
 mod parked;
 mod plugin;
+mod secret_files;
 mod store;
 mod stream;
 mod sync;

@@ -12,7 +12,7 @@
 //! driver event asks for waits here for the main thread too ([`OnMain`] proves where code runs).
 
 use crate::abi::{ConfigHandle, OnMain, Stream};
-use crate::sync::{AtomicU64, Ordering};
+use crate::sync::{AtomicU64, Mutex, Ordering, lock};
 use oauth2_cc_core::config::Config;
 use oauth2_cc_core::lifecycle::Metric;
 use oauth2_cc_core::metrics::MetricIds;
@@ -21,11 +21,9 @@ struct ProfileMetrics {
     ids: MetricIds<usize>,
     /// Injections counted on request threads, not yet added to Envoy's counter.
     pending_injected: AtomicU64,
-    /// The remaining-lifetime gauge a request thread was asked to set ([`NO_GAUGE`]: none).
-    pending_gauge: AtomicU64,
+    /// The gauges (remaining, lifetime) a request thread was asked to set, for the main thread.
+    pending_gauges: Mutex<Option<(u64, u64)>>,
 }
-
-const NO_GAUGE: u64 = u64::MAX;
 
 pub struct Metrics {
     handle: ConfigHandle,
@@ -46,7 +44,7 @@ impl Metrics {
                     |name| handle.define_gauge(main, name),
                 ),
                 pending_injected: AtomicU64::new(0),
-                pending_gauge: AtomicU64::new(NO_GAUGE),
+                pending_gauges: Mutex::new(None),
             })
             .collect();
         Metrics { handle, profiles }
@@ -70,16 +68,19 @@ impl Metrics {
         }
     }
 
-    pub fn gauge_on_main(&self, main: OnMain, profile: usize, remaining_s: u64) {
-        if let Some(id) = self.profiles.get(profile).and_then(|p| p.ids.token_remaining_s()) {
-            self.handle.set_gauge(main, id, remaining_s);
+    pub fn gauges_on_main(&self, main: OnMain, profile: usize, remaining_s: u64, lifetime_s: u64) {
+        let Some(p) = self.profiles.get(profile) else { return };
+        for (id, value) in [(p.ids.token_remaining_s(), remaining_s), (p.ids.token_lifetime_s(), lifetime_s)] {
+            if let Some(id) = id {
+                self.handle.set_gauge(main, id, value);
+            }
         }
     }
 
-    /// Keeps a gauge value for the main thread's next [`Metrics::flush`] (the latest one wins).
-    pub fn gauge_on_worker(&self, profile: usize, remaining_s: u64) {
+    /// Keeps gauge values for the main thread's next [`Metrics::flush`] (the latest win).
+    pub fn gauges_on_worker(&self, profile: usize, remaining_s: u64, lifetime_s: u64) {
         if let Some(p) = self.profiles.get(profile) {
-            p.pending_gauge.store(remaining_s.min(NO_GAUGE - 1), Ordering::Relaxed);
+            *lock(&p.pending_gauges) = Some((remaining_s, lifetime_s));
         }
     }
 
@@ -91,9 +92,9 @@ impl Metrics {
             if let (Some(id), true) = (p.ids.counter(&Metric::Injected), n > 0) {
                 self.handle.increment_counter(main, id, n);
             }
-            let gauge = p.pending_gauge.swap(NO_GAUGE, Ordering::Relaxed);
-            if gauge != NO_GAUGE {
-                self.gauge_on_main(main, index, gauge);
+            let pending = lock(&p.pending_gauges).take();
+            if let Some((remaining_s, lifetime_s)) = pending {
+                self.gauges_on_main(main, index, remaining_s, lifetime_s);
             }
         }
     }

@@ -9,9 +9,10 @@ use crate::abi::{self, ConfigHandle, Level, OnMain, Scheduler, Stream};
 use crate::env::{self, ProcessEnv};
 use crate::metrics::Metrics;
 use crate::parked::{Outcome, Parked};
+use crate::secret_files::{self, Rotation, SecretFiles};
 use crate::sync::{AtomicU64, Mutex, Ordering, lock};
 use crate::ticker::Ticker;
-use oauth2_cc_core::config::{self, Config};
+use oauth2_cc_core::config::Config;
 use oauth2_cc_core::lifecycle::{self, Action, Answer, AnswerBody, CalloutId, Driver, LogLevel, RequestId};
 
 /// Main-thread events (`on_http_filter_config_scheduled`).
@@ -43,8 +44,8 @@ struct OwnedAnswer {
 const MAX_MISSES: u8 = 3;
 
 /// One filter configuration. Lock order: `driver`, then any one of `parked`, `callouts`,
-/// `answers`, `kicks`, `outbox` or the tick thread's list (each held alone, never with another of
-/// them), then a paused request's mailbox (`Parked`); a thread that holds a later lock never waits for an earlier one
+/// `answers`, `kicks`, `outbox`, `secret_files`, the metrics' pending gauges or the tick thread's
+/// list (each held alone, never with another of them), then a paused request's mailbox (`Parked`); a thread that holds a later lock never waits for an earlier one
 /// (`unpark` takes the request out of `parked` and lets go before it takes `driver`). Only
 /// `drain_answers` skips the order's wait: it `try_lock`s `driver`.
 pub struct Plugin {
@@ -70,6 +71,8 @@ pub struct Plugin {
     parked: Mutex<HashMap<RequestId, Arc<Parked>>>,
     /// The largest token answer any profile accepts (callout bodies are copied up to this).
     answer_cap: usize,
+    /// The secret files the configuration read, watched from the main thread's ticks.
+    secret_files: Mutex<Option<SecretFiles>>,
 }
 
 fn level(level: LogLevel) -> Level {
@@ -95,11 +98,11 @@ impl Plugin {
         bytes: &[u8],
         ticker: Arc<Ticker>,
     ) -> Result<Arc<Plugin>, String> {
-        let config = config::parse(bytes, &|name| std::env::var(name).ok())
-            .map_err(|error| format!("oauth2_cc: configuration rejected: {error}"))?;
+        let now = env::now_ms();
+        let (config, secret_files) =
+            secret_files::load(bytes, now).map_err(|error| format!("oauth2_cc: configuration rejected: {error}"))?;
         let config = Arc::new(config);
         static IDS: AtomicU64 = AtomicU64::new(1);
-        let now = env::now_ms();
         let (driver, actions) = Driver::new(Arc::clone(&config), env::random_u64(), now, &mut ProcessEnv);
         let validating = abi::is_validation_mode();
         let main = if validating { None } else { handle.scheduler(on_main).map(Arc::new) };
@@ -118,6 +121,7 @@ impl Plugin {
             kicks: Mutex::new(Vec::new()),
             outbox: Mutex::new(Vec::new()),
             parked: Mutex::new(HashMap::new()),
+            secret_files: Mutex::new(secret_files),
         });
         plugin.execute(actions, Thread::Main(on_main), &mut lock(&plugin.driver));
         abi::log_line(
@@ -177,6 +181,7 @@ impl Plugin {
     /// A main-thread event posted by the tick thread, a wake or a kick.
     pub fn on_main_event(&self, main: OnMain, event: u64) {
         if event == EVENT_TICK {
+            self.rotate_secrets(main);
             // A newer configuration with the same cache key owns its fetches (a drained one
             // fetches nothing); asked before the driver's lock (the tick thread's list is a
             // lock of its own).
@@ -196,6 +201,30 @@ impl Plugin {
         self.drain_answers(main);
         // What request threads counted, and gauges they were asked to set, reach Envoy here.
         self.metrics.flush(main);
+    }
+
+    /// A secret file changed: the driver gets the configuration compiled with its new content (the
+    /// same profiles and cache keys, so its tokens and paused requests carry on), or the change is
+    /// refused and logged, naming the field, and the configuration in use stays.
+    fn rotate_secrets(&self, main: OnMain) {
+        let rotation = lock(&self.secret_files).as_mut().and_then(|files| files.poll(env::now_ms()));
+        match rotation {
+            None => {}
+            Some(Rotation::Compiled(config)) => {
+                abi::log_line(
+                    Level::Info,
+                    format_args!("oauth2_cc: a secret file changed; the next token request uses it"),
+                );
+                let config = Arc::new(config);
+                self.run(Thread::Main(main), |driver, now| driver.reconfigure(config, now, &mut ProcessEnv));
+            }
+            Some(Rotation::Refused(error)) => abi::log_line(
+                Level::Error,
+                format_args!(
+                    "oauth2_cc: a secret file changed but is refused, the previous value stays in use: {error}"
+                ),
+            ),
+        }
     }
 
     fn post_main(&self, event: u64) {
@@ -275,10 +304,10 @@ impl Plugin {
                     Thread::Main(main) => self.metrics.count_on_main(main, profile, &metric),
                     Thread::Worker(stream) => self.metrics.count_on_worker(profile, &metric, stream),
                 },
-                Action::Gauge { profile, remaining_s } => match thread {
-                    Thread::Main(main) => self.metrics.gauge_on_main(main, profile, remaining_s),
+                Action::Gauge { profile, remaining_s, lifetime_s } => match thread {
+                    Thread::Main(main) => self.metrics.gauges_on_main(main, profile, remaining_s, lifetime_s),
                     Thread::Worker(_) => {
-                        self.metrics.gauge_on_worker(profile, remaining_s);
+                        self.metrics.gauges_on_worker(profile, remaining_s, lifetime_s);
                         self.post_main(EVENT_WAKE);
                     }
                 },

@@ -135,8 +135,8 @@ impl VmState {
                 }
                 Action::Log { level, message } => adapter::log(level_of(level), &message),
                 Action::Count { profile, metric } => self.with_metrics(|m| m.count(profile, &metric)),
-                Action::Gauge { profile, remaining_s } => {
-                    self.with_metrics(|m| m.token_remaining(profile, remaining_s))
+                Action::Gauge { profile, remaining_s, lifetime_s } => {
+                    self.with_metrics(|m| m.gauges(profile, remaining_s, lifetime_s))
                 }
             }
         }

@@ -55,6 +55,54 @@ fn secret_from_environment() {
     }
 }
 
+/// A file reader over fixed contents, as the dynamic module's would read them.
+fn files(path: &str) -> Result<String, String> {
+    match path {
+        "/run/secrets/billing" => Ok("from-file\r\n".to_string()),
+        "/run/secrets/empty" => Ok("\n".to_string()),
+        _ => Err("No such file or directory (os error 2)".to_string()),
+    }
+}
+
+fn parse_with_files(value: &serde_json::Value) -> Result<Config, ConfigError> {
+    parse_with(value.to_string().as_bytes(), SecretSources { env: &no_env, file: Some(&files) })
+}
+
+#[test]
+fn secret_from_file_loses_its_line_ending() {
+    let mut config = minimal();
+    config["profiles"]["billing"]["client_secret"] = json!({"file": "/run/secrets/billing"});
+    match &parse_with_files(&config).expect("valid").profiles[0].client_auth {
+        ClientAuth::Basic { secret } => assert_eq!(secret.expose(), "from-file"),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn secret_files_are_refused_naming_the_field() {
+    let with_file = |path: &str| {
+        let mut config = minimal();
+        config["profiles"]["billing"]["client_secret"] = json!({"file": path});
+        config
+    };
+    let cases = [
+        (parse_with_files(&with_file("/run/secrets/missing")), "cannot be read: No such file"),
+        (parse_with_files(&with_file("/run/secrets/empty")), "is empty"),
+        (parse_with_files(&with_file("secrets/billing")), "must be an absolute path"),
+        // A host without a filesystem (the wasm VM) says so instead of failing to read.
+        (parse_value(&with_file("/run/secrets/billing")), "read by the dynamic module only"),
+    ];
+    for (result, reason) in cases {
+        let error = result.expect_err(reason);
+        assert_eq!(error.path, "profiles.billing.client_secret", "{error}");
+        assert!(error.reason.contains(reason), "{error}");
+    }
+    let mut both = minimal();
+    both["profiles"]["billing"]["client_secret"] = json!({"env": "A", "file": "/run/secrets/billing"});
+    let error = parse_with_files(&both).expect_err("env and file together");
+    assert_eq!(error.path, "profiles.billing.client_secret", "{error}");
+}
+
 #[test]
 fn cache_key_changes_with_what_the_token_depends_on() {
     let base = parse_value(&minimal()).expect("valid").profiles[0].cache_key.clone();

@@ -253,3 +253,31 @@ fn a_superseded_cache_key_is_fetched_by_the_newer_configuration_only() {
     let _ = old.on_response_status(0, old.cached(0).map_or(0, |s| s.generation), Some(&b"401"[..]), 80, &mut store);
     assert_eq!(sends(&old.on_tick(90, &mut store)).len(), 1, "no longer superseded: it fetches again");
 }
+
+fn gauges(actions: &[Action]) -> Vec<(u64, u64)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Gauge { remaining_s, lifetime_s, .. } => Some((*remaining_s, *lifetime_s)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn the_lifetime_gauge_outlives_a_purged_or_failed_token() {
+    let config = config_with("");
+    let mut store = MemoryStore::default();
+    let (mut vm, _) = Driver::new(Arc::clone(&config), 3, 0, &mut store);
+    let first = vm.on_tick(10, &mut store);
+    assert_eq!(gauges(&first), [(0, 0)], "no token yet");
+    let _ = vm.on_answer(sends(&first)[0].id, answer(b"200", &ok_body("tok", 100)), 20, &mut store);
+    // Sent at 10 ms, 100 s, a 5 s margin: usable until 95.01 s.
+    assert_eq!(gauges(&vm.on_tick(1_010, &mut store)), [(94, 95)]);
+    let generation = entry(&store, &config).generation;
+    let _ = vm.on_response_status(0, generation, Some(b"401"), 2_000, &mut store);
+    let refetch = vm.on_tick(2_010, &mut store);
+    assert_eq!(gauges(&refetch), [(0, 95)], "purged: no token, the lifetime stays");
+    let _ = vm.on_answer(sends(&refetch)[0].id, answer(b"503", b""), 2_100, &mut store);
+    assert_eq!(gauges(&vm.on_tick(10_000, &mut store)), [(0, 95)], "the refetch failed");
+}
