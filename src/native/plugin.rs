@@ -182,17 +182,23 @@ impl Plugin {
     pub fn on_main_event(&self, main: OnMain, event: u64) {
         if event == EVENT_TICK {
             self.rotate_secrets(main);
-            // A newer configuration with the same cache key owns its fetches (a drained one
-            // fetches nothing); asked before the driver's lock (the tick thread's list is a
-            // lock of its own).
-            let superseded = self.ticker.superseded(self.id);
+        }
+        // A newer configuration with the same cache key owns its fetches (a drained one fetches
+        // nothing): asked on every main-thread event, so from the newer one's load on (which runs
+        // on this thread too), and before the driver's lock (the tick thread's list is a lock of
+        // its own).
+        let superseded = self.ticker.superseded(self.id);
+        if event == EVENT_TICK {
             self.run(Thread::Main(main), |driver, now| {
                 driver.set_superseded(superseded);
                 driver.on_tick(now, &mut ProcessEnv)
             });
         } else {
             let kicked = std::mem::take(&mut *lock(&self.kicks));
-            self.run(Thread::Main(main), |driver, now| driver.on_wake(&kicked, now, &mut ProcessEnv));
+            self.run(Thread::Main(main), |driver, now| {
+                driver.set_superseded(superseded);
+                driver.on_wake(&kicked, now, &mut ProcessEnv)
+            });
         }
         let outbox = std::mem::take(&mut *lock(&self.outbox));
         if !outbox.is_empty() {
