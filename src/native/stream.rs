@@ -50,7 +50,7 @@ impl StreamFilter {
     pub fn on_request_headers(&mut self, stream: Stream) -> Verdict {
         // Borrowed, not cloned: an `Arc` clone is an atomic on a cache line every worker shares.
         let config = &*self.plugin.config;
-        let mut facts = StreamFacts { stream, authority: None, path: None, method: None };
+        let mut facts = StreamFacts { stream: &stream, authority: None, path: None, method: None };
         let profile_index = match config.routes.select_request(&mut facts) {
             Selection::None => return Verdict::Continue,
             Selection::Profile(index) => index,
@@ -145,12 +145,16 @@ impl StreamFilter {
 
     /// The main thread delivered this paused request's outcome (on its worker).
     pub fn on_delivered(&mut self, stream: Stream) {
-        let Some((_, parked)) = self.parked.take() else { return };
-        let outcome = parked.take();
+        let Some((request, parked)) = self.parked.take() else { return };
+        let Some(outcome) = parked.take() else {
+            // A wake without an outcome is none: the request stays paused and listed.
+            self.parked = Some((request, parked));
+            return;
+        };
         parked.close();
         let Some(profile) = self.profile else { return };
         match outcome {
-            Some(Outcome::Resume { header, value, generation }) => {
+            Outcome::Resume { header, value, generation } => {
                 if stream.set_request_header(&header, value.as_bytes()) {
                     self.injected = Some(generation);
                     stream.continue_decoding();
@@ -158,8 +162,7 @@ impl StreamFilter {
                     self.fail(stream, profile);
                 }
             }
-            Some(Outcome::Fail) => self.reply_failure(stream, profile),
-            None => {}
+            Outcome::Fail => self.reply_failure(stream, profile),
         }
     }
 
@@ -213,14 +216,14 @@ impl Drop for StreamFilter {
 
 /// Request facts read from Envoy on first use; bytes that are not UTF-8 count as absent.
 struct StreamFacts<'a> {
-    stream: Stream,
+    stream: &'a Stream,
     authority: Option<Option<&'a str>>,
     path: Option<Option<&'a str>>,
     method: Option<Option<&'a str>>,
 }
 
 impl<'a> StreamFacts<'a> {
-    fn request_header(stream: Stream, name: &str) -> Option<&'a str> {
+    fn request_header(stream: &'a Stream, name: &str) -> Option<&'a str> {
         stream.header(abi::REQUEST_HEADER, name).and_then(|b| std::str::from_utf8(b).ok())
     }
 }

@@ -80,6 +80,9 @@ impl Driver {
     ) {
         let config = std::sync::Arc::clone(&self.config);
         let Some(profile) = config.profiles.get(index) else { return };
+        if self.superseded.contains(&profile.cache_key) {
+            return; // a newer configuration owns this key's fetches
+        }
         let url = self.token_url(profile, env);
         let chain = if url.is_some() { 1 } else { DISCOVERY_CHAIN };
         let rules = FetchRules {

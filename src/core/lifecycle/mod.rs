@@ -161,6 +161,8 @@ pub struct Driver {
     /// Per profile, this VM's copy of the cached token for the request path.
     snapshots: Vec<Option<Snapshot>>,
     next_gauge_ms: u64,
+    /// Cache keys a newer configuration of this process owns (see [`Driver::set_superseded`]).
+    superseded: Vec<String>,
     /// Per profile, the usable lifetime in seconds of the last token this VM saw in the store:
     /// kept after the token expires or is purged, for the `token_lifetime_s` gauge.
     lifetimes_s: Vec<u64>,
@@ -180,6 +182,7 @@ impl Driver {
             discovered: HashMap::new(),
             snapshots: Vec::new(),
             next_gauge_ms: 0,
+            superseded: Vec::new(),
             lifetimes_s: Vec::new(),
         };
         let mut actions = Vec::new();
@@ -203,6 +206,15 @@ impl Driver {
 
     pub fn config(&self) -> &Arc<Config> {
         &self.config
+    }
+
+    /// The cache keys a newer configuration in the same process also serves (replacing the last
+    /// list). The newest configuration of a key owns its fetches, background refresh included; an
+    /// older one (a listener being drained) sends no token request for them and takes their
+    /// tokens from the shared store, where the owner's fetch lands and whence a broadcast wake
+    /// or its next tick resumes its paused requests.
+    pub fn set_superseded(&mut self, cache_keys: Vec<String>) {
+        self.superseded = cache_keys;
     }
 
     /// This VM serves requests (called when its first request context is created).

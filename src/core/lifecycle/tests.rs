@@ -229,6 +229,31 @@ fn a_late_answer_to_an_older_fetch_keeps_the_newer_fetchs_lease() {
     assert_eq!(entry(&store, &config).lease_holder, 0, "the fetch that holds the lease releases it");
 }
 
+#[test]
+fn a_superseded_cache_key_is_fetched_by_the_newer_configuration_only() {
+    let config = config_with("");
+    let key = config.profiles[0].cache_key.clone();
+    let mut store = MemoryStore::default();
+    let (mut old, _) = Driver::new(Arc::clone(&config), 1, 0, &mut store);
+    old.set_superseded(vec![key]);
+    assert!(sends(&old.on_tick(10, &mut store)).is_empty(), "a superseded key is not prefetched");
+    let (outcome, actions) = old.on_request(0, 5, 20, &mut store);
+    assert_eq!(outcome, RequestOutcome::Wait);
+    assert!(sends(&old.on_wake(&[0], 30, &mut store)).is_empty(), "nor fetched for its own waiter: {actions:?}");
+    let (mut new, _) = Driver::new(Arc::clone(&config), 2, 40, &mut store);
+    let sent: Vec<CalloutId> = sends(&new.on_tick(50, &mut store)).into_iter().map(|c| c.id).collect();
+    assert_eq!(sent.len(), 1, "the newer configuration fetches");
+    let _ = new.on_answer(sent[0], answer(b"200", &ok_body("tok-new", 100)), 60, &mut store);
+    let resumed = old.on_wake(&[], 70, &mut store);
+    assert!(
+        resumed.iter().any(|a| matches!(a, Action::Resume { request: 5, .. })),
+        "the older configuration's waiter gets the newer one's token: {resumed:?}"
+    );
+    old.set_superseded(Vec::new());
+    let _ = old.on_response_status(0, old.cached(0).map_or(0, |s| s.generation), Some(&b"401"[..]), 80, &mut store);
+    assert_eq!(sends(&old.on_tick(90, &mut store)).len(), 1, "no longer superseded: it fetches again");
+}
+
 fn gauges(actions: &[Action]) -> Vec<(u64, u64)> {
     actions
         .iter()
