@@ -84,9 +84,8 @@ impl Plugin {
     /// Compiles the configuration; `Err` carries the line to log (it names the bad field, never
     /// a secret), and Envoy then rejects the filter configuration.
     pub fn load(handle: ConfigHandle, bytes: &[u8]) -> Result<Arc<Plugin>, String> {
-        let config = config::parse(bytes, &|name| std::env::var(name).ok())
-            .map_err(|error| format!("oauth2_cc: configuration rejected: {error}"))?;
-        let config = Arc::new(config);
+        let config::Loaded { config, log_line } =
+            config::load(bytes, &|name| std::env::var(name).ok()).map_err(|error| format!("oauth2_cc: {error}"))?;
         static IDS: AtomicU64 = AtomicU64::new(1);
         let now = env::now_ms();
         let (driver, actions) = Driver::new(Arc::clone(&config), env::random_u64(), now, &mut ProcessEnv);
@@ -109,14 +108,7 @@ impl Plugin {
             parked: Mutex::new(HashMap::new()),
         });
         plugin.execute(actions, Thread::Main, &mut lock(&plugin.driver));
-        abi::log_line(
-            Level::Info,
-            format_args!(
-                "configured {} profile(s): {}",
-                plugin.config.profiles.len(),
-                plugin.config.profiles.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
-            ),
-        );
+        abi::log_line(Level::Info, format_args!("{log_line}"));
         if let Some(main) = main {
             *lock(&plugin.ticker) = Ticker::start(Arc::clone(&main), EVENT_TICK);
             // The first tick now: prefetch tokens before the first request needs one.

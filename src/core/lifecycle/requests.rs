@@ -103,8 +103,8 @@ impl Driver {
         let bytes = self.refresh_snapshot(profile, now_ms, env);
         let view = bytes.as_deref().and_then(EntryView::decode);
         let outcome = match cache::decide_request(view.as_ref(), now_ms) {
+            // Counted by the request path once the header is written (`crate::request`).
             RequestDecision::Inject { token, generation } => {
-                actions.push(Action::Count { profile, metric: Metric::Injected });
                 RequestOutcome::Inject { value: format!("{}{}", p.inject.prefix, token), generation }
             }
             RequestDecision::Fail => {
@@ -162,7 +162,7 @@ impl Driver {
         let mut actions = Vec::new();
         let config = std::sync::Arc::clone(&self.config);
         let Some(p) = config.profiles.get(profile) else { return actions };
-        let Some(status) = status.and_then(parse_status) else { return actions };
+        let Some(status) = status.and_then(crate::request::parse_status) else { return actions };
         if !p.purge_on_status.contains(&status) {
             return actions;
         }
@@ -197,8 +197,8 @@ impl Driver {
             let bytes = slot.get_or_insert_with(|| env.get(&p.cache_key).0);
             let view = bytes.as_deref().and_then(EntryView::decode);
             match cache::decide_request(view.as_ref(), now_ms) {
+                // Counted by the request path once the header is written (`crate::request`).
                 RequestDecision::Inject { token, generation } => {
-                    actions.push(Action::Count { profile: waiter.profile, metric: Metric::Injected });
                     actions.push(Action::Resume {
                         request: waiter.request,
                         profile: waiter.profile,
@@ -267,15 +267,5 @@ impl Driver {
             *slot = snapshot;
         }
         bytes
-    }
-}
-
-/// A `:status` value: three ASCII digits; anything else is no status.
-pub(super) fn parse_status(bytes: &[u8]) -> Option<u32> {
-    match bytes {
-        [a, b, c] if bytes.iter().all(u8::is_ascii_digit) => {
-            Some(u32::from(a - b'0') * 100 + u32::from(b - b'0') * 10 + u32::from(c - b'0'))
-        }
-        _ => None,
     }
 }
