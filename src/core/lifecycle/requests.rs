@@ -130,7 +130,12 @@ impl Driver {
             }
             RequestDecision::Wait => {
                 let deadline_ms = now_ms.saturating_add(p.max_wait_ms);
+                debug_assert!(
+                    self.waiters.iter().all(|w| w.request != request),
+                    "a request paused twice would be resumed twice"
+                );
                 self.waiters.push(Waiter { request, profile, deadline_ms });
+                debug_assert!(self.waiters.len() <= self.config.max_paused_requests);
                 actions.push(Action::Count { profile, metric: Metric::Waited });
                 actions.push(Action::Kick { profile });
                 RequestOutcome::Wait
@@ -141,7 +146,9 @@ impl Driver {
 
     /// A paused request went away (client gone, stream reset): forget it.
     pub fn on_request_gone(&mut self, request: RequestId) {
+        let before = self.waiters.len();
         self.waiters.retain(|w| w.request != request);
+        debug_assert!(before - self.waiters.len() <= 1, "request ids are unique among waiters");
     }
 
     /// Requests paused on this VM.
@@ -191,6 +198,7 @@ impl Driver {
         let config = std::sync::Arc::clone(&self.config);
         let mut entries: Vec<Option<Option<Vec<u8>>>> = vec![None; config.profiles.len()];
         let waiters = std::mem::take(&mut self.waiters);
+        let before = waiters.len();
         for waiter in waiters {
             let Some(p) = config.profiles.get(waiter.profile) else { continue };
             let Some(slot) = entries.get_mut(waiter.profile) else { continue };
@@ -224,6 +232,8 @@ impl Driver {
                 }
             }
         }
+        // Settling only ever removes waiters; each one removed got exactly one Resume or Fail.
+        debug_assert!(self.waiters.len() <= before);
     }
 
     /// After a reconfiguration: waiters whose profile kept its cache key follow it to its new
