@@ -112,7 +112,8 @@ impl RequestPath {
             Selection::Profile(index) => index,
             Selection::UnknownProfile(name) => {
                 self.phase = Phase::Failed;
-                let error = format!("route metadata names profile {name:?}, which is not configured; failing the request");
+                let error =
+                    format!("route metadata names profile {name:?}, which is not configured; failing the request");
                 return Next::step(Step::Reply { reply: unknown_profile_reply(config), error: Some(error) });
             }
         };
@@ -249,7 +250,14 @@ impl RequestPath {
         Next::step(Step::Continue)
     }
 
-    fn write<'a>(&mut self, config: &'a Config, profile: usize, value: &'a str, generation: u64, resume: bool) -> Next<'a> {
+    fn write<'a>(
+        &mut self,
+        config: &'a Config,
+        profile: usize,
+        value: &'a str,
+        generation: u64,
+        resume: bool,
+    ) -> Next<'a> {
         let Some(p) = config.profiles.get(profile) else { return self.fail(config, profile, None) };
         self.phase = Phase::Writing { generation, resume };
         Next::step(Step::WriteHeader { name: &p.inject.header, value })

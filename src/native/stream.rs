@@ -73,8 +73,9 @@ impl StreamFilter {
         COPIES.with(|cell| {
             let mut copies = cell.try_borrow_mut().ok()?;
             if copies.plugin != plugin.id || copies.epoch != epoch {
-                let snapshots = plugin
-                    .with_driver(|driver| (0..plugin.config.profiles.len()).map(|i| driver.cached(i).cloned()).collect());
+                let snapshots = plugin.with_driver(|driver| {
+                    (0..plugin.config.profiles.len()).map(|i| driver.cached(i).cloned()).collect()
+                });
                 *copies = Copies { plugin: plugin.id, epoch, snapshots };
             }
             let copy = copies.snapshots.get(profile).and_then(Option::as_ref);

@@ -117,21 +117,78 @@ fn run(config: &Config, facts: &mut Facts, answers: &[Answer]) -> (Vec<String>, 
     (steps, counts, path)
 }
 
+/// A name, the host's answers, the steps, the counts, the generation left injected.
+type Case = (&'static str, &'static [Answer], &'static [&'static str], &'static [Metric], Option<u64>);
+
 #[test]
 fn every_request_path_gives_its_steps_and_counts_once() {
     use Answer::*;
     use Metric::{FailedRequest, Injected};
-    let cases: &[(&str, &[Answer], &[&str], &[Metric], Option<u64>)] = &[
+    let cases: &[Case] = &[
         ("hit", &[Copy(Some(3)), Written(true)], &["LookUpCopy", "WriteHeader", "Continue"], &[Injected], Some(3)),
-        ("hit, header refused", &[Copy(Some(3)), Written(false)], &["LookUpCopy", "WriteHeader", "Reply"], &[FailedRequest], None),
-        ("miss, driver has a token", &[Copy(None), Outcome("inject"), Written(true)], &["LookUpCopy", "AskDriver", "WriteHeader", "Continue"], &[Injected], Some(7)),
-        ("miss, header refused", &[Copy(None), Outcome("inject"), Written(false)], &["LookUpCopy", "AskDriver", "WriteHeader", "Reply"], &[FailedRequest], None),
-        ("miss, driver fails it (and counts)", &[Copy(None), Outcome("fail")], &["LookUpCopy", "AskDriver", "Reply"], &[], None),
-        ("paused, then resumed", &[Copy(None), Outcome("wait"), Delivered(Some("token")), Written(true)], &["LookUpCopy", "AskDriver", "Pause", "WriteHeader", "Resume"], &[Injected], Some(9)),
-        ("paused, resumed, header refused", &[Copy(None), Outcome("wait"), Delivered(Some("token")), Written(false)], &["LookUpCopy", "AskDriver", "Pause", "WriteHeader", "Reply"], &[FailedRequest], None),
-        ("paused, driver fails it (and counts)", &[Copy(None), Outcome("wait"), Delivered(Some("fail"))], &["LookUpCopy", "AskDriver", "Pause", "Reply"], &[], None),
-        ("paused, woken with nothing", &[Copy(None), Outcome("wait"), Delivered(None)], &["LookUpCopy", "AskDriver", "Pause", "Reply"], &[FailedRequest], None),
-        ("a second delivery is ignored", &[Copy(None), Outcome("wait"), Delivered(Some("fail")), Delivered(Some("token"))], &["LookUpCopy", "AskDriver", "Pause", "Reply", "Nothing"], &[], None),
+        (
+            "hit, header refused",
+            &[Copy(Some(3)), Written(false)],
+            &["LookUpCopy", "WriteHeader", "Reply"],
+            &[FailedRequest],
+            None,
+        ),
+        (
+            "miss, driver has a token",
+            &[Copy(None), Outcome("inject"), Written(true)],
+            &["LookUpCopy", "AskDriver", "WriteHeader", "Continue"],
+            &[Injected],
+            Some(7),
+        ),
+        (
+            "miss, header refused",
+            &[Copy(None), Outcome("inject"), Written(false)],
+            &["LookUpCopy", "AskDriver", "WriteHeader", "Reply"],
+            &[FailedRequest],
+            None,
+        ),
+        (
+            "miss, driver fails it (and counts)",
+            &[Copy(None), Outcome("fail")],
+            &["LookUpCopy", "AskDriver", "Reply"],
+            &[],
+            None,
+        ),
+        (
+            "paused, then resumed",
+            &[Copy(None), Outcome("wait"), Delivered(Some("token")), Written(true)],
+            &["LookUpCopy", "AskDriver", "Pause", "WriteHeader", "Resume"],
+            &[Injected],
+            Some(9),
+        ),
+        (
+            "paused, resumed, header refused",
+            &[Copy(None), Outcome("wait"), Delivered(Some("token")), Written(false)],
+            &["LookUpCopy", "AskDriver", "Pause", "WriteHeader", "Reply"],
+            &[FailedRequest],
+            None,
+        ),
+        (
+            "paused, driver fails it (and counts)",
+            &[Copy(None), Outcome("wait"), Delivered(Some("fail"))],
+            &["LookUpCopy", "AskDriver", "Pause", "Reply"],
+            &[],
+            None,
+        ),
+        (
+            "paused, woken with nothing",
+            &[Copy(None), Outcome("wait"), Delivered(None)],
+            &["LookUpCopy", "AskDriver", "Pause", "Reply"],
+            &[FailedRequest],
+            None,
+        ),
+        (
+            "a second delivery is ignored",
+            &[Copy(None), Outcome("wait"), Delivered(Some("fail")), Delivered(Some("token"))],
+            &["LookUpCopy", "AskDriver", "Pause", "Reply", "Nothing"],
+            &[],
+            None,
+        ),
     ];
     let config = plain();
     for (name, answers, steps, counts, injected) in cases {
