@@ -49,27 +49,26 @@ impl StreamFilter {
 
     pub fn on_request_headers(&mut self, stream: Stream) -> Verdict {
         // Borrowed, not cloned: an `Arc` clone is an atomic on a cache line every worker shares.
-        let plugin = Arc::clone(&self.plugin);
+        let plugin = &*self.plugin;
         let config = &*plugin.config;
         let mut facts = StreamFacts { stream, authority: None, path: None, method: None };
         let mut next = self.path.on_request_headers(config, &mut facts);
-        loop {
-            next = match next.step {
-                Step::LookUpCopy { profile } => match self.write_copy(stream, profile) {
-                    Some(next) => next,
-                    None => self.path.on_copy(config, None),
-                },
-                Step::AskDriver { profile } => return self.ask_driver(stream, profile),
-                step => return self.finish(stream, step, next.count),
+        if let Step::LookUpCopy { profile } = next.step {
+            next = match Self::write_copy(plugin, &mut self.path, stream, profile) {
+                Some(next) => next,
+                None => self.path.on_copy(config, None),
             };
+        }
+        match next.step {
+            Step::AskDriver { profile } => self.ask_driver(stream, profile),
+            step => self.finish(stream, step, next.count),
         }
     }
 
     /// The hit path: this worker's copy of the token, refreshed under the driver's lock only when
     /// the epoch moved. `None`: the copies are busy (a re-entered hook), so the driver decides.
-    fn write_copy(&mut self, stream: Stream, profile: usize) -> Option<Next<'static>> {
-        let epoch = self.plugin.epoch();
-        let plugin = &*self.plugin;
+    fn write_copy(plugin: &Plugin, path: &mut RequestPath, stream: Stream, profile: usize) -> Option<Next<'static>> {
+        let epoch = plugin.epoch();
         COPIES.with(|cell| {
             let mut copies = cell.try_borrow_mut().ok()?;
             if copies.plugin != plugin.id || copies.epoch != epoch {
@@ -79,11 +78,11 @@ impl StreamFilter {
                 *copies = Copies { plugin: plugin.id, epoch, snapshots };
             }
             let copy = copies.snapshots.get(profile).and_then(Option::as_ref);
-            let next = self.path.on_copy(&plugin.config, copy);
+            let next = path.on_copy(&plugin.config, copy);
             Some(match next.step {
                 Step::WriteHeader { name, value } => {
                     let written = stream.set_request_header(name, value.as_bytes());
-                    self.path.on_header_written(&plugin.config, written)
+                    path.on_header_written(&plugin.config, written)
                 }
                 Step::AskDriver { profile } => Next { step: Step::AskDriver { profile }, count: next.count },
                 _ => Next { step: Step::Nothing, count: None },
