@@ -157,6 +157,8 @@ pub struct Driver {
     discovered: HashMap<String, HttpUrl>,
     /// Per profile, this VM's copy of the cached token for the request path.
     snapshots: Vec<Option<Snapshot>>,
+    /// Moves whenever a copy in `snapshots` changes (see [`Driver::copies_generation`]).
+    copies_generation: u64,
     next_gauge_ms: u64,
 }
 
@@ -173,6 +175,7 @@ impl Driver {
             waiters: Vec::new(),
             discovered: HashMap::new(),
             snapshots: Vec::new(),
+            copies_generation: 1,
             next_gauge_ms: 0,
         };
         let mut actions = Vec::new();
@@ -240,6 +243,7 @@ impl Driver {
             }
         }
         self.snapshots = vec![None; self.config.profiles.len()];
+        self.copies_generation = self.copies_generation.wrapping_add(1);
         self.refresh_snapshots(now_ms, env);
     }
 

@@ -88,6 +88,13 @@ impl Driver {
         self.snapshots.get(profile)?.as_ref()
     }
 
+    /// Moves whenever one of this driver's token copies ([`Driver::cached`]) changes, and only
+    /// then: a host that keeps its own copies (per worker) needs to re-read them only when this
+    /// moved, not after every event (a tick that changed nothing leaves it where it was).
+    pub fn copies_generation(&self) -> u64 {
+        self.copies_generation
+    }
+
     /// A request needs a token and found no copy: decide from the shared entry itself (another VM
     /// may have stored one since the last tick).
     pub fn on_request(
@@ -273,8 +280,11 @@ impl Driver {
         if self.snapshots.len() != self.config.profiles.len() {
             self.snapshots.resize(self.config.profiles.len(), None);
         }
-        if let Some(slot) = self.snapshots.get_mut(profile) {
+        if let Some(slot) = self.snapshots.get_mut(profile)
+            && *slot != snapshot
+        {
             *slot = snapshot;
+            self.copies_generation = self.copies_generation.wrapping_add(1);
         }
         bytes
     }
