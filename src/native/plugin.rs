@@ -55,7 +55,9 @@ pub struct Plugin {
     pub config: Arc<Config>,
     pub metrics: Metrics,
     driver: Mutex<Driver>,
-    /// Moves after every driver event that may change its token copies (see `stream`).
+    /// The driver's copies generation, published under its lock after every event: it moves only
+    /// when a token copy changed, so a worker re-reads its copies (under the lock) only then
+    /// (see `stream`).
     epoch: AtomicU64,
     main: Option<Arc<Scheduler>>,
     /// The process's tick thread, which this configuration is registered with while `main` is.
@@ -113,7 +115,7 @@ impl Plugin {
             answer_cap: config.profiles.iter().map(|p| p.max_response_bytes).max().unwrap_or(0),
             config,
             driver: Mutex::new(driver),
-            epoch: AtomicU64::new(1),
+            epoch: AtomicU64::new(0),
             main: main.clone(),
             ticker,
             callouts: Mutex::new(HashMap::new()),
@@ -123,7 +125,11 @@ impl Plugin {
             parked: Mutex::new(HashMap::new()),
             secret_files: Mutex::new(secret_files),
         });
-        plugin.execute(actions, Thread::Main(on_main), &mut lock(&plugin.driver));
+        {
+            let mut driver = lock(&plugin.driver);
+            plugin.execute(actions, Thread::Main(on_main), &mut driver);
+            plugin.publish(&driver);
+        }
         abi::log_line(Level::Info, format_args!("{}", config::configured_message(&plugin.config)));
         if let Some(main) = main {
             let keys = plugin.config.profiles.iter().map(|p| p.cache_key.clone()).collect();
@@ -154,8 +160,13 @@ impl Plugin {
         let mut driver = lock(&self.driver);
         let actions = event(&mut driver, env::now_ms());
         self.execute(actions, thread, &mut driver);
-        drop(driver);
-        self.epoch.fetch_add(1, Ordering::Release);
+        self.publish(&driver);
+    }
+
+    /// Publishes the driver's copies generation (the driver's lock is held: a worker that reads the
+    /// new value and then takes the lock sees copies at least that new).
+    fn publish(&self, driver: &Driver) {
+        self.epoch.store(driver.copies_generation(), Ordering::Release);
     }
 
     /// Like [`Plugin::run`] for an event that also returns a value (a request's outcome).
@@ -163,6 +174,7 @@ impl Plugin {
         let mut driver = lock(&self.driver);
         let (value, actions) = event(&mut driver, env::now_ms());
         self.execute(actions, thread, &mut driver);
+        self.publish(&driver);
         value
     }
 
@@ -392,8 +404,7 @@ impl Plugin {
                 break;
             }
         }
-        drop(driver);
-        self.epoch.fetch_add(1, Ordering::Release);
+        self.publish(&driver);
     }
 }
 

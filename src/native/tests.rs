@@ -47,6 +47,9 @@ unsafe extern "C" fn log_enabled(_: u32) -> bool {
 unsafe extern "C" fn no() -> bool {
     false
 }
+/// The upstream's `:status` on every response.
+static STATUS: Mutex<&'static [u8]> = Mutex::new(b"200");
+
 /// Every request is `GET /` (enough for the routes of [`config`]).
 unsafe extern "C" fn get_header(_: Ptr, _: u32, name: Buffer, out: *mut Buffer, _: usize, _: *mut usize) -> bool {
     static PATH: &[u8] = b"/";
@@ -54,6 +57,7 @@ unsafe extern "C" fn get_header(_: Ptr, _: u32, name: Buffer, out: *mut Buffer, 
     let value = match text(name).as_str() {
         ":path" => PATH,
         ":method" => METHOD,
+        ":status" => *STATUS.lock().unwrap(),
         _ => return false,
     };
     // SAFETY: the module passes a live out slot; the value is static.
@@ -350,5 +354,33 @@ fn a_wake_without_an_outcome_leaves_the_request_paused_for_its_token() {
     filter.on_delivered(stream);
     assert!(!filter.waiting());
     assert_eq!(plugin.parked_count(), 0);
+    plugin.shut_down();
+}
+
+/// A response whose status is not in `purge_on_status` takes no lock and moves no epoch (every
+/// worker would re-copy its tokens under the lock on its next request); one in the list purges.
+#[test]
+fn only_a_status_in_the_purge_list_reaches_the_driver() {
+    let _envoy = fake_envoy();
+    let plugin = Plugin::load(on_main(), handle(), config("idp-status").as_bytes()).unwrap();
+    plugin.on_main_event(on_main(), EVENT_TICK);
+    let body = br#"{"access_token":"tok-status","expires_in":3600}"#;
+    plugin.on_callout_done(on_main(), 77, true, &[(b":status", b"200")], &[&body[..]]);
+    let stream = abi::Stream(std::ptr::null_mut());
+    let respond = |status: &'static [u8]| {
+        *STATUS.lock().unwrap() = status;
+        let mut filter = StreamFilter::new(Arc::clone(&plugin));
+        assert_eq!(filter.on_request_headers(stream), Verdict::Continue);
+        let epoch = plugin.epoch();
+        filter.on_response_headers(stream);
+        plugin.epoch() != epoch
+    };
+    for status in [&b"200"[..], b"403", b"500", b"4x1"] {
+        assert!(!respond(status), "status {:?} took the driver's lock", String::from_utf8_lossy(status));
+    }
+    assert!(plugin.with_driver(|d| d.cached(0).is_some()));
+    assert!(respond(b"401"), "a 401 reaches the driver");
+    assert!(plugin.with_driver(|d| d.cached(0).is_none()), "and purges the token");
+    *STATUS.lock().unwrap() = b"200";
     plugin.shut_down();
 }

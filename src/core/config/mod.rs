@@ -61,6 +61,22 @@ pub fn parse_with(bytes: &[u8], sources: SecretSources) -> Result<Config, Config
     compile(raw, sources)
 }
 
+/// A configuration a host accepted, and the line it logs at info level saying so.
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: std::sync::Arc<Config>,
+    pub log_line: String,
+}
+
+/// What both hosts do with their plugin configuration bytes: parse them, and say what to log.
+/// `Err` is the error-level line naming the bad field (never a secret); the host then refuses the
+/// configuration.
+pub fn load(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Loaded, String> {
+    let config = parse(bytes, env).map_err(|error| rejected_message(&error))?;
+    let log_line = configured_message(&config);
+    Ok(Loaded { config: std::sync::Arc::new(config), log_line })
+}
+
 /// A value of the wrong type or shape is named by its JSON path. Broken JSON text is named by its
 /// line and column, with the path of the object it broke in (serde writes the key it could not
 /// read as `?`, which is dropped).

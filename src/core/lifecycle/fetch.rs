@@ -277,7 +277,7 @@ impl Driver {
         let Some(index) = self.profile_index(&pending.cache_key) else { return actions };
         let config = std::sync::Arc::clone(&self.config);
         let Some(profile) = config.profiles.get(index) else { return actions };
-        let status = answer.status.and_then(super::requests::parse_status).unwrap_or(0);
+        let status = answer.status.and_then(crate::request::parse_status).unwrap_or(0);
         match pending.step {
             Step::Token => self.token_answer(profile, index, &pending, status, answer, now_ms, env, &mut actions),
             Step::Discovery { attempt } => self.discovery_answer(

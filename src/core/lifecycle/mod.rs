@@ -160,6 +160,8 @@ pub struct Driver {
     discovered: HashMap<String, HttpUrl>,
     /// Per profile, this VM's copy of the cached token for the request path.
     snapshots: Vec<Option<Snapshot>>,
+    /// Moves whenever a copy in `snapshots` changes (see [`Driver::copies_generation`]).
+    copies_generation: u64,
     next_gauge_ms: u64,
     /// Cache keys a newer configuration of this process owns (see [`Driver::set_superseded`]).
     superseded: Vec<String>,
@@ -181,6 +183,7 @@ impl Driver {
             waiters: Vec::new(),
             discovered: HashMap::new(),
             snapshots: Vec::new(),
+            copies_generation: 1,
             next_gauge_ms: 0,
             superseded: Vec::new(),
             lifetimes_s: Vec::new(),
@@ -260,6 +263,7 @@ impl Driver {
         }
         self.snapshots = vec![None; self.config.profiles.len()];
         self.lifetimes_s = vec![0; self.config.profiles.len()];
+        self.copies_generation = self.copies_generation.wrapping_add(1);
         self.refresh_snapshots(now_ms, env);
     }
 

@@ -281,3 +281,24 @@ fn the_lifetime_gauge_outlives_a_purged_or_failed_token() {
     let _ = vm.on_answer(sends(&refetch)[0].id, answer(b"503", b""), 2_100, &mut store);
     assert_eq!(gauges(&vm.on_tick(10_000, &mut store)), [(0, 95)], "the refetch failed");
 }
+
+#[test]
+fn the_copies_generation_moves_only_when_a_copy_changes() {
+    let config = config_with("");
+    let mut store = MemoryStore::default();
+    let (mut vm, _) = Driver::new(Arc::clone(&config), 3, 0, &mut store);
+    let start = vm.copies_generation();
+    let sent: Vec<u64> = sends(&vm.on_tick(10, &mut store)).into_iter().map(|c| c.id).collect();
+    assert_eq!(vm.copies_generation(), start, "a tick that copied nothing new");
+    let _ = vm.on_answer(sent[0], answer(b"200", &ok_body("tok", 100)), 60, &mut store);
+    let _ = vm.on_wake(&[], 70, &mut store);
+    let with_token = vm.copies_generation();
+    assert_ne!(with_token, start, "a new token is a new copy");
+    let _ = vm.on_tick(170, &mut store);
+    let _ = vm.on_wake(&[], 180, &mut store);
+    assert_eq!(vm.copies_generation(), with_token, "ticks and wakes that change nothing");
+    let generation = vm.cached(0).map(|s| s.generation).unwrap_or_default();
+    let _ = vm.on_response_status(0, generation, Some(b"401"), 200, &mut store);
+    assert!(vm.cached(0).is_none());
+    assert_ne!(vm.copies_generation(), with_token, "a purge drops the copy");
+}
