@@ -59,6 +59,9 @@ pub struct Plugin {
     /// when a token copy changed, so a worker re-reads its copies (under the lock) only then
     /// (see `stream`).
     epoch: AtomicU64,
+    /// Driver events run so far (tests tell a path that took the driver's lock from one that did not).
+    #[cfg(test)]
+    pub driver_events: AtomicU64,
     main: Option<Arc<Scheduler>>,
     /// The process's tick thread, which this configuration is registered with while `main` is.
     ticker: Arc<Ticker>,
@@ -116,6 +119,8 @@ impl Plugin {
             config,
             driver: Mutex::new(driver),
             epoch: AtomicU64::new(0),
+            #[cfg(test)]
+            driver_events: AtomicU64::new(0),
             main: main.clone(),
             ticker,
             callouts: Mutex::new(HashMap::new()),
@@ -166,6 +171,8 @@ impl Plugin {
     /// Publishes the driver's copies generation (the driver's lock is held: a worker that reads the
     /// new value and then takes the lock sees copies at least that new).
     fn publish(&self, driver: &Driver) {
+        #[cfg(test)]
+        self.driver_events.fetch_add(1, Ordering::Relaxed);
         self.epoch.store(driver.copies_generation(), Ordering::Release);
     }
 

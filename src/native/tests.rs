@@ -3,6 +3,7 @@
 //! a real Envoy (the e2e suite covers that).
 
 use std::ffi::c_void;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::abi::{self, Buffer, Callbacks, ConfigHandle, HttpHeader, OnMain, Ptr};
@@ -371,9 +372,9 @@ fn only_a_status_in_the_purge_list_reaches_the_driver() {
         *STATUS.lock().unwrap() = status;
         let mut filter = StreamFilter::new(Arc::clone(&plugin));
         assert_eq!(filter.on_request_headers(stream), Verdict::Continue);
-        let epoch = plugin.epoch();
+        let events = plugin.driver_events.load(Ordering::Relaxed);
         filter.on_response_headers(stream);
-        plugin.epoch() != epoch
+        plugin.driver_events.load(Ordering::Relaxed) != events
     };
     for status in [&b"200"[..], b"403", b"500", b"4x1"] {
         assert!(!respond(status), "status {:?} took the driver's lock", String::from_utf8_lossy(status));
@@ -382,5 +383,25 @@ fn only_a_status_in_the_purge_list_reaches_the_driver() {
     assert!(respond(b"401"), "a 401 reaches the driver");
     assert!(plugin.with_driver(|d| d.cached(0).is_none()), "and purges the token");
     *STATUS.lock().unwrap() = b"200";
+    plugin.shut_down();
+}
+
+/// The epoch the workers watch moves when a token copy changed, not after every driver event: a
+/// tick that changes nothing leaves every worker's copies valid (no re-copy under the lock).
+#[test]
+fn the_epoch_moves_only_when_a_token_copy_changes() {
+    let _envoy = fake_envoy();
+    let plugin = Plugin::load(on_main(), handle(), config("idp-epoch").as_bytes()).unwrap();
+    plugin.on_main_event(on_main(), EVENT_TICK);
+    let before = plugin.epoch();
+    let body = br#"{"access_token":"tok-epoch","expires_in":3600}"#;
+    plugin.on_callout_done(on_main(), 77, true, &[(b":status", b"200")], &[&body[..]]);
+    let with_token = plugin.epoch();
+    assert_ne!(with_token, before, "a stored token is a new copy");
+    let events = plugin.driver_events.load(Ordering::Relaxed);
+    plugin.on_main_event(on_main(), EVENT_TICK);
+    plugin.on_main_event(on_main(), EVENT_TICK);
+    assert!(plugin.driver_events.load(Ordering::Relaxed) > events, "the ticks ran the driver");
+    assert_eq!(plugin.epoch(), with_token, "ticks that changed no copy moved the epoch");
     plugin.shut_down();
 }
