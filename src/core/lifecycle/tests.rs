@@ -154,10 +154,34 @@ fn retry_after_as_an_http_date_is_a_floor() {
     };
     let _ = vm.on_answer(id, busy, now, &mut store);
     assert!(entry(&store, &config).retry_at_ms >= now + 60_000, "{:?}", entry(&store, &config));
-    let id = sends(&vm.on_tick(now + 60_000, &mut store))[0].id;
-    let hostile = Answer { status: Some(b"429"), retry_after: Some(b"\xff\xfe"), body: AnswerBody::Bytes(b"") };
-    let actions = vm.on_answer(id, hostile, now + 60_001, &mut store);
-    assert!(actions.contains(&Action::BroadcastWake), "a non-UTF-8 Retry-After is ignored, not fatal");
+}
+
+/// How long after a first 429 with this `Retry-After` the store says to try again.
+fn delay_after_a_429(retry_after: Option<&[u8]>) -> u64 {
+    let config = config_with("");
+    let mut store = MemoryStore::default();
+    let (mut vm, _) = Driver::new(Arc::clone(&config), 3, 0, &mut store);
+    let id = sends(&vm.on_tick(10, &mut store))[0].id;
+    let busy = Answer { status: Some(b"429"), retry_after, body: AnswerBody::Bytes(b"") };
+    let _ = vm.on_answer(id, busy, 20, &mut store);
+    let stored = entry(&store, &config);
+    assert_eq!(stored.failures, 1, "{stored:?}");
+    stored.retry_at_ms - 20
+}
+
+#[test]
+fn a_non_utf8_retry_after_is_ignored_and_a_valid_one_honoured() {
+    // A first transient failure with the default policy (base 1 s): equal jitter puts the next try in
+    // [0.5 s, 1 s], whatever the jitter draw.
+    let normal = delay_after_a_429(None);
+    assert!((500..=1_000).contains(&normal), "the normal backoff: {normal} ms");
+    let hostile = delay_after_a_429(Some(b"\xff\xfe"));
+    assert!(
+        (500..=1_000).contains(&hostile),
+        "a non-UTF-8 Retry-After leaves the normal backoff (not zero, not the one-hour cap): {hostile} ms"
+    );
+    let honoured = delay_after_a_429(Some(b"120"));
+    assert_eq!(honoured, 120_000, "a valid Retry-After of 120 s is the floor");
 }
 
 #[test]
