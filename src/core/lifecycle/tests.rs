@@ -12,8 +12,13 @@ fn config_with(profile_extra: &str) -> Arc<Config> {
 }
 
 fn config_at(endpoint: &str, profile_extra: &str) -> Arc<Config> {
+    config_top(endpoint, "", profile_extra)
+}
+
+/// `top_extra` goes before `profiles` and ends with a comma.
+fn config_top(endpoint: &str, top_extra: &str, profile_extra: &str) -> Arc<Config> {
     let json = format!(
-        r#"{{"profiles": {{"p": {{"cluster": "idp", {endpoint},
+        r#"{{{top_extra} "profiles": {{"p": {{"cluster": "idp", {endpoint},
             "client_id": "svc", "client_secret": "s3cret", "timeout_ms": 1000 {profile_extra}}}}},
             "routes": [{{"match": {{"path_prefix": "/"}}, "profile": "p"}}]}}"#
     );
@@ -92,14 +97,26 @@ fn a_paused_request_is_kicked_resumed_and_a_late_answer_ignored() {
 
 #[test]
 fn a_request_that_waits_too_long_is_failed_and_the_paused_limit_holds() {
-    let config = config_with(r#", "max_wait_ms": 100"#);
+    let endpoint = r#""token_url": "http://idp.test/token""#;
+    let config = config_top(endpoint, r#""max_paused_requests": 2,"#, r#", "max_wait_ms": 100"#);
     let mut store = MemoryStore::default();
     let (mut vm, _) = Driver::new(Arc::clone(&config), 9, 0, &mut store);
-    let _ = vm.on_request(0, 1, 0, &mut store);
+    assert_eq!(vm.on_request(0, 1, 0, &mut store).0, RequestOutcome::Wait);
+    assert_eq!(vm.on_request(0, 2, 0, &mut store).0, RequestOutcome::Wait);
+    let (outcome, actions) = vm.on_request(0, 3, 0, &mut store);
+    assert_eq!(outcome, RequestOutcome::Fail, "a third waiter beyond max_paused_requests 2: {actions:?}");
+    assert!(actions.contains(&Action::Count { profile: 0, metric: Metric::FailedRequest }), "{actions:?}");
+    assert_eq!(vm.waiting(), 2);
     let settled = vm.on_tick(99, &mut store);
     assert!(!settled.iter().any(|a| matches!(a, Action::Fail { .. })), "{settled:?}");
     let settled = vm.on_tick(100, &mut store);
-    assert!(settled.contains(&Action::Fail { request: 1, profile: 0 }), "{settled:?}");
+    let failed: Vec<&Action> = settled.iter().filter(|a| matches!(a, Action::Fail { .. })).collect();
+    assert_eq!(
+        failed,
+        [&Action::Fail { request: 1, profile: 0 }, &Action::Fail { request: 2, profile: 0 }],
+        "{settled:?}"
+    );
+    assert_eq!(vm.waiting(), 0);
 }
 
 #[test]
@@ -137,7 +154,9 @@ fn an_unknown_cluster_is_one_clear_failure() {
     let lines = logs(&actions);
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert!(lines[0].contains("\"idp\"") && !lines[0].contains("no response"), "{lines:?}");
-    assert!(entry(&store, &config).retry_at_ms > 11, "backing off");
+    let delay = entry(&store, &config).retry_at_ms.saturating_sub(11);
+    // Retrying soon cannot make a missing cluster appear: the longest ceiling (60 s), equal jitter.
+    assert!((30_000..=60_000).contains(&delay), "a configuration fault's backoff: {delay} ms");
 }
 
 #[test]
@@ -154,10 +173,34 @@ fn retry_after_as_an_http_date_is_a_floor() {
     };
     let _ = vm.on_answer(id, busy, now, &mut store);
     assert!(entry(&store, &config).retry_at_ms >= now + 60_000, "{:?}", entry(&store, &config));
-    let id = sends(&vm.on_tick(now + 60_000, &mut store))[0].id;
-    let hostile = Answer { status: Some(b"429"), retry_after: Some(b"\xff\xfe"), body: AnswerBody::Bytes(b"") };
-    let actions = vm.on_answer(id, hostile, now + 60_001, &mut store);
-    assert!(actions.contains(&Action::BroadcastWake), "a non-UTF-8 Retry-After is ignored, not fatal");
+}
+
+/// How long after a first 429 with this `Retry-After` the store says to try again.
+fn delay_after_a_429(retry_after: Option<&[u8]>) -> u64 {
+    let config = config_with("");
+    let mut store = MemoryStore::default();
+    let (mut vm, _) = Driver::new(Arc::clone(&config), 3, 0, &mut store);
+    let id = sends(&vm.on_tick(10, &mut store))[0].id;
+    let busy = Answer { status: Some(b"429"), retry_after, body: AnswerBody::Bytes(b"") };
+    let _ = vm.on_answer(id, busy, 20, &mut store);
+    let stored = entry(&store, &config);
+    assert_eq!(stored.failures, 1, "{stored:?}");
+    stored.retry_at_ms - 20
+}
+
+#[test]
+fn a_non_utf8_retry_after_is_ignored_and_a_valid_one_honoured() {
+    // A first transient failure with the default policy (base 1 s): equal jitter puts the next try in
+    // [0.5 s, 1 s], whatever the jitter draw.
+    let normal = delay_after_a_429(None);
+    assert!((500..=1_000).contains(&normal), "the normal backoff: {normal} ms");
+    let hostile = delay_after_a_429(Some(b"\xff\xfe"));
+    assert!(
+        (500..=1_000).contains(&hostile),
+        "a non-UTF-8 Retry-After leaves the normal backoff (not zero, not the one-hour cap): {hostile} ms"
+    );
+    let honoured = delay_after_a_429(Some(b"120"));
+    assert_eq!(honoured, 120_000, "a valid Retry-After of 120 s is the floor");
 }
 
 #[test]
