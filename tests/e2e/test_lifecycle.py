@@ -30,6 +30,8 @@ import threading
 import time
 from typing import Any
 
+import pytest
+
 from envoy import FILTER_LOG, filter_log, wait_until
 from helpers import failure_body, one_profile, token_schedule
 
@@ -235,6 +237,7 @@ def burst(port: int, n: int, path: str = "/v1/burst") -> dict[str, Any]:
 # --------------------------------------------------------------------------- #
 
 
+@pytest.mark.cpu_heavy
 def test_steady_load_30s_short_lived_tokens(envoy_factory, token_server, upstream, record_property):
     lifetime, duration = 3, 30.0
     token_server.set_expires_in(lifetime)
@@ -339,6 +342,7 @@ def run_through_outage(envoy_factory, token_server, down: tuple[float, float], t
     return e, idp, results
 
 
+@pytest.mark.cpu_heavy
 def test_idp_down_mid_life_no_failed_requests(envoy_factory, token_server, upstream, record_property):
     # 10 s token: usable 9 s (1 s margin), refresh due at 8 s; the IdP is down from 2.5 s until
     # 0.7 s before the refresh is due
@@ -360,6 +364,7 @@ def test_idp_down_mid_life_no_failed_requests(envoy_factory, token_server, upstr
     assert unknown == [] and late == [], (unknown[:5], late[:5])
 
 
+@pytest.mark.cpu_heavy
 def test_idp_down_across_refresh_and_expiry(envoy_factory, token_server, upstream, record_property):
     """IdP down from 7 s to 9.5 s of a 10 s token: the refresh at 8 s fails; retries come at the
     latest halfway to expiry and fail too; the token stops being usable at 9 s (margin
@@ -585,6 +590,7 @@ def test_first_request_after_startup_does_not_wait(envoy_factory, token_server, 
 # --------------------------------------------------------------------------- #
 
 
+@pytest.mark.cpu_heavy
 def test_cold_start_1000_parallel_requests_one_token_request(envoy_factory, token_server, upstream,
                                                               record_property):
     token_server.set_delay(2)
@@ -624,6 +630,7 @@ def test_cold_start_1000_parallel_requests_one_token_request(envoy_factory, toke
     assert rss_after["VmHWM"] < 300 * 1024, f"Envoy peak RSS {rss_after['VmHWM'] / 1024:.0f} MB"
 
 
+@pytest.mark.cpu_heavy
 def test_cold_start_max_paused_requests_per_worker(envoy_factory, token_server, upstream, record_property):
     delay = 2.0
     token_server.set_delay(delay)
