@@ -5,7 +5,7 @@ CARGO_WASM    := target/$(WASM_TARGET)/release/oauth2_cc.wasm
 # What ships and what the tests load: the cargo output shrunk by binaryen's wasm-opt.
 WASM          := build/oauth2_cc.wasm
 # The same filter as an Envoy dynamic module (x86_64 Linux; docs/deploy.md says what arm64 takes).
-CARGO_NATIVE  := target/native/liboauth2_cc.so
+CARGO_NATIVE  := target/native/liboauth2_cc_native.so
 NATIVE        := build/liboauth2_cc.so
 WASM_OPT_FLAGS := -Oz --strip-debug --enable-bulk-memory --enable-sign-ext --enable-mutable-globals --enable-nontrapping-float-to-int
 # SDK exports the filter never needs. Envoy calls a stream callback only when the module exports
@@ -58,8 +58,8 @@ $(VENV)/.installed: tests/e2e/requirements.txt
 
 ## build: both builds: build/oauth2_cc.wasm (release wasm, unused SDK exports dropped, wasm-opt -Oz) and build/liboauth2_cc.so (dynamic module, profile native)
 build: wasm-target wasm-opt
-	cargo build --release --target $(WASM_TARGET)
-	cargo build --profile native
+	cargo build --release --target $(WASM_TARGET) -p oauth2-cc-wasm
+	cargo build --profile native -p oauth2-cc-native
 	@mkdir -p build
 	@cp -p $(CARGO_NATIVE) $(NATIVE)
 	@if [ ! -f $(WASM) ] || [ $(CARGO_WASM) -nt $(WASM) ] || [ Makefile -nt $(WASM) ] || [ tools/strip_exports.py -nt $(WASM) ]; then \
@@ -79,7 +79,7 @@ run: tools build
 ## test: lint, native and wasm unit tests, end-to-end tests on real Envoy (shipped configs validated there)
 test: lint unit unit-wasm e2e size rules
 
-## unit: the native unit tests (cargo test --all-targets)
+## unit: the native unit tests of the core and the dynamic module (cargo test --all-targets)
 unit:
 	cargo test --all-targets
 
@@ -89,14 +89,14 @@ unit-wasm: wasm-target
 	@node -e 'process.exit(process.versions.node.split(".")[0] >= 20 ? 0 : 1)' 2>/dev/null || \
 	  { echo "unit-wasm needs Node.js 20 or later (node:wasi, preview1)"; exit 1; }
 	CARGO_TARGET_WASM32_WASIP1_RUNNER="node $(CURDIR)/tools/wasi-test-runner.mjs" \
-	  cargo test --target $(WASM_TARGET) --lib
+	  cargo test --target $(WASM_TARGET) -p oauth2-cc-core --lib
 
 SIM_SCHEDULES ?= 1000000
 SIM_THREADS ?= 2
 ## simulate: the lifecycle simulation (src/core/lifecycle/sim): SIM_SCHEDULES (1,000,000) seeded schedules, release; SIM_SEED=<seed> replays one
 # `make test` runs 10,000 schedules in its unit step (cargo test).
 simulate:
-	SIM_SCHEDULES=$(SIM_SCHEDULES) SIM_THREADS=$(SIM_THREADS) cargo test --release --lib lifecycle::sim -- --nocapture
+	SIM_SCHEDULES=$(SIM_SCHEDULES) SIM_THREADS=$(SIM_THREADS) cargo test --release -p oauth2-cc-core --lib lifecycle::sim -- --nocapture
 
 FUZZ_SECONDS ?= 60
 ## fuzz: every cargo-fuzz target for FUZZ_SECONDS each (nightly toolchain, cargo-fuzz); fails on a crash
@@ -115,7 +115,7 @@ lint: wasm-target $(VENV)/.installed
 	cargo fmt --check
 	cargo fmt --check --manifest-path bench/floor/Cargo.toml
 	cargo clippy --all-targets -- -D warnings
-	cargo clippy --release --target $(WASM_TARGET) -- -D warnings
+	cargo clippy --release --target $(WASM_TARGET) -p oauth2-cc-core -p oauth2-cc-wasm -- -D warnings
 	cargo clippy --release --target $(WASM_TARGET) --manifest-path bench/floor/Cargo.toml -- -D warnings
 	cargo fmt --check --manifest-path bench/floor-native/Cargo.toml
 	cargo clippy --release --manifest-path bench/floor-native/Cargo.toml -- -D warnings
@@ -131,7 +131,7 @@ clean:
 
 ## schema: rewrite schema/oauth2-cc.schema.json from the Rust config types (a unit test fails when it is stale)
 schema:
-	UPDATE_SCHEMA=1 cargo test --lib json_schema_is_up_to_date
+	UPDATE_SCHEMA=1 cargo test -p oauth2-cc-core --lib json_schema_is_up_to_date
 
 BENCH_ARGS ?=
 

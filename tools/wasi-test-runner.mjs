@@ -4,20 +4,20 @@
 // randomness.
 //
 //   CARGO_TARGET_WASM32_WASIP1_RUNNER="node $PWD/tools/wasi-test-runner.mjs" \
-//     cargo test --target wasm32-wasip1 --lib
+//     cargo test --target wasm32-wasip1 -p oauth2-cc-core --lib
 //
 // Cargo calls it as `runner <test.wasm> <libtest args...>` from the package directory.
 //
-// - The library's `host` module is compiled for wasm32 and imports the proxy-wasm ABI (`env.proxy_*`).
-//   Only Envoy provides those, so every non-WASI import gets a stub that throws if a test calls it:
-//   the module instantiates, the core tests run, and a test that reaches the host fails loudly.
+// - A test binary that imports anything beyond WASI (a host's `env.proxy_*`, say) gets a stub for
+//   every such import that throws if a test calls it: the module instantiates, the tests run, and
+//   a test that reaches a host fails loudly.
 // - proxy-wasm exports `_initialize` next to libtest's `_start`; Node's `wasi.start` refuses a module
 //   with both, so it is given the instance's exports without `_initialize`.
 // - wasm32-wasip1 has no unwinding: a failing test panics with panic=abort, which traps and ends the
 //   whole run, and the panic message is lost in libtest's output capture. The runner then runs the
 //   binary once more with `--nocapture` so the message is printed, and exits 101 as a failed
 //   `cargo test` does.
-// - The package directory (CARGO_MANIFEST_DIR) and the current directory are preopened at their own
+// - The package directory (CARGO_MANIFEST_DIR), the current directory and the workspace root are preopened at their own
 //   absolute paths, so tests that read files through `env!("CARGO_MANIFEST_DIR")` work; the host
 //   environment is passed through (UPDATE_SCHEMA, RUST_BACKTRACE...).
 
@@ -41,7 +41,9 @@ if (!wasmPath) {
 }
 
 const preopens = {};
-for (const dir of [process.env.CARGO_MANIFEST_DIR, process.cwd()]) {
+// The workspace root too (this file is in <root>/tools): tests read repository files from there.
+const workspaceRoot = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
+for (const dir of [process.env.CARGO_MANIFEST_DIR, process.cwd(), workspaceRoot]) {
   if (dir) preopens[path.resolve(dir)] = path.resolve(dir);
 }
 

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use oauth2_cc::core::config;
+use oauth2_cc_core::config;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(config) = config::parse(data, &|_| None) {

@@ -8,8 +8,8 @@
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use oauth2_cc::core::config;
-use oauth2_cc::core::route::{AuthorityPattern, RequestFacts, Selection};
+use oauth2_cc_core::config;
+use oauth2_cc_core::route::{AuthorityPattern, RequestFacts, Selection};
 use serde_json::{Map, Value, json};
 
 #[derive(Arbitrary, Debug)]

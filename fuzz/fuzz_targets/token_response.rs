@@ -4,8 +4,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use oauth2_cc::core::config::FieldPath;
-use oauth2_cc::core::token_response::{self, MAX_LIFETIME_S, MAX_TOKEN_BYTES};
+use oauth2_cc_core::config::FieldPath;
+use oauth2_cc_core::token_response::{self, MAX_LIFETIME_S, MAX_TOKEN_BYTES};
 
 fuzz_target!(|data: &[u8]| {
     let Some((status, body)) = data.split_first_chunk::<2>() else {

@@ -16,7 +16,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, EncodingKey};
 use serde_json::{Map, Value};
 
-use crate::core::secret::Secret;
+use crate::secret::Secret;
 use keys::{EcCurve, ParsedKey, rsa_modulus_bits};
 
 /// `client_assertion_type` of a token request authenticated with a JWT (RFC 7523 §2.2).

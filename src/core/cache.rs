@@ -7,8 +7,8 @@
 //! All VMs of the Envoy process read and write it with compare-and-swap; the functions here take an
 //! entry and the time and return what to do or the entry to write.
 
-use crate::core::config::{BackoffPolicy, LifetimePolicy};
-use crate::core::token_response::{FailureClass, TokenGrant};
+use crate::config::{BackoffPolicy, LifetimePolicy};
+use crate::token_response::{FailureClass, TokenGrant};
 
 /// The window of the per-profile fetch budget.
 pub const BUDGET_WINDOW_MS: u64 = 3_600_000;
@@ -16,7 +16,7 @@ pub const BUDGET_WINDOW_MS: u64 = 3_600_000;
 /// time between refresh and expiry), so refreshes and their signing stay off the request threads.
 pub const WORKER_REFRESH_GRACE_MS: u64 = 1_000;
 
-pub use crate::core::entry::{Entry, EntryView};
+pub use crate::entry::{Entry, EntryView};
 
 /// What to do with a request that needs a token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,7 +183,7 @@ pub fn after_success(
         return next;
     }
     let lifetime_s = grant.expires_in_s.unwrap_or(policy.default_ttl_s);
-    let jws_expiry_ms = crate::core::token_expiry::jws_expiry_ms(&grant.access_token);
+    let jws_expiry_ms = crate::token_expiry::jws_expiry_ms(&grant.access_token);
     let (refresh_at_ms, expires_at_ms) = token_times(sent_at_ms, lifetime_s, grant.refresh_in_s, jws_expiry_ms, policy);
     Entry {
         generation: entry.generation.wrapping_add(1),

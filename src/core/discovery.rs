@@ -8,7 +8,7 @@
 
 use serde_json::Value;
 
-use crate::core::url::{HttpUrl, UrlError};
+use crate::url::{HttpUrl, UrlError};
 
 /// The metadata documents to try, in order.
 pub fn metadata_urls(issuer: &HttpUrl) -> Vec<HttpUrl> {

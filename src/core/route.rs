@@ -6,7 +6,7 @@
 //! the route out. Request facts come through [`RequestFacts`] so the host fetches only what a
 //! matcher actually looks at (a header, the route name or its metadata costs a host call).
 
-use crate::core::url::split_authority;
+use crate::url::split_authority;
 
 /// What a matcher may ask about a request.
 pub trait RequestFacts {

@@ -8,8 +8,8 @@
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 
-use crate::core::config::{ClientAuth, Profile, TokenMethod};
-use crate::core::url::HttpUrl;
+use crate::config::{ClientAuth, Profile, TokenMethod};
+use crate::url::HttpUrl;
 
 /// A token request ready to hand to `dispatch_http_call`.
 #[derive(Clone, PartialEq, Eq)]
@@ -45,7 +45,7 @@ pub struct RequestExtras<'a> {
     pub grant_assertion: Option<&'a str>,
 }
 
-pub use crate::core::assertion::CLIENT_ASSERTION_TYPE;
+pub use crate::assertion::CLIENT_ASSERTION_TYPE;
 
 /// Builds the token request for `profile`, sent to `token_url` (the fixed or discovered endpoint).
 pub fn build(profile: &Profile, token_url: &HttpUrl, extras: &RequestExtras) -> TokenRequest {
@@ -129,7 +129,7 @@ fn form_encode_component(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::config::parse;
+    use crate::config::parse;
     use serde_json::json;
 
     fn profile(extra: serde_json::Value) -> Profile {
@@ -143,7 +143,7 @@ mod tests {
     }
 
     fn build_fixed(profile: &Profile, extras: &RequestExtras) -> TokenRequest {
-        let crate::core::config::TokenEndpoint::Fixed(url) = &profile.endpoint else { panic!("fixed endpoint") };
+        let crate::config::TokenEndpoint::Fixed(url) = &profile.endpoint else { panic!("fixed endpoint") };
         build(profile, url, extras)
     }
 

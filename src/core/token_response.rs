@@ -9,8 +9,8 @@ use std::fmt;
 
 use serde_json::Value;
 
-use crate::core::assertion::AssertionError;
-use crate::core::config::FieldPath;
+use crate::assertion::AssertionError;
+use crate::config::FieldPath;
 
 /// Largest token the filter will inject; far beyond any real JWT, well below header limits.
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
@@ -349,7 +349,7 @@ mod tests {
     /// The signer's reason reaches the failure (issue 13), as a fixed text, never key material.
     #[test]
     fn assertion_failure_keeps_the_signers_detail() {
-        use crate::core::assertion::JwtAlgorithm;
+        use crate::assertion::JwtAlgorithm;
         let cases = [
             (
                 AssertionError::TimeOverflow,

@@ -3,8 +3,8 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::core::lifecycle::{Environment, Written};
-use crate::native::store::{SetOutcome, Store};
+use crate::store::{SetOutcome, Store};
+use oauth2_cc_core::lifecycle::{Environment, Written};
 
 /// The process store, as the driver sees it.
 pub struct ProcessEnv;

@@ -10,10 +10,10 @@
 use std::ffi::{c_char, c_void};
 use std::sync::Arc;
 
-use crate::native::abi::{self, Buffer, ConfigHandle, HttpHeader, Level, Stream};
-use crate::native::parked::DELIVERED;
-use crate::native::plugin::Plugin;
-use crate::native::stream::{StreamFilter, Verdict};
+use crate::abi::{self, Buffer, ConfigHandle, HttpHeader, Level, Stream};
+use crate::parked::DELIVERED;
+use crate::plugin::Plugin;
+use crate::stream::{StreamFilter, Verdict};
 
 /// `*_status_Continue` and `StopIteration` of the request-headers status enum.
 const HEADERS_CONTINUE: u32 = 0;

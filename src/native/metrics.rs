@@ -1,4 +1,4 @@
-//! The filter's metrics in the dynamic module: names and ids come from [`crate::core::metrics`],
+//! The filter's metrics in the dynamic module: names and ids come from [`oauth2_cc_core::metrics`],
 //! shared with the wasm build. Envoy decides the namespace in front: `dynamicmodulescustom.` (the
 //! `DynamicModuleConfig.metrics_namespace` default) here, `wasmcustom.` for the wasm build; in
 //! `/stats/prometheus` the wasm names lose their namespace (`oauth2_cc_<profile>_<metric>`) while
@@ -11,10 +11,10 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::core::config::Config;
-use crate::core::lifecycle::Metric;
-use crate::core::metrics::MetricIds;
-use crate::native::abi::{ConfigHandle, Stream};
+use crate::abi::{ConfigHandle, Stream};
+use oauth2_cc_core::config::Config;
+use oauth2_cc_core::lifecycle::Metric;
+use oauth2_cc_core::metrics::MetricIds;
 
 struct ProfileMetrics {
     ids: MetricIds<usize>,
@@ -64,9 +64,12 @@ impl Metrics {
         }
     }
 
-    pub fn gauge(&self, profile: usize, remaining_s: u64) {
-        if let Some(id) = self.profiles.get(profile).and_then(|p| p.ids.token_remaining_s()) {
-            self.handle.set_gauge(id, remaining_s);
+    pub fn gauges(&self, profile: usize, remaining_s: u64, lifetime_s: u64) {
+        let Some(p) = self.profiles.get(profile) else { return };
+        for (id, value) in [(p.ids.token_remaining_s(), remaining_s), (p.ids.token_lifetime_s(), lifetime_s)] {
+            if let Some(id) = id {
+                self.handle.set_gauge(id, value);
+            }
         }
     }
 

@@ -4,7 +4,7 @@
 
 use std::sync::{Mutex, MutexGuard};
 
-use crate::native::abi::Scheduler;
+use crate::abi::Scheduler;
 
 /// What the driver decided for a paused request.
 pub enum Outcome {

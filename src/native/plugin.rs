@@ -6,13 +6,14 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::core::config::{self, Config};
-use crate::core::lifecycle::{self, Action, Answer, AnswerBody, CalloutId, Driver, LogLevel, RequestId};
-use crate::native::abi::{self, ConfigHandle, Level, Scheduler, Stream};
-use crate::native::env::{self, ProcessEnv};
-use crate::native::metrics::Metrics;
-use crate::native::parked::{Outcome, Parked};
-use crate::native::ticker::Ticker;
+use crate::abi::{self, ConfigHandle, Level, Scheduler, Stream};
+use crate::env::{self, ProcessEnv};
+use crate::metrics::Metrics;
+use crate::parked::{Outcome, Parked};
+use crate::secret_files::{self, Rotation, SecretFiles};
+use crate::ticker::Ticker;
+use oauth2_cc_core::config::Config;
+use oauth2_cc_core::lifecycle::{self, Action, Answer, AnswerBody, CalloutId, Driver, LogLevel, RequestId};
 
 /// Main-thread events (`on_http_filter_config_scheduled`).
 pub const EVENT_TICK: u64 = 1;
@@ -64,6 +65,8 @@ pub struct Plugin {
     parked: Mutex<HashMap<RequestId, Arc<Parked>>>,
     /// The largest token answer any profile accepts (callout bodies are copied up to this).
     answer_cap: usize,
+    /// The secret files the configuration read, watched from the main thread's ticks.
+    secret_files: Mutex<Option<SecretFiles>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -84,11 +87,11 @@ impl Plugin {
     /// Compiles the configuration; `Err` carries the line to log (it names the bad field, never
     /// a secret), and Envoy then rejects the filter configuration.
     pub fn load(handle: ConfigHandle, bytes: &[u8]) -> Result<Arc<Plugin>, String> {
-        let config = config::parse(bytes, &|name| std::env::var(name).ok())
-            .map_err(|error| format!("oauth2_cc: configuration rejected: {error}"))?;
+        let now = env::now_ms();
+        let (config, secret_files) =
+            secret_files::load(bytes, now).map_err(|error| format!("oauth2_cc: configuration rejected: {error}"))?;
         let config = Arc::new(config);
         static IDS: AtomicU64 = AtomicU64::new(1);
-        let now = env::now_ms();
         let (driver, actions) = Driver::new(Arc::clone(&config), env::random_u64(), now, &mut ProcessEnv);
         let validating = abi::is_validation_mode();
         let main = if validating { None } else { handle.scheduler().map(Arc::new) };
@@ -107,6 +110,7 @@ impl Plugin {
             kicks: Mutex::new(Vec::new()),
             outbox: Mutex::new(Vec::new()),
             parked: Mutex::new(HashMap::new()),
+            secret_files: Mutex::new(secret_files),
         });
         plugin.execute(actions, Thread::Main, &mut lock(&plugin.driver));
         abi::log_line(
@@ -161,6 +165,7 @@ impl Plugin {
     pub fn on_main_event(&self, event: u64) {
         if event == EVENT_TICK {
             self.metrics.flush();
+            self.rotate_secrets();
             self.run(Thread::Main, |driver, now| driver.on_tick(now, &mut ProcessEnv));
         } else {
             let kicked = std::mem::take(&mut *lock(&self.kicks));
@@ -171,6 +176,30 @@ impl Plugin {
             self.run(Thread::Main, |_, _| outbox.into_iter().map(Action::Send).collect());
         }
         self.drain_answers();
+    }
+
+    /// A secret file changed: the driver gets the configuration compiled with its new content (the
+    /// same profiles and cache keys, so its tokens and paused requests carry on), or the change is
+    /// refused and logged, naming the field, and the configuration in use stays.
+    fn rotate_secrets(&self) {
+        let rotation = lock(&self.secret_files).as_mut().and_then(|files| files.poll(env::now_ms()));
+        match rotation {
+            None => {}
+            Some(Rotation::Compiled(config)) => {
+                abi::log_line(
+                    Level::Info,
+                    format_args!("oauth2_cc: a secret file changed; the next token request uses it"),
+                );
+                let config = Arc::new(config);
+                self.run(Thread::Main, |driver, now| driver.reconfigure(config, now, &mut ProcessEnv));
+            }
+            Some(Rotation::Refused(error)) => abi::log_line(
+                Level::Error,
+                format_args!(
+                    "oauth2_cc: a secret file changed but is refused, the previous value stays in use: {error}"
+                ),
+            ),
+        }
     }
 
     fn post_main(&self, event: u64) {
@@ -235,7 +264,9 @@ impl Plugin {
                     Thread::Main => self.metrics.count_on_main(profile, &metric),
                     Thread::Worker(stream) => self.metrics.count_on_worker(profile, &metric, stream),
                 },
-                Action::Gauge { profile, remaining_s } => self.metrics.gauge(profile, remaining_s),
+                Action::Gauge { profile, remaining_s, lifetime_s } => {
+                    self.metrics.gauges(profile, remaining_s, lifetime_s)
+                }
             }
         }
     }

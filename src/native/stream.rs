@@ -6,11 +6,11 @@ use std::cell::RefCell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::core::lifecycle::{self, RequestId, RequestOutcome, Snapshot};
-use crate::core::route::{RequestFacts, Selection};
-use crate::native::abi::{self, Level, RESPONSE_HEADER, Stream};
-use crate::native::parked::{Outcome, Parked};
-use crate::native::plugin::{Plugin, Thread};
+use crate::abi::{self, Level, RESPONSE_HEADER, Stream};
+use crate::parked::{Outcome, Parked};
+use crate::plugin::{Plugin, Thread};
+use oauth2_cc_core::lifecycle::{self, RequestId, RequestOutcome, Snapshot};
+use oauth2_cc_core::route::{RequestFacts, Selection};
 
 /// What a request-headers or body hook tells Envoy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,8 +88,7 @@ impl StreamFilter {
         // thread may resume a waiting request at once, before this thread could list it later.
         let mailbox = stream.scheduler().map(|scheduler| Arc::new(Parked::new(scheduler)));
         let outcome = self.plugin.run_with(Thread::Worker(Some(stream)), |driver, now| {
-            let (outcome, actions) =
-                driver.on_request(profile_index, request, now, &mut crate::native::env::ProcessEnv);
+            let (outcome, actions) = driver.on_request(profile_index, request, now, &mut crate::env::ProcessEnv);
             if let (RequestOutcome::Wait, Some(mailbox)) = (&outcome, &mailbox) {
                 self.plugin.park(request, Arc::clone(mailbox));
             }
@@ -176,7 +175,7 @@ impl StreamFilter {
         }
         let status = stream.header(RESPONSE_HEADER, ":status");
         self.plugin.run(Thread::Worker(Some(stream)), |driver, now| {
-            driver.on_response_status(profile, generation, status, now, &mut crate::native::env::ProcessEnv)
+            driver.on_response_status(profile, generation, status, now, &mut crate::env::ProcessEnv)
         });
     }
 

@@ -212,6 +212,7 @@ fn loading_defines_the_wasm_metric_names_and_ticks_at_once() {
         assert!(calls.contains(&Call::DefineCounter(format!("oauth2_cc.p.{name}"))), "{name}: {calls:?}");
     }
     assert!(calls.contains(&Call::DefineGauge("oauth2_cc.p.token_remaining_s".into())), "{calls:?}");
+    assert!(calls.contains(&Call::DefineGauge("oauth2_cc.p.token_lifetime_s".into())), "{calls:?}");
     assert!(calls.contains(&Call::ConfigCommit(EVENT_TICK)), "the first tick is posted at load: {calls:?}");
     plugin.shut_down();
 }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::native::abi::Scheduler;
+use crate::abi::Scheduler;
 
 pub const TICK_PERIOD: Duration = Duration::from_millis(100);
 

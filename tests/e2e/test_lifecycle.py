@@ -692,7 +692,7 @@ def test_documented_metrics_in_prometheus(envoy_factory, token_server, upstream,
     prefix = f"{e.prometheus_prefix}oauth2_cc_{name}_"
     expected_types = {
         "fetch_ok": "counter", "injected": "counter", "waited": "counter", "failed_requests": "counter",
-        "purged": "counter", "budget_refused": "counter", "token_remaining_s": "gauge",
+        "purged": "counter", "budget_refused": "counter", "token_remaining_s": "gauge", "token_lifetime_s": "gauge",
         "fetch_failed_http_status": "counter",
     }
 
@@ -718,6 +718,8 @@ def test_documented_metrics_in_prometheus(envoy_factory, token_server, upstream,
     assert values["fetch_ok"] == 2 and values["fetch_failed_http_status"] == 1, values
     assert values["injected"] >= 2 and values["waited"] >= 1 and values["purged"] == 1, values
     assert values["token_remaining_s"] > 0, values
+    # a one-hour token less the 5 s skew margin, counted from when its request was sent
+    assert values["token_lifetime_s"] == 3595 and values["token_remaining_s"] <= values["token_lifetime_s"], values
 
 
 # --------------------------------------------------------------------------- #

@@ -3,13 +3,11 @@
 //! may carry them at all.
 
 use super::ConfigError;
-use super::checks::resolve_secret;
+use super::checks::{SecretSources, resolve_secret};
 use super::raw::{AuthMethod, OneOrMany, RawJwt, RawProfile, TokenMethod};
 use super::runtime::{ClientAuth, DEFAULT_ASSERTION_LIFETIME_S, JwtAssertion};
-use crate::core::assertion::{
-    AssertionAudience, AssertionSigner, AssertionTemplate, JWT_BEARER_GRANT_TYPE, JwtAlgorithm,
-};
-use crate::core::secret::Secret;
+use crate::assertion::{AssertionAudience, AssertionSigner, AssertionTemplate, JWT_BEARER_GRANT_TYPE, JwtAlgorithm};
+use crate::secret::Secret;
 
 /// What a profile sends to authenticate and, with the JWT-bearer grant, as its grant.
 pub(super) struct CompiledAuth {
@@ -23,7 +21,7 @@ struct CompiledJwt {
 }
 
 type At<'a> = &'a dyn Fn(&str) -> String;
-type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+type Env<'a> = SecretSources<'a>;
 
 pub(super) fn compile_auth(
     raw: &mut RawProfile,

@@ -2,8 +2,9 @@
 //!
 //! `parse` turns the plugin configuration bytes into a [`Config`] or a [`ConfigError`] whose `path`
 //! names the offending JSON field (`profiles.billing.token_url`). Unknown fields are errors, so a typo
-//! never silently turns a feature off. Secrets given as `{"env": "NAME"}` are resolved here through
-//! the lookup the caller passes in (the host reads the VM's environment).
+//! never silently turns a feature off. Secrets given as `{"env": "NAME"}` or `{"file": "/path"}`
+//! are resolved here through the lookups the caller passes in ([`SecretSources`]: the host reads the
+//! VM's environment, and the dynamic module its filesystem).
 //!
 //! The parts: `raw` is the JSON as written (serde, and the JSON Schema generated from it);
 //! `profile`, `auth` and `routes` compile one section each, with the checks shared in `checks`;
@@ -20,11 +21,11 @@ mod tests;
 
 use serde_json::error::Category;
 
-pub use checks::{valid_header_name, valid_header_value};
+pub use checks::{SecretSources, valid_header_name, valid_header_value};
 pub use raw::SecretSource;
 pub use runtime::*;
 
-use crate::core::route::RouteTable;
+use crate::route::RouteTable;
 use raw::RawConfig;
 
 /// A configuration error: the JSON path of the bad field and what is wrong with it.
@@ -41,15 +42,21 @@ impl ConfigError {
     }
 }
 
-/// Parses and validates the plugin configuration. `env` looks up the VM's environment variables.
+/// Parses and validates the plugin configuration. `env` looks up the VM's environment variables;
+/// a secret file is refused (see [`parse_with`]).
 pub fn parse(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+    parse_with(bytes, SecretSources { env, file: None })
+}
+
+/// [`parse`] on a host that may also read secret files.
+pub fn parse_with(bytes: &[u8], sources: SecretSources) -> Result<Config, ConfigError> {
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
     let raw: RawConfig = serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
         let path = err.path().to_string();
         json_error(path, &err.into_inner())
     })?;
     deserializer.end().map_err(|err| json_error(String::new(), &err))?;
-    compile(raw, env)
+    compile(raw, sources)
 }
 
 /// A value of the wrong type or shape is named by its JSON path. Broken JSON text is named by its
@@ -77,13 +84,13 @@ fn strip_position(message: &str) -> String {
     }
 }
 
-fn compile(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+fn compile(raw: RawConfig, sources: SecretSources) -> Result<Config, ConfigError> {
     if raw.profiles.is_empty() {
         return Err(ConfigError::new("profiles", "at least one profile is required"));
     }
     let mut profiles = Vec::with_capacity(raw.profiles.len());
     for (name, raw_profile) in raw.profiles {
-        profiles.push(profile::compile_profile(name, raw_profile, env)?);
+        profiles.push(profile::compile_profile(name, raw_profile, sources)?);
     }
     let mut matchers = Vec::with_capacity(raw.routes.len());
     for (index, route) in raw.routes.into_iter().enumerate() {

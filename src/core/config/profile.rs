@@ -4,10 +4,10 @@
 
 use super::ConfigError;
 use super::auth::{CompiledAuth, compile_auth};
-use super::checks::{cache_key, duration, field_path, valid_header_name, valid_header_value};
+use super::checks::{SecretSources, cache_key, duration, field_path, valid_header_name, valid_header_value};
 use super::raw::{RawBackoff, RawInject, RawProfile, RawRefresh};
 use super::runtime::*;
-use crate::core::url::HttpUrl;
+use crate::url::HttpUrl;
 
 type At<'a> = &'a dyn Fn(&str) -> String;
 
@@ -18,11 +18,7 @@ struct RequestParts {
     request_headers: Vec<(String, String)>,
 }
 
-pub(super) fn compile_profile(
-    name: String,
-    mut raw: RawProfile,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<Profile, ConfigError> {
+pub(super) fn compile_profile(name: String, mut raw: RawProfile, env: SecretSources) -> Result<Profile, ConfigError> {
     let at = |field: &str| format!("profiles.{name}.{field}");
     if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
         return Err(ConfigError::new(

@@ -8,7 +8,7 @@ use std::fmt;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 
-use crate::core::secret::Secret;
+use crate::secret::Secret;
 
 #[derive(Deserialize)]
 #[cfg_attr(test, derive(schemars::JsonSchema))]
@@ -246,11 +246,13 @@ impl OneOrMany {
     }
 }
 
-/// Where a secret comes from: inline in the configuration, or an environment variable of the VM.
+/// Where a secret comes from: inline in the configuration, an environment variable of the VM, or a
+/// file (read by the dynamic module, which re-reads it when it changes).
 #[derive(Clone)]
 pub enum SecretSource {
     Inline(Secret),
     Env(String),
+    File(String),
 }
 
 #[cfg(test)]
@@ -260,10 +262,11 @@ impl schemars::JsonSchema for SecretSource {
     }
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         schemars::json_schema!({
-            "description": "A secret: inline, or {\"env\": \"NAME\"} to read the VM's environment variable NAME (vm_config.environment_variables).",
+            "description": "A secret: inline, {\"env\": \"NAME\"} to read the VM's environment variable NAME (vm_config.environment_variables), or {\"file\": \"/path\"} to read a file (dynamic module only; re-read when it changes, so a mounted Kubernetes Secret rotates without a restart).",
             "oneOf": [
                 {"type": "string", "minLength": 1},
-                {"type": "object", "properties": {"env": {"type": "string", "minLength": 1}}, "required": ["env"], "additionalProperties": false}
+                {"type": "object", "properties": {"env": {"type": "string", "minLength": 1}}, "required": ["env"], "additionalProperties": false},
+                {"type": "object", "properties": {"file": {"type": "string", "minLength": 1}}, "required": ["file"], "additionalProperties": false}
             ]
         })
     }
@@ -275,23 +278,25 @@ impl<'de> Deserialize<'de> for SecretSource {
         impl<'de> Visitor<'de> for SecretVisitor {
             type Value = SecretSource;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str(r#"a string, or {"env": "VARIABLE_NAME"}"#)
+                f.write_str(r#"a string, {"env": "VARIABLE_NAME"} or {"file": "/path"}"#)
             }
             fn visit_str<E: de::Error>(self, value: &str) -> Result<SecretSource, E> {
                 Ok(SecretSource::Inline(Secret::new(value)))
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<SecretSource, A::Error> {
-                let mut name: Option<String> = None;
+                let mut source: Option<SecretSource> = None;
                 while let Some(key) = map.next_key::<String>()? {
-                    if key != "env" {
-                        return Err(de::Error::unknown_field(&key, &["env"]));
+                    let make: fn(String) -> SecretSource = match key.as_str() {
+                        "env" => SecretSource::Env,
+                        "file" => SecretSource::File,
+                        _ => return Err(de::Error::unknown_field(&key, &["env", "file"])),
+                    };
+                    if source.is_some() {
+                        return Err(de::Error::custom(r#"give one of "env" and "file""#));
                     }
-                    if name.is_some() {
-                        return Err(de::Error::duplicate_field("env"));
-                    }
-                    name = Some(map.next_value()?);
+                    source = Some(make(map.next_value()?));
                 }
-                name.map(SecretSource::Env).ok_or_else(|| de::Error::missing_field("env"))
+                source.ok_or_else(|| de::Error::missing_field("env"))
             }
         }
         deserializer.deserialize_any(SecretVisitor)

@@ -4,7 +4,7 @@ use super::ConfigError;
 use super::checks::valid_header_name;
 use super::raw::{RawMatch, RawRoute};
 use super::runtime::Profile;
-use crate::core::route::{AuthorityPattern, HeaderCondition, PathMatch, RouteMatcher};
+use crate::route::{AuthorityPattern, HeaderCondition, PathMatch, RouteMatcher};
 
 pub(super) fn compile_route(index: usize, raw: RawRoute, profiles: &[Profile]) -> Result<RouteMatcher, ConfigError> {
     let at = |field: &str| format!("routes[{index}].{field}");

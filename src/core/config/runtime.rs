@@ -2,10 +2,10 @@
 //! token goes, and the lifetime and backoff policies that `cache` applies. Every value here has
 //! passed validation; the defaults are the documented ones.
 
-use crate::core::assertion::{AssertionSigner, AssertionTemplate};
-use crate::core::route::RouteTable;
-use crate::core::secret::Secret;
-use crate::core::url::HttpUrl;
+use crate::assertion::{AssertionSigner, AssertionTemplate};
+use crate::route::RouteTable;
+use crate::secret::Secret;
+use crate::url::HttpUrl;
 
 pub use super::raw::{AuthMethod, TokenMethod};
 

@@ -4,7 +4,7 @@
 use super::*;
 use serde_json::json;
 
-use crate::core::assertion::{AssertionAudience, JWT_BEARER_GRANT_TYPE, JwtAlgorithm};
+use crate::assertion::{AssertionAudience, JWT_BEARER_GRANT_TYPE, JwtAlgorithm};
 
 fn no_env(_: &str) -> Option<String> {
     None
@@ -53,6 +53,54 @@ fn secret_from_environment() {
         ClientAuth::Basic { secret } => assert_eq!(secret.expose(), "from-env"),
         other => panic!("unexpected {other:?}"),
     }
+}
+
+/// A file reader over fixed contents, as the dynamic module's would read them.
+fn files(path: &str) -> Result<String, String> {
+    match path {
+        "/run/secrets/billing" => Ok("from-file\r\n".to_string()),
+        "/run/secrets/empty" => Ok("\n".to_string()),
+        _ => Err("No such file or directory (os error 2)".to_string()),
+    }
+}
+
+fn parse_with_files(value: &serde_json::Value) -> Result<Config, ConfigError> {
+    parse_with(value.to_string().as_bytes(), SecretSources { env: &no_env, file: Some(&files) })
+}
+
+#[test]
+fn secret_from_file_loses_its_line_ending() {
+    let mut config = minimal();
+    config["profiles"]["billing"]["client_secret"] = json!({"file": "/run/secrets/billing"});
+    match &parse_with_files(&config).expect("valid").profiles[0].client_auth {
+        ClientAuth::Basic { secret } => assert_eq!(secret.expose(), "from-file"),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn secret_files_are_refused_naming_the_field() {
+    let with_file = |path: &str| {
+        let mut config = minimal();
+        config["profiles"]["billing"]["client_secret"] = json!({"file": path});
+        config
+    };
+    let cases = [
+        (parse_with_files(&with_file("/run/secrets/missing")), "cannot be read: No such file"),
+        (parse_with_files(&with_file("/run/secrets/empty")), "is empty"),
+        (parse_with_files(&with_file("secrets/billing")), "must be an absolute path"),
+        // A host without a filesystem (the wasm VM) says so instead of failing to read.
+        (parse_value(&with_file("/run/secrets/billing")), "read by the dynamic module only"),
+    ];
+    for (result, reason) in cases {
+        let error = result.expect_err(reason);
+        assert_eq!(error.path, "profiles.billing.client_secret", "{error}");
+        assert!(error.reason.contains(reason), "{error}");
+    }
+    let mut both = minimal();
+    both["profiles"]["billing"]["client_secret"] = json!({"env": "A", "file": "/run/secrets/billing"});
+    let error = parse_with_files(&both).expect_err("env and file together");
+    assert_eq!(error.path, "profiles.billing.client_secret", "{error}");
 }
 
 #[test]
@@ -301,11 +349,13 @@ fn json_schema_is_up_to_date() {
     schema.insert("$id".into(), json!("https://github.com/oauth2-cc/oauth2-cc/schema/oauth2-cc.schema.json"));
     schema.insert("title".into(), json!("oauth2-cc plugin configuration"));
     let text = serde_json::to_string_pretty(&schema).expect("serializable") + "\n";
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/schema/oauth2-cc.schema.json");
+    // The workspace root, without `..` (a WASI preopen does not reach through it).
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).ancestors().nth(2).expect("src/core in a workspace");
+    let path = root.join("schema/oauth2-cc.schema.json");
     if std::env::var_os("UPDATE_SCHEMA").is_some() {
-        std::fs::write(path, &text).expect("schema written");
+        std::fs::write(&path, &text).expect("schema written");
     }
-    let committed = std::fs::read_to_string(path).unwrap_or_default();
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
     assert!(committed == text, "schema/oauth2-cc.schema.json is stale: run `make schema`");
 }
 

@@ -4,14 +4,14 @@
 use super::{
     Action, Answer, AnswerBody, Callout, CalloutId, Driver, Environment, LogLevel, Metric, Update, log, store,
 };
-use crate::core::assertion::{self, AssertionError};
-use crate::core::cache::{self, Claim, FetchRules};
-use crate::core::config::{ClientAuth, JwtAssertion, Profile, TokenEndpoint};
-use crate::core::discovery::{self, DiscoveryError};
-use crate::core::retry_after::retry_after_ms;
-use crate::core::token_request::{self, RequestExtras};
-use crate::core::token_response::{self, FailureClass, TokenError};
-use crate::core::url::HttpUrl;
+use crate::assertion::{self, AssertionError};
+use crate::cache::{self, Claim, FetchRules};
+use crate::config::{ClientAuth, JwtAssertion, Profile, TokenEndpoint};
+use crate::discovery::{self, DiscoveryError};
+use crate::retry_after::retry_after_ms;
+use crate::token_request::{self, RequestExtras};
+use crate::token_response::{self, FailureClass, TokenError};
+use crate::url::HttpUrl;
 
 /// The most requests one fetch sends: two discovery documents, then the token request.
 const DISCOVERY_CHAIN: u64 = 3;
@@ -447,7 +447,7 @@ impl Driver {
 /// until `lease_until_ms`: this VM's holder if the entry still holds that lease, else 0 (which
 /// releases nothing). Without it, a late answer to an older fetch of this VM released the lease of
 /// its newer fetch, and another VM started a second one (simulation seed 1730813365953125333).
-fn lease_of(entry: &crate::core::cache::Entry, holder: u64, lease_until_ms: u64) -> u64 {
+fn lease_of(entry: &crate::cache::Entry, holder: u64, lease_until_ms: u64) -> u64 {
     if entry.lease_holder == holder && entry.lease_until_ms == lease_until_ms { holder } else { 0 }
 }
 

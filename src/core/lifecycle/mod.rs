@@ -20,9 +20,9 @@ pub mod store;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use crate::core::config::Config;
-pub use crate::core::metrics::Metric;
-use crate::core::url::HttpUrl;
+use crate::config::Config;
+pub use crate::metrics::Metric;
+use crate::url::HttpUrl;
 pub use requests::{FailureReply, RequestOutcome, Snapshot, failure_reply, unknown_profile_reply};
 pub use store::{Environment, Update, Written};
 
@@ -95,10 +95,11 @@ pub enum Action {
         profile: usize,
         metric: Metric,
     },
-    /// Set the profile's remaining-lifetime gauge.
+    /// Set the profile's gauges: `token_remaining_s` and `token_lifetime_s`.
     Gauge {
         profile: usize,
         remaining_s: u64,
+        lifetime_s: u64,
     },
 }
 
@@ -115,7 +116,9 @@ impl std::fmt::Debug for Action {
             Action::Fail { request, profile } => write!(f, "Fail(request {request}, profile {profile})"),
             Action::Log { level, message } => write!(f, "Log({level:?}, {message:?})"),
             Action::Count { profile, metric } => write!(f, "Count({profile}, {metric:?})"),
-            Action::Gauge { profile, remaining_s } => write!(f, "Gauge({profile}, {remaining_s} s)"),
+            Action::Gauge { profile, remaining_s, lifetime_s } => {
+                write!(f, "Gauge({profile}, {remaining_s} s of {lifetime_s} s)")
+            }
         }
     }
 }
@@ -137,7 +140,7 @@ pub enum AnswerBody<'a> {
     TooLarge,
 }
 
-/// How often the main-thread VM sets the remaining-lifetime gauges.
+/// How often the main-thread VM sets the token gauges.
 const GAUGE_PERIOD_MS: u64 = 1_000;
 
 /// One VM's lifecycle state. See the module doc.
@@ -158,6 +161,9 @@ pub struct Driver {
     /// Per profile, this VM's copy of the cached token for the request path.
     snapshots: Vec<Option<Snapshot>>,
     next_gauge_ms: u64,
+    /// Per profile, the usable lifetime in seconds of the last token this VM saw in the store:
+    /// kept after the token expires or is purged, for the `token_lifetime_s` gauge.
+    lifetimes_s: Vec<u64>,
 }
 
 impl Driver {
@@ -174,6 +180,7 @@ impl Driver {
             discovered: HashMap::new(),
             snapshots: Vec::new(),
             next_gauge_ms: 0,
+            lifetimes_s: Vec::new(),
         };
         let mut actions = Vec::new();
         driver.prepare_entries(now_ms, env, &mut actions);
@@ -240,11 +247,12 @@ impl Driver {
             }
         }
         self.snapshots = vec![None; self.config.profiles.len()];
+        self.lifetimes_s = vec![0; self.config.profiles.len()];
         self.refresh_snapshots(now_ms, env);
     }
 
     /// Once a second, on VMs that serve no requests (the main thread), each profile's remaining
-    /// token lifetime.
+    /// token lifetime and the lifetime of the last token it had.
     fn report_gauges(&mut self, now_ms: u64, env: &mut dyn Environment, actions: &mut Vec<Action>) {
         if self.serves_requests || now_ms < self.next_gauge_ms {
             return;
@@ -253,14 +261,18 @@ impl Driver {
         for (profile, p) in self.config.profiles.iter().enumerate() {
             let entry = read_entry(env, &p.cache_key);
             let remaining_ms = if entry.token.is_empty() { 0 } else { entry.expires_at_ms.saturating_sub(now_ms) };
-            actions.push(Action::Gauge { profile, remaining_s: remaining_ms / 1000 });
+            let Some(lifetime_s) = self.lifetimes_s.get_mut(profile) else { continue };
+            if !entry.token.is_empty() && entry.expires_at_ms > entry.token_sent_at_ms {
+                *lifetime_s = (entry.expires_at_ms - entry.token_sent_at_ms) / 1000;
+            }
+            actions.push(Action::Gauge { profile, remaining_s: remaining_ms / 1000, lifetime_s: *lifetime_s });
         }
     }
 }
 
 /// The decoded entry at `key` (empty when missing or of another layout version).
-fn read_entry(env: &dyn Environment, key: &str) -> crate::core::cache::Entry {
-    env.get(key).0.as_deref().and_then(crate::core::cache::Entry::decode).unwrap_or_default()
+fn read_entry(env: &dyn Environment, key: &str) -> crate::cache::Entry {
+    env.get(key).0.as_deref().and_then(crate::cache::Entry::decode).unwrap_or_default()
 }
 
 fn log(actions: &mut Vec<Action>, level: LogLevel, message: String) {

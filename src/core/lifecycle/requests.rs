@@ -3,8 +3,8 @@
 //! rejection of a token (purge).
 
 use super::{Action, Driver, Environment, LogLevel, Metric, RequestId, Update, log, store};
-use crate::core::cache::{self, EntryView, RequestDecision};
-use crate::core::config::Config;
+use crate::cache::{self, EntryView, RequestDecision};
+use crate::config::Config;
 
 /// A VM's copy of a profile's token as the shared store held it at the last tick or wake.
 ///

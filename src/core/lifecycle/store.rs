@@ -2,7 +2,7 @@
 //! process memory in the native host, a simulated map in tests. All three keep Envoy's
 //! compare-and-swap semantics, which this module states once and builds on.
 
-use crate::core::cache::Entry;
+use crate::cache::Entry;
 
 /// What a VM reads synchronously while it decides: the shared store and randomness.
 ///

@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use super::store::memory::MemoryStore;
 use super::*;
-use crate::core::cache::Entry;
-use crate::core::config::{self, Config};
+use crate::cache::Entry;
+use crate::config::{self, Config};
 
 fn config_with(profile_extra: &str) -> Arc<Config> {
     config_at(r#""token_url": "http://idp.test/token""#, profile_extra)
@@ -227,4 +227,32 @@ fn a_late_answer_to_an_older_fetch_keeps_the_newer_fetchs_lease() {
     let failed = vm.on_answer(newer, answer(b"503", b""), 3_400, &mut store);
     assert!(failed.contains(&Action::BroadcastWake));
     assert_eq!(entry(&store, &config).lease_holder, 0, "the fetch that holds the lease releases it");
+}
+
+fn gauges(actions: &[Action]) -> Vec<(u64, u64)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Gauge { remaining_s, lifetime_s, .. } => Some((*remaining_s, *lifetime_s)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn the_lifetime_gauge_outlives_a_purged_or_failed_token() {
+    let config = config_with("");
+    let mut store = MemoryStore::default();
+    let (mut vm, _) = Driver::new(Arc::clone(&config), 3, 0, &mut store);
+    let first = vm.on_tick(10, &mut store);
+    assert_eq!(gauges(&first), [(0, 0)], "no token yet");
+    let _ = vm.on_answer(sends(&first)[0].id, answer(b"200", &ok_body("tok", 100)), 20, &mut store);
+    // Sent at 10 ms, 100 s, a 5 s margin: usable until 95.01 s.
+    assert_eq!(gauges(&vm.on_tick(1_010, &mut store)), [(94, 95)]);
+    let generation = entry(&store, &config).generation;
+    let _ = vm.on_response_status(0, generation, Some(b"401"), 2_000, &mut store);
+    let refetch = vm.on_tick(2_010, &mut store);
+    assert_eq!(gauges(&refetch), [(0, 95)], "purged: no token, the lifetime stays");
+    let _ = vm.on_answer(sends(&refetch)[0].id, answer(b"503", b""), 2_100, &mut store);
+    assert_eq!(gauges(&vm.on_tick(10_000, &mut store)), [(0, 95)], "the refetch failed");
 }

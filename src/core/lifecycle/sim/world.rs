@@ -20,8 +20,8 @@ use super::super::{
 };
 use super::Rng;
 use super::idp::{self, Reply, RetryFloor};
-use crate::core::cache::{BUDGET_WINDOW_MS, LAST_CHANCE_MIN_MS};
-use crate::core::config::{self, Config};
+use crate::cache::{BUDGET_WINDOW_MS, LAST_CHANCE_MIN_MS};
+use crate::config::{self, Config};
 
 const TICK_MS: u64 = 100;
 const MAX_LATENESS_MS: u64 = 900;

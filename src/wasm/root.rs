@@ -12,15 +12,15 @@ use std::time::Duration;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType};
 
-use crate::core::config;
-use crate::core::lifecycle::Driver;
-use crate::core::wake_registry::HEARTBEAT_MS;
-use crate::host::adapter::{self, Level};
-use crate::host::http::{PassThrough, TokenInjector};
-use crate::host::metrics::Metrics;
-use crate::host::queue;
-use crate::host::store::SharedData;
-use crate::host::vm::{Configured, VmState};
+use crate::adapter::{self, Level};
+use crate::http::{PassThrough, TokenInjector};
+use crate::metrics::Metrics;
+use crate::queue;
+use crate::store::SharedData;
+use crate::vm::{Configured, VmState};
+use oauth2_cc_core::config;
+use oauth2_cc_core::lifecycle::Driver;
+use oauth2_cc_core::wake_registry::HEARTBEAT_MS;
 
 /// How often each VM looks at its profiles and its paused requests.
 const TICK: Duration = Duration::from_millis(100);

@@ -13,12 +13,12 @@ use std::time::Duration;
 
 use proxy_wasm::types::MapType;
 
-use crate::core::config::Config;
-use crate::core::lifecycle::{self, Action, CalloutId, Driver, LogLevel};
-use crate::host::adapter::{self, Level};
-use crate::host::metrics::Metrics;
-use crate::host::queue;
-use crate::host::store::SharedData;
+use crate::adapter::{self, Level};
+use crate::metrics::Metrics;
+use crate::queue;
+use crate::store::SharedData;
+use oauth2_cc_core::config::Config;
+use oauth2_cc_core::lifecycle::{self, Action, CalloutId, Driver, LogLevel};
 
 /// What the root context and a request's own context both know about a request.
 #[derive(Default)]
@@ -135,8 +135,8 @@ impl VmState {
                 }
                 Action::Log { level, message } => adapter::log(level_of(level), &message),
                 Action::Count { profile, metric } => self.with_metrics(|m| m.count(profile, &metric)),
-                Action::Gauge { profile, remaining_s } => {
-                    self.with_metrics(|m| m.token_remaining(profile, remaining_s))
+                Action::Gauge { profile, remaining_s, lifetime_s } => {
+                    self.with_metrics(|m| m.gauges(profile, remaining_s, lifetime_s))
                 }
             }
         }

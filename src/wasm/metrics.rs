@@ -1,5 +1,5 @@
 //! The filter's metrics through proxy-wasm (Envoy `/stats`, `/stats/prometheus`): names and ids
-//! come from [`crate::core::metrics`], shared with the dynamic module.
+//! come from [`oauth2_cc_core::metrics`], shared with the dynamic module.
 //!
 //! Injections are counted in the VM first and added to Envoy's counter on the root context's
 //! tick, so the hit path makes no metric host call.
@@ -8,10 +8,10 @@ use std::cell::Cell;
 
 use proxy_wasm::types::MetricType;
 
-use crate::core::config::Config;
-use crate::core::lifecycle::Metric;
-use crate::core::metrics::MetricIds;
-use crate::host::adapter;
+use crate::adapter;
+use oauth2_cc_core::config::Config;
+use oauth2_cc_core::lifecycle::Metric;
+use oauth2_cc_core::metrics::MetricIds;
 
 struct ProfileMetrics {
     ids: MetricIds<u32>,
@@ -50,9 +50,12 @@ impl Metrics {
         }
     }
 
-    pub fn token_remaining(&self, profile: usize, seconds: u64) {
-        if let Some(id) = self.profiles.get(profile).and_then(|p| p.ids.token_remaining_s()) {
-            adapter::record_metric(id, seconds);
+    pub fn gauges(&self, profile: usize, remaining_s: u64, lifetime_s: u64) {
+        let Some(p) = self.profiles.get(profile) else { return };
+        for (id, value) in [(p.ids.token_remaining_s(), remaining_s), (p.ids.token_lifetime_s(), lifetime_s)] {
+            if let Some(id) = id {
+                adapter::record_metric(id, value);
+            }
         }
     }
 

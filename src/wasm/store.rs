@@ -3,8 +3,8 @@
 
 use proxy_wasm::types::Status;
 
-use crate::core::lifecycle::{Environment, Written};
-use crate::host::adapter;
+use crate::adapter;
+use oauth2_cc_core::lifecycle::{Environment, Written};
 
 /// Shared data as the lifecycle driver sees it.
 pub struct SharedData;

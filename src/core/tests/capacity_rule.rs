@@ -2,8 +2,8 @@
 //! this runs the core's `token_times` on every case the script wrote to
 //! `tools/capacity_cases.json` and fails when the script's copy of the rule has drifted.
 
-use oauth2_cc::core::cache::token_times;
-use oauth2_cc::core::config::LifetimePolicy;
+use oauth2_cc_core::cache::token_times;
+use oauth2_cc_core::config::LifetimePolicy;
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -19,7 +19,7 @@ struct Case {
 
 #[test]
 fn capacity_script_uses_the_cores_refresh_rule() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tools/capacity_cases.json");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tools/capacity_cases.json");
     let text =
         std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e} (python3 tools/capacity.py --cases)"));
     let cases: Vec<Case> = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));

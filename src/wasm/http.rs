@@ -11,10 +11,10 @@ use std::rc::Rc;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, MapType};
 
-use crate::core::lifecycle::{self, Metric, RequestOutcome};
-use crate::core::route::{RequestFacts, Selection};
-use crate::host::adapter;
-use crate::host::vm::{RequestState, VmState};
+use crate::adapter;
+use crate::vm::{RequestState, VmState};
+use oauth2_cc_core::lifecycle::{self, Metric, RequestOutcome};
+use oauth2_cc_core::route::{RequestFacts, Selection};
 
 /// The context of a VM that has no accepted configuration: requests pass untouched.
 pub struct PassThrough;

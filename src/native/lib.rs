@@ -1,5 +1,5 @@
 //! The native host: oauth2-cc as an Envoy dynamic module (`liboauth2_cc.so`, Envoy 1.40, ABI
-//! `v0.2.0`), a second executor of the same core as the proxy-wasm host in `host`.
+//! `v0.2.0`), a second executor of the same core as the proxy-wasm host (`src/wasm`).
 //!
 //! It owns only the doing: Envoy's ABI (`abi`, our own declarations), the event hooks Envoy calls
 //! (`hooks`), the filter configuration and the thread that drives its tick (`plugin`), each
@@ -24,6 +24,7 @@ mod hooks;
 mod metrics;
 mod parked;
 mod plugin;
+mod secret_files;
 mod store;
 mod stream;
 mod ticker;

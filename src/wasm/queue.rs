@@ -2,10 +2,10 @@
 //! data), and reads two kinds of message from it — a wake (some VM changed a token: re-check) and
 //! a kick (one of this VM's own requests asks its root context to fetch a profile now).
 
-use crate::core::lifecycle::store;
-use crate::core::wake_registry;
-use crate::host::adapter;
-use crate::host::store::SharedData;
+use crate::adapter;
+use crate::store::SharedData;
+use oauth2_cc_core::lifecycle::store;
+use oauth2_cc_core::wake_registry;
 
 const REGISTRY_KEY: &str = "oauth2_cc.v1.wake_queues";
 const WAKE: u8 = b'w';
