@@ -45,7 +45,6 @@ def steady_traffic(port: int, seconds: float, pause: float = 0.01) -> list[tuple
     return out
 
 
-@pytest.mark.cpu_heavy
 @pytest.mark.parametrize("kind", ["jws", "opaque"])
 def test_no_request_reaches_the_upstream_at_or_after_exp(envoy_factory, token_server, upstream, kind):
     issuer = WholeSecondIssuer(token_server, jws=(kind == "jws"))
