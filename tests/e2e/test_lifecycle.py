@@ -682,6 +682,9 @@ def test_documented_metrics_in_prometheus(envoy_factory, token_server, upstream,
     e = envoy_factory.start(one_profile(name, backoff={"base_ms": 100, "max_ms": 1000}))
     assert wait_until(lambda: metric(e, "fetch_ok", name) >= 1, 5), f"fetch_ok {metric(e, 'fetch_ok', name)} after 5 s"
     assert e.request("/v1/a").status == 200
+    # The purge starts a refetch at once. Held 1 s at the IdP, it is still in flight when /v1/c
+    # arrives (unless the client needs a second to send it), so /v1/c waits and `waited` counts it.
+    token_server.set_delay(1.0)
     upstream.fail_next(1, status=401)
     assert e.request("/v1/b").status == 401
     assert e.request("/v1/c").status == 200  # waits for the new token
