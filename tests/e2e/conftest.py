@@ -69,6 +69,27 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "host_agnostic: the test loads no oauth2-cc build; runs once, not once per host"
     )
+    config.addinivalue_line(
+        "markers",
+        "cpu_heavy: the test drives sustained load or judges timing that a second such test would "
+        "disturb; under xdist all of them run one after another on one worker (README: parallel runs)",
+    )
+    # Registered here too, so that a run without pytest-xdist (-p no:xdist) does not warn.
+    config.addinivalue_line("markers", "xdist_group(name): pytest-xdist runs a group on one worker (--dist loadgroup)")
+
+
+CPU_HEAVY_GROUP = "cpu_heavy"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Every ``cpu_heavy`` test joins one xdist group. With ``--dist loadgroup`` (``make e2e``) a
+    group is one unit of work, and the largest unit is handed out first: the heavy tests start at
+    once, one after another on one worker, while the other workers share the light tests. Without
+    xdist the marker changes nothing. (tryfirst: xdist reads the group marks in its own hook.)"""
+    for item in items:
+        if item.get_closest_marker("cpu_heavy") and not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(CPU_HEAVY_GROUP))
 
 
 def hosts_for(config, node) -> list[str]:

@@ -34,8 +34,9 @@ from wasm_stub import LOG_CRITICAL, write_stub
 
 pytest_plugins = ["pytester"]
 
-# The harness's own tests run once: they load no oauth2-cc build or a proxy-wasm stub.
-pytestmark = pytest.mark.wasm_only
+# The harness's own tests run once: they load no oauth2-cc build or a proxy-wasm stub. They run
+# on one xdist worker, in file order: test_no_envoy_left_behind, last, then judges them all.
+pytestmark = [pytest.mark.wasm_only, pytest.mark.xdist_group("harness")]
 
 
 def post_form(port, path, form, headers=None, conn=None, tls_context=None):
