@@ -19,3 +19,8 @@ use proxy_wasm::traits::RootContext;
 proxy_wasm::main! {{
     proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> { Box::new(root::FilterRoot::new(context_id)) });
 }}
+
+#[cfg(test)]
+mod fake_envoy;
+#[cfg(test)]
+mod tests;
