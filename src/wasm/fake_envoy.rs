@@ -18,7 +18,11 @@ pub enum Call {
     SetTick(u32),
     GetBuffer(u32),
     GetHeader(u32, String),
-    ReplaceHeader { context: u32, name: String, value: String },
+    ReplaceHeader {
+        context: u32,
+        name: String,
+        value: String,
+    },
     GetProperty(String),
     GetShared(String),
     SetShared(String),
@@ -27,12 +31,19 @@ pub enum Call {
     Dequeue(u32),
     Enqueue(u32),
     Continue(u32),
-    LocalResponse { context: u32, status: u32 },
+    LocalResponse {
+        context: u32,
+        status: u32,
+    },
     SetEffective(u32),
     DefineMetric(String),
     IncrementMetric(u32, i64),
     RecordMetric(u32, u64),
-    HttpCall { context: u32, cluster: String, token: u32 },
+    HttpCall {
+        context: u32,
+        cluster: String,
+        token: u32,
+    },
     /// An ABI function the filter has no reason to call.
     Unexpected(&'static str),
 }
@@ -183,7 +194,11 @@ pub extern "C" fn proxy_replace_header_map_value(
     let (name, value) = unsafe { (text(key, key_size), bytes(value, value_size).to_vec()) };
     with(|h| {
         let context = h.effective;
-        h.calls.push(Call::ReplaceHeader { context, name: name.clone(), value: String::from_utf8_lossy(&value).into() });
+        h.calls.push(Call::ReplaceHeader {
+            context,
+            name: name.clone(),
+            value: String::from_utf8_lossy(&value).into(),
+        });
         if map == MapType::HttpRequestHeaders {
             let headers = h.request_headers.entry(context).or_default();
             headers.retain(|(n, _)| *n != name);
@@ -423,7 +438,23 @@ macro_rules! never_called {
     )*};
 }
 
-never_called!(proxy_add_header_map_value, proxy_call_foreign_function, proxy_close_stream, proxy_done, proxy_get_header_map_pairs, proxy_get_status, proxy_grpc_call, proxy_grpc_cancel, proxy_grpc_close, proxy_grpc_send, proxy_grpc_stream, proxy_remove_header_map_value, proxy_set_buffer_bytes, proxy_set_header_map_pairs, proxy_set_property);
+never_called!(
+    proxy_add_header_map_value,
+    proxy_call_foreign_function,
+    proxy_close_stream,
+    proxy_done,
+    proxy_get_header_map_pairs,
+    proxy_get_status,
+    proxy_grpc_call,
+    proxy_grpc_cancel,
+    proxy_grpc_close,
+    proxy_grpc_send,
+    proxy_grpc_stream,
+    proxy_remove_header_map_value,
+    proxy_set_buffer_bytes,
+    proxy_set_header_map_pairs,
+    proxy_set_property
+);
 
 // ---- Envoy's side: what the tests drive ----
 
@@ -453,10 +484,6 @@ mod sdk {
 /// Every call recorded since the last [`take_calls`].
 pub fn take_calls() -> Vec<Call> {
     with(|h| std::mem::take(&mut h.calls))
-}
-
-pub fn shared(key_prefix: &str) -> Vec<String> {
-    with(|h| h.shared.keys().filter(|k| k.starts_with(key_prefix)).cloned().collect())
 }
 
 pub fn advance_ms(ms: u64) {
@@ -511,9 +538,7 @@ pub fn deliver_queues() {
 
 /// A new request on `context` (of `root`) with `headers`: its request-headers callback.
 pub fn request(root: u32, context: u32, headers: &[(&str, &[u8])]) -> Action {
-    with(|h| {
-        h.request_headers.insert(context, headers.iter().map(|(n, v)| (n.to_string(), v.to_vec())).collect())
-    });
+    with(|h| h.request_headers.insert(context, headers.iter().map(|(n, v)| (n.to_string(), v.to_vec())).collect()));
     enter(context);
     sdk::proxy_on_context_create(context, root);
     enter(context);

@@ -4,7 +4,7 @@
 
 use crate::fake_envoy;
 
-use fake_envoy::{Call, answer, request, start_root, take_calls, tick};
+use fake_envoy::{Call, answer, deliver_queues, request, response, start_root, take_calls, tick};
 use proxy_wasm::types::Action;
 
 const ROOT: u32 = 1;
@@ -64,4 +64,126 @@ fn a_hit_writes_the_header_from_the_vms_copy_and_calls_nothing_else() {
         }
         assert_eq!(fake_envoy::request_header(context, "authorization").as_deref(), Some(&b"Bearer tok-1"[..]));
     }
+}
+
+fn resumed_with_token(calls: &[Call], context: u32) -> bool {
+    calls.contains(&Call::ReplaceHeader { context, name: "authorization".into(), value: "Bearer tok-1".into() })
+        && calls.contains(&Call::Continue(context))
+}
+
+#[test]
+fn a_miss_pauses_and_the_answer_resumes_it_here_and_through_the_queue_on_another_vm() {
+    // Two VMs (root contexts), as two workers: the first's tick sends the only token request.
+    const OTHER: u32 = 2;
+    assert!(start_root(ROOT, &config()));
+    assert!(start_root(OTHER, &config()));
+    tick(ROOT);
+    let sent = http_calls(&take_calls());
+    assert_eq!(sent.len(), 1);
+    assert_eq!(request(ROOT, 10, &headers()), Action::Pause, "no token yet: the request waits");
+    assert_eq!(request(OTHER, 20, &headers()), Action::Pause);
+    tick(OTHER);
+    let calls = take_calls();
+    assert!(http_calls(&calls).is_empty(), "the lease in shared data keeps the other VM from fetching: {calls:?}");
+    assert!(!calls.iter().any(|c| matches!(c, Call::Continue(_))), "{calls:?}");
+
+    answer(ROOT, sent[0].1, b"200", TOKEN_BODY);
+    let calls = take_calls();
+    assert!(calls.iter().any(|c| matches!(c, Call::SetShared(k) if k.starts_with("oauth2_cc.v1.token.p."))));
+    assert!(
+        calls.iter().filter(|c| matches!(c, Call::Enqueue(_))).count() == 2,
+        "a stored token wakes every VM: {calls:?}"
+    );
+    assert!(!calls.iter().any(|c| matches!(c, Call::Continue(_))), "requests resume on their VM's wake: {calls:?}");
+
+    deliver_queues();
+    let calls = take_calls();
+    assert!(resumed_with_token(&calls, 10), "the wake resumes the fetching VM's request: {calls:?}");
+    assert!(resumed_with_token(&calls, 20), "and the other VM's, from shared data: {calls:?}");
+    assert!(http_calls(&calls).is_empty(), "{calls:?}");
+}
+
+#[test]
+fn a_refused_configuration_is_reported_naming_the_field() {
+    let bad = config().replace(r#""client_id": "svc""#, r#""client_id": 7"#);
+    assert!(!start_root(ROOT, &bad), "a bad configuration is refused");
+    let calls = take_calls();
+    let errors: Vec<&String> = calls
+        .iter()
+        .filter_map(|c| match c {
+            Call::Log(4, line) => Some(line),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(errors.len(), 1, "{calls:?}");
+    assert!(errors[0].starts_with("configuration rejected: profiles.p.client_id"), "{}", errors[0]);
+    assert!(!calls.iter().any(|c| format!("{c:?}").contains("s3cr3t")), "no secret in any call: {calls:?}");
+    // Envoy sends no traffic to a refused plugin; a stray request passes untouched.
+    assert_eq!(request(ROOT, 10, &headers()), Action::Continue);
+    assert!(!take_calls().iter().any(|c| matches!(c, Call::ReplaceHeader { .. })));
+}
+
+#[test]
+fn a_401_purges_the_shared_entry_and_a_200_touches_no_shared_data() {
+    configured_with_token();
+    assert_eq!(request(ROOT, 10, &headers()), Action::Continue);
+    take_calls();
+    assert_eq!(response(10, b"200"), Action::Continue);
+    let calls = take_calls();
+    assert!(
+        !calls.iter().any(|c| matches!(c, Call::GetShared(_) | Call::SetShared(_) | Call::HttpCall { .. })),
+        "a 200 is not the driver's business: {calls:?}"
+    );
+
+    assert_eq!(request(ROOT, 11, &headers()), Action::Continue);
+    take_calls();
+    assert_eq!(response(11, b"401"), Action::Continue);
+    let calls = take_calls();
+    assert!(
+        calls.iter().any(|c| matches!(c, Call::SetShared(k) if k.starts_with("oauth2_cc.v1.token.p."))),
+        "a 401 purges the token everyone shares: {calls:?}"
+    );
+    // The purged token is not injected again.
+    let after = request(ROOT, 12, &headers());
+    let calls = take_calls();
+    assert!(
+        !calls.iter().any(|c| matches!(c, Call::ReplaceHeader { value, .. } if value == "Bearer tok-1")),
+        "{calls:?}"
+    );
+    assert_eq!(after, Action::Pause, "{calls:?}");
+}
+
+#[test]
+fn bytes_that_are_not_utf8_do_not_panic() {
+    configured_with_token();
+    let hostile: &[u8] = b"/\xff\xfe";
+    assert_eq!(
+        request(ROOT, 10, &[(":path", hostile), (":authority", b"\xc3"), (":method", hostile)]),
+        Action::Continue
+    );
+    take_calls();
+    assert_eq!(request(ROOT, 11, &headers()), Action::Continue);
+    assert_eq!(response(11, b"4\xff1"), Action::Continue);
+    // A callout answer with bytes that are not UTF-8 in its status and body.
+    fake_envoy::advance_ms(3_600_000);
+    tick(ROOT);
+    let sent = http_calls(&take_calls());
+    assert_eq!(sent.len(), 1, "the expired token is fetched again");
+    answer(ROOT, sent[0].1, b"2\xff0", b"{\"access_token\":\"\xff\"}");
+    assert!(take_calls().iter().any(|c| matches!(c, Call::Log(..))), "the bad answer is logged, not a panic");
+}
+
+#[test]
+fn a_request_whose_client_left_is_not_resumed() {
+    assert!(start_root(ROOT, &config()));
+    tick(ROOT);
+    let sent = http_calls(&take_calls());
+    assert_eq!(request(ROOT, 10, &headers()), Action::Pause);
+    assert_eq!(request(ROOT, 11, &headers()), Action::Pause);
+    fake_envoy::delete(10);
+    answer(ROOT, sent[0].1, b"200", TOKEN_BODY);
+    deliver_queues();
+    let calls = take_calls();
+    assert!(resumed_with_token(&calls, 11), "{calls:?}");
+    assert!(!calls.iter().any(|c| matches!(c, Call::SetEffective(10) | Call::Continue(10))), "{calls:?}");
 }
