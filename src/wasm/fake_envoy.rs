@@ -39,7 +39,7 @@ pub enum Call {
     DefineMetric(String),
     IncrementMetric(u32, i64),
     RecordMetric(u32, u64),
-    HttpCall {
+    Callout {
         context: u32,
         cluster: String,
         token: u32,
@@ -419,7 +419,7 @@ pub extern "C" fn proxy_http_call(
     let token = with(|h| {
         h.next_token += 1;
         let (context, token) = (h.effective, h.next_token);
-        h.calls.push(Call::HttpCall { context, cluster, token });
+        h.calls.push(Call::Callout { context, cluster, token });
         token
     });
     unsafe { *out_token = token };

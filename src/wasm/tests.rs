@@ -26,7 +26,7 @@ fn http_calls(calls: &[Call]) -> Vec<(u32, u32)> {
     calls
         .iter()
         .filter_map(|c| match c {
-            Call::HttpCall { context, token, .. } => Some((*context, *token)),
+            Call::Callout { context, token, .. } => Some((*context, *token)),
             _ => None,
         })
         .collect()
@@ -131,7 +131,7 @@ fn a_401_purges_the_shared_entry_and_a_200_touches_no_shared_data() {
     assert_eq!(response(10, b"200"), Action::Continue);
     let calls = take_calls();
     assert!(
-        !calls.iter().any(|c| matches!(c, Call::GetShared(_) | Call::SetShared(_) | Call::HttpCall { .. })),
+        !calls.iter().any(|c| matches!(c, Call::GetShared(_) | Call::SetShared(_) | Call::Callout { .. })),
         "a 200 is not the driver's business: {calls:?}"
     );
 
@@ -155,15 +155,31 @@ fn a_401_purges_the_shared_entry_and_a_200_touches_no_shared_data() {
 
 #[test]
 fn bytes_that_are_not_utf8_do_not_panic() {
-    configured_with_token();
-    let hostile: &[u8] = b"/\xff\xfe";
-    assert_eq!(
-        request(ROOT, 10, &[(":path", hostile), (":authority", b"\xc3"), (":method", hostile)]),
-        Action::Continue
-    );
+    // Every matcher reads its fact from the request: authority, path, method, a header.
+    let matching = r#"{"authority": "upstream", "path_prefix": "/api", "method": "GET",
+        "headers": [{"name": "x-tenant", "value": "a"}]}"#;
+    assert!(start_root(ROOT, &config().replace(r#"{"path_prefix": "/"}"#, matching)));
+    tick(ROOT);
+    let sent = http_calls(&take_calls());
+    answer(ROOT, sent[0].1, b"200", TOKEN_BODY);
     take_calls();
-    assert_eq!(request(ROOT, 11, &headers()), Action::Continue);
-    assert_eq!(response(11, b"4\xff1"), Action::Continue);
+    let hostile: &[u8] = b"\xff\xfe";
+    let mut request_headers = headers();
+    request_headers.push(("x-tenant", b"a"));
+    assert_eq!(request(ROOT, 9, &request_headers), Action::Continue);
+    assert_eq!(fake_envoy::request_header(9, "authorization").as_deref(), Some(&b"Bearer tok-1"[..]));
+    for (index, name) in [":authority", ":path", ":method", "x-tenant"].into_iter().enumerate() {
+        let mut spoiled = request_headers.clone();
+        spoiled.retain(|(n, _)| *n != name);
+        spoiled.push((name, hostile));
+        let context = 10 + index as u32;
+        // A fact that is not UTF-8 matches no pattern: no route, the request goes on untouched.
+        assert_eq!(request(ROOT, context, &spoiled), Action::Continue, "{name}");
+        assert_eq!(fake_envoy::request_header(context, "authorization"), None, "{name}");
+    }
+    take_calls();
+    assert_eq!(request(ROOT, 20, &request_headers), Action::Continue);
+    assert_eq!(response(20, b"4\xff1"), Action::Continue);
     // A callout answer with bytes that are not UTF-8 in its status and body.
     fake_envoy::advance_ms(3_600_000);
     tick(ROOT);
