@@ -4,6 +4,9 @@
 //! response, callout answer, shared data and shared queues.
 //!
 //! State is per thread, like the SDK's dispatcher: every test runs its own Envoy.
+//!
+//! Every `unsafe` here relies on the ABI's contract: pointers and sizes the filter passes describe
+//! live buffers, out-pointers are valid for one write.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -426,8 +429,8 @@ pub extern "C" fn proxy_http_call(
     Status::Ok
 }
 
-/// ABI functions the SDK declares and the filter never calls (an audit test would see the
-/// failure status): defined so the test binary links; their arguments are not read.
+/// ABI functions the SDK declares and the filter never calls: defined so the test binary links,
+/// recorded as `Unexpected` if called; their arguments are not read.
 macro_rules! never_called {
     ($($name:ident),*) => {$(
         #[unsafe(no_mangle)]
