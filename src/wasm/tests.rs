@@ -49,19 +49,13 @@ fn a_hit_writes_the_header_from_the_vms_copy_and_calls_nothing_else() {
     for context in [10, 11, 12] {
         assert_eq!(request(ROOT, context, &headers()), Action::Continue);
         let calls = take_calls();
-        let writes: Vec<&Call> = calls.iter().filter(|c| matches!(c, Call::ReplaceHeader { .. })).collect();
+        // One host call per hit: a route that matches every request reads no fact, and the
+        // copy is this VM's (no shared data, no clock, no metric call until the tick).
         assert_eq!(
-            writes,
-            [&Call::ReplaceHeader { context, name: "authorization".into(), value: "Bearer tok-1".into() }],
+            calls,
+            [Call::ReplaceHeader { context, name: "authorization".into(), value: "Bearer tok-1".into() }],
             "{calls:?}"
         );
-        assert!(calls.len() <= 2, "a hit reads at most the selected fact and writes one header: {calls:?}");
-        for call in &calls {
-            assert!(
-                matches!(call, Call::ReplaceHeader { .. } | Call::GetHeader(0, _)),
-                "nothing but request headers on a hit: {call:?}"
-            );
-        }
         assert_eq!(fake_envoy::request_header(context, "authorization").as_deref(), Some(&b"Bearer tok-1"[..]));
     }
 }
