@@ -79,9 +79,10 @@ run: tools build
 ## test: lint, native and wasm unit tests, end-to-end tests on real Envoy (shipped configs validated there)
 test: lint unit unit-wasm e2e size rules
 
-## unit: the native unit tests of the core and the dynamic module (cargo test --all-targets), and the dynamic module model-checked under shuttle (about 10 s)
+## unit: the native unit tests of the core and the dynamic module (cargo test --all-targets), the proxy-wasm host against a fake Envoy (natively), and the dynamic module model-checked under shuttle (about 10 s)
 unit:
 	cargo test --all-targets
+	cargo test -p oauth2-cc-wasm
 	SHUTTLE_SILENCE_WARNINGS=1 cargo test -p oauth2-cc-native --features model-check --lib model_check
 
 ## unit-wasm: the core's unit tests built for wasm32-wasip1 and run under Node's WASI (32-bit usize, WASI randomness)
@@ -120,6 +121,7 @@ lint: wasm-target $(VENV)/.installed
 	cargo fmt --check --manifest-path bench/floor/Cargo.toml
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy -p oauth2-cc-native --features model-check --all-targets -- -D warnings
+	cargo clippy -p oauth2-cc-wasm --all-targets -- -D warnings
 	cargo clippy --release --target $(WASM_TARGET) -p oauth2-cc-core -p oauth2-cc-wasm -- -D warnings
 	cargo clippy --release --target $(WASM_TARGET) --manifest-path bench/floor/Cargo.toml -- -D warnings
 	cargo fmt --check --manifest-path bench/floor-native/Cargo.toml
