@@ -25,9 +25,14 @@ import socket
 import threading
 import time
 
+import pytest
+
 import plugin_config as pc
 from envoy import FILTER_LOG, Envoy, request
 from servers import json_body
+
+# Hundreds of clients and reloads under load: one such test at a time (make e2e's xdist groups).
+pytestmark = pytest.mark.cpu_heavy
 
 ROUNDS = 4
 CLIENTS = 300
