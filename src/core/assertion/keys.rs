@@ -78,7 +78,9 @@ mod oid {
 
 const NO_NAMED_CURVE: KeyError = KeyError::UnsupportedKey { what: "an EC key without a named curve" };
 
-/// The first private key in `text`, sorted by type.
+/// The first private key in `text`, sorted by type. Each parser is its own wasm function
+/// (docs/memory.md, "Function shape").
+#[inline(never)]
 pub(super) fn read_private_key(text: &str) -> Result<ParsedKey, KeyError> {
     let (label, der) = pem::first_private_key(text)?;
     match label {
@@ -89,6 +91,7 @@ pub(super) fn read_private_key(text: &str) -> Result<ParsedKey, KeyError> {
 }
 
 /// PKCS#8 `PrivateKeyInfo` (RFC 5208, RFC 5958): sorts the key by its algorithm identifier.
+#[inline(never)]
 fn parse_pkcs8(der: &[u8]) -> Result<ParsedKey, KeyError> {
     let info = PrivateKeyInfo::try_from(der).map_err(|_| KeyError::MalformedKey { format: "PKCS#8" })?;
     match info.algorithm.oid {
@@ -112,6 +115,7 @@ fn parse_pkcs8(der: &[u8]) -> Result<ParsedKey, KeyError> {
 
 /// SEC1 `ECPrivateKey` (RFC 5915): its private scalar and curve. `curve` is the one a PKCS#8
 /// wrapper named, which takes precedence over the optional parameters inside.
+#[inline(never)]
 fn parse_sec1(der: &[u8], curve: Option<EcCurve>) -> Result<ParsedKey, KeyError> {
     let key = sec1::EcPrivateKey::try_from(der).map_err(|_| KeyError::MalformedKey { format: "SEC1 EC" })?;
     let curve = match curve {

@@ -33,21 +33,25 @@ pub(super) enum SigningKey {
 
 impl SigningKey {
     /// A PKCS#1 `RSAPrivateKey`; `None` if it does not parse as one.
+    #[inline(never)]
     pub(super) fn rsa(pkcs1: &[u8]) -> Option<Self> {
         RsaPrivateKey::from_pkcs1_der(pkcs1).ok().map(|key| SigningKey::Rsa(Box::new(key)))
     }
 
     /// The private scalar of a P-256 key (SEC1 `privateKey` octets).
+    #[inline(never)]
     pub(super) fn p256(scalar: &[u8]) -> Option<Self> {
         p256::ecdsa::SigningKey::from_slice(scalar).ok().map(|key| SigningKey::P256(Box::new(key)))
     }
 
     /// The private scalar of a P-384 key (SEC1 `privateKey` octets).
+    #[inline(never)]
     pub(super) fn p384(scalar: &[u8]) -> Option<Self> {
         p384::ecdsa::SigningKey::from_slice(scalar).ok().map(|key| SigningKey::P384(Box::new(key)))
     }
 
     /// The 32-byte seed of an Ed25519 key (RFC 8410 `CurvePrivateKey`).
+    #[inline(never)]
     pub(super) fn ed25519(seed: &[u8]) -> Option<Self> {
         let seed: &[u8; 32] = seed.try_into().ok()?;
         Some(SigningKey::Ed25519(Box::new(ed25519_dalek::SigningKey::from_bytes(seed))))
@@ -79,15 +83,9 @@ impl SigningKey {
             (A::PS256, SigningKey::Rsa(key)) => rsa(key, Pss::new_blinded::<Sha256>(), &Sha256::digest(message)),
             (A::PS384, SigningKey::Rsa(key)) => rsa(key, Pss::new_blinded::<Sha384>(), &Sha384::digest(message)),
             (A::PS512, SigningKey::Rsa(key)) => rsa(key, Pss::new_blinded::<Sha512>(), &Sha512::digest(message)),
-            (A::ES256, SigningKey::P256(key)) => {
-                let signature: p256::ecdsa::Signature = key.try_sign(message).map_err(|_| EC_FAILED)?;
-                Ok(signature.to_bytes().to_vec())
-            }
-            (A::ES384, SigningKey::P384(key)) => {
-                let signature: p384::ecdsa::Signature = key.try_sign(message).map_err(|_| EC_FAILED)?;
-                Ok(signature.to_bytes().to_vec())
-            }
-            (A::EdDSA, SigningKey::Ed25519(key)) => Ok(key.sign(message).to_bytes().to_vec()),
+            (A::ES256, SigningKey::P256(key)) => es256(key, message),
+            (A::ES384, SigningKey::P384(key)) => es384(key, message),
+            (A::EdDSA, SigningKey::Ed25519(key)) => Ok(eddsa(key, message)),
             _ => Err("the key does not fit the algorithm"),
         }
     }
@@ -95,12 +93,35 @@ impl SigningKey {
 
 const EC_FAILED: &str = "ECDSA signing failed";
 
+// Each algorithm in its own wasm function, and each key type's parser too: inlined into one
+// caller they would make one large function, which costs Envoy far more memory to compile than
+// its parts (docs/memory.md, "Function shape").
+
+#[inline(never)]
+fn es256(key: &p256::ecdsa::SigningKey, message: &[u8]) -> Result<Vec<u8>, &'static str> {
+    let signature: p256::ecdsa::Signature = key.try_sign(message).map_err(|_| EC_FAILED)?;
+    Ok(signature.to_bytes().to_vec())
+}
+
+#[inline(never)]
+fn es384(key: &p384::ecdsa::SigningKey, message: &[u8]) -> Result<Vec<u8>, &'static str> {
+    let signature: p384::ecdsa::Signature = key.try_sign(message).map_err(|_| EC_FAILED)?;
+    Ok(signature.to_bytes().to_vec())
+}
+
+#[inline(never)]
+fn eddsa(key: &ed25519_dalek::SigningKey, message: &[u8]) -> Vec<u8> {
+    key.sign(message).to_bytes().to_vec()
+}
+
+#[inline(never)]
 fn hmac<M: Mac + KeyInit>(key: &[u8], message: &[u8]) -> Result<Vec<u8>, &'static str> {
     let mut mac = <M as KeyInit>::new_from_slice(key).map_err(|_| "the HMAC key was refused")?;
     mac.update(message);
     Ok(mac.finalize().into_bytes().to_vec())
 }
 
+#[inline(never)]
 fn rsa(key: &RsaPrivateKey, scheme: impl SignatureScheme, digest: &[u8]) -> Result<Vec<u8>, &'static str> {
     key.sign_with_rng(&mut OsRng, scheme, digest)
         .map_err(|_| "RSA signing failed (no randomness for blinding or the PSS salt?)")

@@ -8,6 +8,11 @@
 //! The parts: `raw` is the JSON as written (serde, and the JSON Schema generated from it);
 //! `profile`, `auth` and `routes` compile one section each, with the checks shared in `checks`;
 //! `runtime` holds the compiled types, including the lifetime and backoff policies `cache` applies.
+//!
+//! `parse` and every compile step are `#[inline(never)]`: each runs once, from one caller, so the
+//! optimiser would fold them all into one large function, and in the proxy-wasm build a large
+//! function costs Envoy far more memory to compile than its parts (docs/memory.md, "Function
+//! shape").
 
 mod auth;
 mod checks;
@@ -42,6 +47,7 @@ impl ConfigError {
 }
 
 /// Parses and validates the plugin configuration. `env` looks up the VM's environment variables.
+#[inline(never)]
 pub fn parse(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
     let raw: RawConfig = serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
@@ -77,6 +83,7 @@ fn strip_position(message: &str) -> String {
     }
 }
 
+#[inline(never)]
 fn compile(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
     if raw.profiles.is_empty() {
         return Err(ConfigError::new("profiles", "at least one profile is required"));

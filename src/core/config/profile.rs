@@ -18,6 +18,7 @@ struct RequestParts {
     request_headers: Vec<(String, String)>,
 }
 
+#[inline(never)]
 pub(super) fn compile_profile(
     name: String,
     mut raw: RawProfile,
@@ -86,6 +87,7 @@ pub(super) fn compile_profile(
     })
 }
 
+#[inline(never)]
 fn compile_endpoint(raw: &RawProfile, at: At) -> Result<TokenEndpoint, ConfigError> {
     match (raw.token_url.as_deref(), raw.issuer.as_deref()) {
         (Some(url), None) => {
@@ -104,6 +106,7 @@ fn compile_endpoint(raw: &RawProfile, at: At) -> Result<TokenEndpoint, ConfigErr
 }
 
 /// Scopes, resources, extra parameters and extra headers of the token request.
+#[inline(never)]
 fn compile_request_parts(raw: &mut RawProfile, at: At) -> Result<RequestParts, ConfigError> {
     for (index, scope) in raw.scopes.iter().enumerate() {
         if scope.is_empty() || scope.contains(' ') {
@@ -142,6 +145,7 @@ fn compile_request_parts(raw: &mut RawProfile, at: At) -> Result<RequestParts, C
     Ok(RequestParts { resources, params, request_headers })
 }
 
+#[inline(never)]
 fn compile_inject(raw: RawInject, at: At) -> Result<Injection, ConfigError> {
     let header = raw.header.unwrap_or_else(|| "authorization".to_string());
     let header = valid_header_name(&header)
@@ -154,6 +158,7 @@ fn compile_inject(raw: RawInject, at: At) -> Result<Injection, ConfigError> {
     Ok(Injection { header, prefix, keep_existing: raw.keep_existing })
 }
 
+#[inline(never)]
 fn compile_lifetime(raw: &RawRefresh, at: At) -> Result<LifetimePolicy, ConfigError> {
     let lifetime = LifetimePolicy {
         ahead_ratio: raw.ahead_ratio.unwrap_or(DEFAULT_AHEAD_RATIO),
@@ -172,6 +177,7 @@ fn compile_lifetime(raw: &RawRefresh, at: At) -> Result<LifetimePolicy, ConfigEr
     Ok(lifetime)
 }
 
+#[inline(never)]
 fn compile_backoff(raw: &RawBackoff, at: At) -> Result<BackoffPolicy, ConfigError> {
     let backoff = BackoffPolicy {
         base_ms: duration(raw.base_ms, DEFAULT_BACKOFF_BASE_MS, &at("backoff.base_ms"))?,
@@ -184,6 +190,7 @@ fn compile_backoff(raw: &RawBackoff, at: At) -> Result<BackoffPolicy, ConfigErro
 }
 
 /// The largest response body read; also checks `max_fetches_per_hour`.
+#[inline(never)]
 fn compile_limits(raw: &RawProfile, at: At) -> Result<usize, ConfigError> {
     let max_response_bytes = raw.max_response_bytes.unwrap_or(DEFAULT_MAX_RESPONSE_BYTES);
     if !(256..=MAX_RESPONSE_BYTES_LIMIT).contains(&max_response_bytes) {
@@ -197,6 +204,7 @@ fn compile_limits(raw: &RawProfile, at: At) -> Result<usize, ConfigError> {
 
 /// Everything the token depends on goes into the key; where it goes (`inject`) and when it is
 /// refreshed do not, so such changes keep the cached token across a reload.
+#[inline(never)]
 fn profile_cache_key(
     name: &str,
     raw: &RawProfile,
