@@ -32,7 +32,7 @@ export E2E_REQUIRE_WASM := 1
 export OAUTH2_CC_WASM := $(CURDIR)/$(WASM)
 export OAUTH2_CC_NATIVE := $(CURDIR)/$(NATIVE)
 
-.PHONY: all help run test unit unit-wasm e2e lint fmt build size tools wasm-target wasm-opt clean bench bench-floor bench-floor-native bench-smoke schema wrk fuzz rules compat simulate
+.PHONY: all help run test unit unit-wasm e2e lint fmt build size tools wasm-target wasm-opt clean bench bench-floor bench-floor-native bench-smoke bench-memory schema wrk fuzz rules compat simulate
 
 ## all: the default target: build
 all: build
@@ -157,6 +157,11 @@ bench-floor-native:
 ## bench-smoke: every benchmark cell once for 2 s; fails if one fails or a token is not injected
 bench-smoke: tools build bench-floor bench-floor-native wrk
 	$(PY) bench/run.py --smoke
+
+MEMORY_ARGS ?=
+## bench-memory: Envoy VmRSS at 1, 2, 4, 8 workers with no filter, the proxy-wasm floor and oauth2-cc wasm (bench/memory.py; MEMORY_ARGS=--help for cells and details; about 6 minutes)
+bench-memory: tools build bench-floor bench-floor-native
+	$(PY) bench/memory.py $(MEMORY_ARGS)
 
 ## wrk: the load generator for the bench, from apt-get when missing
 wrk:
