@@ -110,6 +110,8 @@ pub fn claim_fetch(entry: &Entry, now_ms: u64, rules: &FetchRules) -> Claim {
             ..entry.clone()
         });
     }
+    // A lease of holder 0 would read as no lease: two VMs would fetch.
+    debug_assert_ne!(rules.holder, 0, "a lease needs a holder");
     Claim::Claimed(Entry {
         lease_holder: rules.holder,
         lease_until_ms: now_ms.saturating_add(rules.lease_ms),
@@ -185,6 +187,8 @@ pub fn after_success(
     let lifetime_s = grant.expires_in_s.unwrap_or(policy.default_ttl_s);
     let jws_expiry_ms = crate::token_expiry::jws_expiry_ms(&grant.access_token);
     let (refresh_at_ms, expires_at_ms) = token_times(sent_at_ms, lifetime_s, grant.refresh_in_s, jws_expiry_ms, policy);
+    debug_assert!(refresh_at_ms <= expires_at_ms, "a refresh after the token's usable end");
+    debug_assert!(next.lease_holder != holder || holder == 0, "the fetch's own lease outlives it");
     Entry {
         generation: entry.generation.wrapping_add(1),
         token_sent_at_ms: sent_at_ms,
@@ -230,6 +234,7 @@ pub fn after_failure(
         next.lease_holder = 0;
         next.lease_until_ms = 0;
     }
+    debug_assert!(next.lease_holder != holder || holder == 0, "the fetch's own lease outlives it");
     Entry {
         failures,
         // Never earlier than a floor already set: answers can land out of order (a fetch whose
@@ -266,6 +271,7 @@ pub fn purge(entry: &Entry, generation: u64) -> Option<Entry> {
     if entry.token.is_empty() || entry.generation != generation {
         return None;
     }
+    // The generation stays: a second purge of the same token finds no token and writes nothing.
     Some(Entry { token: String::new(), refresh_at_ms: 0, expires_at_ms: 0, ..entry.clone() })
 }
 

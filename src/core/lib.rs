@@ -14,6 +14,7 @@ pub mod config;
 pub mod discovery;
 pub mod entry;
 pub mod metrics;
+pub mod request;
 pub mod route;
 pub mod secret;
 pub mod token_request;

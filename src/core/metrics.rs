@@ -50,8 +50,12 @@ pub const FETCH_FAILED_REASONS: &[&str] = &[
 /// The counters other than `fetch_failed.<reason>`, in [`MetricIds`]' order.
 const COUNTERS: [&str; 6] = ["fetch_ok", "injected", "waited", "failed_requests", "purged", "budget_refused"];
 
-/// The one gauge: seconds until the cached token's usable end.
+/// Seconds until the cached token's usable end (0: no usable token).
 const TOKEN_REMAINING: &str = "token_remaining_s";
+/// Seconds the last token this process got for the profile was usable in all: from when its
+/// request was sent to its usable end (0 until the first token). It outlives the token, so an
+/// alert can compare `token_remaining_s` with it during an outage.
+const TOKEN_LIFETIME: &str = "token_lifetime_s";
 
 /// The ids a host got for one profile's metrics (`None`: the host refused that definition).
 #[derive(Debug)]
@@ -59,6 +63,7 @@ pub struct MetricIds<Id> {
     counters: [Option<Id>; COUNTERS.len()],
     fetch_failed: Vec<Option<Id>>,
     token_remaining_s: Option<Id>,
+    token_lifetime_s: Option<Id>,
 }
 
 impl<Id: Copy> MetricIds<Id> {
@@ -67,7 +72,7 @@ impl<Id: Copy> MetricIds<Id> {
     pub fn define(
         profile: &str,
         mut counter: impl FnMut(&str) -> Option<Id>,
-        gauge: impl FnOnce(&str) -> Option<Id>,
+        mut gauge: impl FnMut(&str) -> Option<Id>,
     ) -> MetricIds<Id> {
         let prefix = format!("oauth2_cc.{profile}");
         MetricIds {
@@ -77,6 +82,7 @@ impl<Id: Copy> MetricIds<Id> {
                 .map(|reason| counter(&format!("{prefix}.fetch_failed.{reason}")))
                 .collect(),
             token_remaining_s: gauge(&format!("{prefix}.{TOKEN_REMAINING}")),
+            token_lifetime_s: gauge(&format!("{prefix}.{TOKEN_LIFETIME}")),
         }
     }
 
@@ -100,6 +106,10 @@ impl<Id: Copy> MetricIds<Id> {
 
     pub fn token_remaining_s(&self) -> Option<Id> {
         self.token_remaining_s
+    }
+
+    pub fn token_lifetime_s(&self) -> Option<Id> {
+        self.token_lifetime_s
     }
 }
 
@@ -143,6 +153,21 @@ mod tests {
         }
         assert_eq!(names.len(), 6 + FETCH_FAILED_REASONS.len(), "{names:?}");
         assert!(ids.token_remaining_s().is_some());
+    }
+
+    #[test]
+    fn both_gauges_have_their_documented_names() {
+        let mut gauges = Vec::new();
+        let ids = MetricIds::define(
+            "billing",
+            |_| Some(0),
+            |name| {
+                gauges.push(name.to_string());
+                Some(gauges.len())
+            },
+        );
+        assert_eq!(gauges, ["oauth2_cc.billing.token_remaining_s", "oauth2_cc.billing.token_lifetime_s"]);
+        assert_eq!((ids.token_remaining_s(), ids.token_lifetime_s()), (Some(1), Some(2)));
     }
 
     #[test]

@@ -15,6 +15,10 @@ pub trait RequestFacts {
     fn method(&mut self) -> Option<&str>;
     /// A request header's value as the client sent it: any bytes (obs-text, not UTF-8).
     fn header(&mut self, lower_case_name: &str) -> Option<Vec<u8>>;
+    /// Whether the request carries header `lower_case_name`, whatever its value.
+    fn has_header(&mut self, lower_case_name: &str) -> bool {
+        self.header(lower_case_name).is_some()
+    }
     fn route_name(&mut self) -> Option<String>;
     /// `filter_metadata.oauth2_cc.profile` of the Envoy route.
     fn metadata_profile(&mut self) -> Option<String>;

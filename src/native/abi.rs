@@ -223,9 +223,10 @@ pub fn is_validation_mode() -> bool {
 pub struct Stream(pub Ptr);
 
 impl Stream {
-    /// The first value of a header; Envoy's bytes, valid until this hook returns or a header
-    /// of the same map is set.
-    pub fn header<'a>(self, kind: u32, name: &str) -> Option<&'a [u8]> {
+    /// The first value of a header: Envoy's bytes, valid until this hook returns or a header of
+    /// the same map is set, so they are lent for as long as this `Stream` value is borrowed
+    /// (hooks make a `Stream` per call and drop it when they return).
+    pub fn header(&self, kind: u32, name: &str) -> Option<&[u8]> {
         let c = callbacks()?;
         let mut out = Buffer::NULL;
         // SAFETY: `self.0` is the live stream; `out` is written by Envoy; size pointer may be null.
@@ -267,7 +268,8 @@ impl Stream {
         }
     }
 
-    pub fn route_name<'a>(self) -> Option<&'a [u8]> {
+    /// The route's name (lent like [`Stream::header`]'s bytes).
+    pub fn route_name(&self) -> Option<&[u8]> {
         let c = callbacks()?;
         let mut out = Buffer::NULL;
         // SAFETY: the live stream; `out` is written by Envoy.
@@ -276,7 +278,8 @@ impl Stream {
         found.then(|| unsafe { out.as_bytes() })
     }
 
-    pub fn route_metadata_string<'a>(self, namespace: &str, key: &str) -> Option<&'a [u8]> {
+    /// A string in the route's metadata (lent like [`Stream::header`]'s bytes).
+    pub fn route_metadata_string(&self, namespace: &str, key: &str) -> Option<&[u8]> {
         let c = callbacks()?;
         let mut out = Buffer::NULL;
         // SAFETY: the live stream, live key buffers; `out` is written by Envoy.
@@ -371,19 +374,33 @@ impl Drop for Scheduler {
     }
 }
 
+/// Proof that the code holding it runs on Envoy's main thread: made only in the hooks Envoy calls
+/// there, and neither `Send` nor `Sync`, so it cannot be carried to another thread. Every
+/// [`ConfigHandle`] call that Envoy allows on the main thread only asks for one.
+#[derive(Clone, Copy)]
+pub struct OnMain(std::marker::PhantomData<*const ()>);
+
+impl OnMain {
+    /// # Safety
+    /// Call only on Envoy's main thread (a filter-configuration hook), or in a test that plays it.
+    pub unsafe fn assume() -> OnMain {
+        OnMain(std::marker::PhantomData)
+    }
+}
+
 /// Envoy's filter configuration object (`http_filter_config_envoy_ptr`): main-thread callouts,
 /// the main-thread scheduler and metric definitions.
 #[derive(Clone, Copy)]
 pub struct ConfigHandle(pub Ptr);
 
-// SAFETY: the pointer is only dereferenced by Envoy, on the main thread (callouts, metrics
-// definitions) or through the thread-safe scheduler; the module merely carries it.
+// SAFETY: the module only carries the pointer between threads; every call that makes Envoy
+// dereference it takes an `OnMain`, which exists only on the main thread.
 unsafe impl Send for ConfigHandle {}
 // SAFETY: as above.
 unsafe impl Sync for ConfigHandle {}
 
 impl ConfigHandle {
-    pub fn scheduler(self) -> Option<Scheduler> {
+    pub fn scheduler(self, _main: OnMain) -> Option<Scheduler> {
         let c = callbacks()?;
         // SAFETY: the live filter configuration.
         let raw = unsafe { (c.config_scheduler_new)(self.0) };
@@ -394,6 +411,7 @@ impl ConfigHandle {
     /// `on_http_filter_config_http_callout_done` with the returned id.
     pub fn http_callout(
         self,
+        _main: OnMain,
         cluster: &str,
         headers: &[(&str, &[u8])],
         body: &[u8],
@@ -417,7 +435,7 @@ impl ConfigHandle {
         if result == CALLOUT_INIT_SUCCESS { Ok(id) } else { Err(result) }
     }
 
-    pub fn define_counter(self, name: &str) -> Option<usize> {
+    pub fn define_counter(self, _main: OnMain, name: &str) -> Option<usize> {
         let c = callbacks()?;
         let mut id = 0usize;
         // SAFETY: a live name buffer; no labels; `id` is written by Envoy.
@@ -426,7 +444,7 @@ impl ConfigHandle {
         (result == METRICS_SUCCESS).then_some(id)
     }
 
-    pub fn define_gauge(self, name: &str) -> Option<usize> {
+    pub fn define_gauge(self, _main: OnMain, name: &str) -> Option<usize> {
         let c = callbacks()?;
         let mut id = 0usize;
         // SAFETY: as for counters.
@@ -435,14 +453,14 @@ impl ConfigHandle {
         (result == METRICS_SUCCESS).then_some(id)
     }
 
-    pub fn increment_counter(self, id: usize, by: u64) {
+    pub fn increment_counter(self, _main: OnMain, id: usize, by: u64) {
         if let Some(c) = callbacks() {
             // SAFETY: the live configuration; no labels.
             unsafe { (c.config_increment_counter)(self.0, id, std::ptr::null_mut(), 0, by) };
         }
     }
 
-    pub fn set_gauge(self, id: usize, value: u64) {
+    pub fn set_gauge(self, _main: OnMain, id: usize, value: u64) {
         if let Some(c) = callbacks() {
             // SAFETY: the live configuration; no labels.
             unsafe { (c.config_set_gauge)(self.0, id, std::ptr::null_mut(), 0, value) };

@@ -10,7 +10,7 @@
 use std::ffi::{c_char, c_void};
 use std::sync::Arc;
 
-use crate::abi::{self, Buffer, ConfigHandle, HttpHeader, Level, Stream};
+use crate::abi::{self, Buffer, ConfigHandle, HttpHeader, Level, OnMain, Stream};
 use crate::parked::DELIVERED;
 use crate::plugin::Plugin;
 use crate::stream::{StreamFilter, Verdict};
@@ -60,7 +60,9 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
 ) -> *const c_void {
     // SAFETY: Envoy's configuration bytes, valid during this hook.
     let bytes = unsafe { config.as_bytes() };
-    match Plugin::load(ConfigHandle(config_envoy), bytes) {
+    // SAFETY: Envoy makes filter configurations on its main thread.
+    let main = unsafe { OnMain::assume() };
+    match Plugin::load(main, ConfigHandle(config_envoy), bytes) {
         Ok(plugin) => Arc::into_raw(plugin).cast(),
         Err(line) => {
             abi::log(Level::Error, &line);
@@ -87,7 +89,8 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(
 ) {
     // SAFETY: Envoy passes the live configuration this module made.
     if let Some(plugin) = unsafe { plugin_ref(plugin) } {
-        plugin.on_main_event(event);
+        // SAFETY: a configuration's scheduled events run on Envoy's main thread.
+        plugin.on_main_event(unsafe { OnMain::assume() }, event);
     }
 }
 
@@ -114,7 +117,9 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout
         .collect();
     // SAFETY: as above.
     let chunks: Vec<&[u8]> = unsafe { slice(chunks, chunks_len) }.iter().map(|b| unsafe { b.as_bytes() }).collect();
-    plugin.on_callout_done(callout, result == abi::CALLOUT_SUCCESS, &headers, &chunks);
+    // SAFETY: a configuration's callouts are answered on Envoy's main thread.
+    let main = unsafe { OnMain::assume() };
+    plugin.on_callout_done(main, callout, result == abi::CALLOUT_SUCCESS, &headers, &chunks);
 }
 
 /// # Safety

@@ -11,9 +11,9 @@
 //! so there is nothing to gain from several drivers (and one holder, one set of waiters, one fetch
 //! per profile). What made the wasm build cheap stays: the request path never takes the lock on a
 //! hit — each worker keeps a thread-local copy of the driver's token copies and re-reads them only
-//! when an epoch counter says they changed. The driver runs on the main thread for ticks (a
-//! background thread posts one every 100 ms), wakes, kicks and callout answers (callouts go out
-//! from the filter configuration, so they outlive any request); on a worker only for a request
+//! when an epoch counter says they changed. The driver runs on the main thread for ticks (one
+//! process-wide thread posts one every 100 ms to every live configuration), wakes, kicks and
+//! callout answers (callouts go out from the filter configuration, so they outlive any request); on a worker only for a request
 //! that found no token copy and for a response to purge on. A paused request is resumed or failed
 //! on its own worker: the main thread leaves the outcome in the request's mailbox and posts an
 //! event through the request's own scheduler.
@@ -24,9 +24,15 @@ mod hooks;
 mod metrics;
 mod parked;
 mod plugin;
+mod secret_files;
 mod store;
 mod stream;
+mod sync;
 mod ticker;
 
 #[cfg(test)]
+#[cfg(feature = "model-check")]
+mod model_check;
+#[cfg(test)]
+#[cfg(not(feature = "model-check"))]
 mod tests;

@@ -8,10 +8,11 @@
 //! `injected`, bumped on the hit path, is counted in an atomic here and added to Envoy's counter on
 //! the main thread's tick (as the wasm build does), so the hit path makes no metric call into
 //! Envoy; every other counter goes to Envoy at once, through the stream on a request thread.
+//! Envoy lets only the main thread set the configuration's gauges: a gauge a request thread's
+//! driver event asks for waits here for the main thread too ([`OnMain`] proves where code runs).
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
-use crate::abi::{ConfigHandle, Stream};
+use crate::abi::{ConfigHandle, OnMain, Stream};
+use crate::sync::{AtomicU64, Mutex, Ordering, lock};
 use oauth2_cc_core::config::Config;
 use oauth2_cc_core::lifecycle::Metric;
 use oauth2_cc_core::metrics::MetricIds;
@@ -20,6 +21,8 @@ struct ProfileMetrics {
     ids: MetricIds<usize>,
     /// Injections counted on request threads, not yet added to Envoy's counter.
     pending_injected: AtomicU64,
+    /// The gauges (remaining, lifetime) a request thread was asked to set, for the main thread.
+    pending_gauges: Mutex<Option<(u64, u64)>>,
 }
 
 pub struct Metrics {
@@ -30,17 +33,18 @@ pub struct Metrics {
 impl Metrics {
     /// Defines every profile's metrics (main thread, while the configuration loads: Envoy refuses
     /// definitions later).
-    pub fn define(handle: ConfigHandle, config: &Config) -> Metrics {
+    pub fn define(main: OnMain, handle: ConfigHandle, config: &Config) -> Metrics {
         let profiles = config
             .profiles
             .iter()
             .map(|profile| ProfileMetrics {
                 ids: MetricIds::define(
                     &profile.name,
-                    |name| handle.define_counter(name),
-                    |name| handle.define_gauge(name),
+                    |name| handle.define_counter(main, name),
+                    |name| handle.define_gauge(main, name),
                 ),
                 pending_injected: AtomicU64::new(0),
+                pending_gauges: Mutex::new(None),
             })
             .collect();
         Metrics { handle, profiles }
@@ -58,24 +62,39 @@ impl Metrics {
     }
 
     /// Counts on the main thread, straight into Envoy's counter.
-    pub fn count_on_main(&self, profile: usize, metric: &Metric) {
+    pub fn count_on_main(&self, main: OnMain, profile: usize, metric: &Metric) {
         if let Some(id) = self.profiles.get(profile).and_then(|p| p.ids.counter(metric)) {
-            self.handle.increment_counter(id, 1);
+            self.handle.increment_counter(main, id, 1);
         }
     }
 
-    pub fn gauge(&self, profile: usize, remaining_s: u64) {
-        if let Some(id) = self.profiles.get(profile).and_then(|p| p.ids.token_remaining_s()) {
-            self.handle.set_gauge(id, remaining_s);
+    pub fn gauges_on_main(&self, main: OnMain, profile: usize, remaining_s: u64, lifetime_s: u64) {
+        let Some(p) = self.profiles.get(profile) else { return };
+        for (id, value) in [(p.ids.token_remaining_s(), remaining_s), (p.ids.token_lifetime_s(), lifetime_s)] {
+            if let Some(id) = id {
+                self.handle.set_gauge(main, id, value);
+            }
         }
     }
 
-    /// Adds the injections request threads counted to Envoy's counters (main thread).
-    pub fn flush(&self) {
-        for p in &self.profiles {
+    /// Keeps gauge values for the main thread's next [`Metrics::flush`] (the latest win).
+    pub fn gauges_on_worker(&self, profile: usize, remaining_s: u64, lifetime_s: u64) {
+        if let Some(p) = self.profiles.get(profile) {
+            *lock(&p.pending_gauges) = Some((remaining_s, lifetime_s));
+        }
+    }
+
+    /// Adds the injections request threads counted to Envoy's counters and sets the gauges they
+    /// were asked for (main thread).
+    pub fn flush(&self, main: OnMain) {
+        for (index, p) in self.profiles.iter().enumerate() {
             let n = p.pending_injected.swap(0, Ordering::Relaxed);
             if let (Some(id), true) = (p.ids.counter(&Metric::Injected), n > 0) {
-                self.handle.increment_counter(id, n);
+                self.handle.increment_counter(main, id, n);
+            }
+            let pending = lock(&p.pending_gauges).take();
+            if let Some((remaining_s, lifetime_s)) = pending {
+                self.gauges_on_main(main, index, remaining_s, lifetime_s);
             }
         }
     }

@@ -2,9 +2,8 @@
 //! outcome and its own Envoy scheduler, which runs `on_http_filter_scheduled` on the request's
 //! worker, where the outcome is carried out.
 
-use std::sync::{Mutex, MutexGuard};
-
 use crate::abi::Scheduler;
+use crate::sync::{Mutex, MutexGuard, lock};
 
 /// What the driver decided for a paused request.
 pub enum Outcome {
@@ -34,7 +33,7 @@ impl Parked {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.inner)
     }
 
     /// Leaves the outcome and wakes the request on its worker (any thread). False when the
@@ -51,7 +50,8 @@ impl Parked {
         true
     }
 
-    /// The outcome, on the request's worker.
+    /// The outcome, on the request's worker; `None` for a wake that brought none (the request
+    /// then stays paused and listed: its outcome, or its client going away, is still to come).
     pub fn take(&self) -> Option<Outcome> {
         self.lock().outcome.take()
     }

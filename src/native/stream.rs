@@ -1,6 +1,7 @@
-//! One request through the filter: pick its profile, write the token from this worker's copy (the
-//! hit path: no lock, no clock, no allocation but the stream object), or ask the driver, pause
-//! until the main thread delivers an outcome, and report the upstream's status for the purge.
+//! One request through the filter, as the core's request path (`oauth2_cc_core::request`) says:
+//! this host only reads and writes Envoy's headers, pauses, resumes and replies. It owns this
+//! worker's token copies (the hit path: no lock, no clock, no allocation but the stream object),
+//! the driver's lock around a miss, and the mailbox of a paused request.
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -9,8 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::abi::{self, Level, RESPONSE_HEADER, Stream};
 use crate::parked::{Outcome, Parked};
 use crate::plugin::{Plugin, Thread};
-use oauth2_cc_core::lifecycle::{self, RequestId, RequestOutcome, Snapshot};
-use oauth2_cc_core::route::{RequestFacts, Selection};
+use oauth2_cc_core::lifecycle::{Metric, RequestId, RequestOutcome, Snapshot};
+use oauth2_cc_core::request::{Delivered, Next, RequestPath, Step};
+use oauth2_cc_core::route::RequestFacts;
 
 /// What a request-headers or body hook tells Envoy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,172 +38,175 @@ static REQUEST_IDS: AtomicU64 = AtomicU64::new(1);
 
 pub struct StreamFilter {
     plugin: Arc<Plugin>,
-    profile: Option<usize>,
-    /// The generation of the token written on this request (for the purge on 401).
-    injected: Option<u64>,
+    path: RequestPath,
     parked: Option<(RequestId, Arc<Parked>)>,
 }
 
 impl StreamFilter {
     pub fn new(plugin: Arc<Plugin>) -> StreamFilter {
-        StreamFilter { plugin, profile: None, injected: None, parked: None }
+        StreamFilter { plugin, path: RequestPath::new(), parked: None }
     }
 
     pub fn on_request_headers(&mut self, stream: Stream) -> Verdict {
         // Borrowed, not cloned: an `Arc` clone is an atomic on a cache line every worker shares.
-        let config = &*self.plugin.config;
-        let mut facts = StreamFacts { stream, authority: None, path: None, method: None };
-        let profile_index = match config.routes.select_request(&mut facts) {
-            Selection::None => return Verdict::Continue,
-            Selection::Profile(index) => index,
-            Selection::UnknownProfile(name) => {
-                abi::log_line(
-                    Level::Error,
-                    format_args!("route metadata names profile {name:?}, which is not configured; failing the request"),
-                );
-                let reply = lifecycle::unknown_profile_reply(config);
+        let plugin = &*self.plugin;
+        let config = &*plugin.config;
+        let mut facts = StreamFacts { stream: &stream, authority: None, path: None, method: None };
+        let mut next = self.path.on_request_headers(config, &mut facts);
+        if let Step::LookUpCopy { profile } = next.step {
+            next = match Self::write_copy(plugin, &mut self.path, stream, profile) {
+                Some(next) => next,
+                None => self.path.on_copy(config, None),
+            };
+        }
+        match next.step {
+            Step::AskDriver { profile } => self.ask_driver(stream, profile),
+            step => self.finish(stream, step, next.count),
+        }
+    }
+
+    /// The hit path: this worker's copy of the token, refreshed under the driver's lock only when
+    /// the epoch moved. `None`: the copies are busy (a re-entered hook), so the driver decides.
+    fn write_copy(plugin: &Plugin, path: &mut RequestPath, stream: Stream, profile: usize) -> Option<Next<'static>> {
+        let epoch = plugin.epoch();
+        COPIES.with(|cell| {
+            let mut copies = cell.try_borrow_mut().ok()?;
+            if copies.plugin != plugin.id || copies.epoch != epoch {
+                let snapshots = plugin.with_driver(|driver| {
+                    (0..plugin.config.profiles.len()).map(|i| driver.cached(i).cloned()).collect()
+                });
+                *copies = Copies { plugin: plugin.id, epoch, snapshots };
+            }
+            let copy = copies.snapshots.get(profile).and_then(Option::as_ref);
+            let next = path.on_copy(&plugin.config, copy);
+            Some(match next.step {
+                Step::WriteHeader { name, value } => {
+                    let written = stream.set_request_header(name, value.as_bytes());
+                    path.on_header_written(&plugin.config, written)
+                }
+                Step::AskDriver { profile } => Next { step: Step::AskDriver { profile }, count: next.count },
+                _ => Next { step: Step::Nothing, count: None },
+            })
+        })
+    }
+
+    /// No copy: the driver decides under its lock; a request told to wait is parked there.
+    fn ask_driver(&mut self, stream: Stream, profile: usize) -> Verdict {
+        let plugin = Arc::clone(&self.plugin);
+        let config = &*plugin.config;
+        let request = REQUEST_IDS.fetch_add(1, Ordering::Relaxed);
+        // The mailbox is made first and listed before the driver's lock is released: the main
+        // thread may resume a waiting request at once, before this thread could list it later.
+        let mailbox = stream.scheduler().map(|scheduler| Arc::new(Parked::new(scheduler)));
+        let outcome = plugin.run_with(Thread::Worker(Some(stream)), |driver, now| {
+            let (outcome, actions) = driver.on_request(profile, request, now, &mut crate::env::ProcessEnv);
+            if let (RequestOutcome::Wait, Some(mailbox)) = (&outcome, &mailbox) {
+                plugin.park(request, Arc::clone(mailbox));
+            }
+            (outcome, actions)
+        });
+        let mut next = self.path.on_outcome(config, &outcome);
+        if let Step::WriteHeader { name, value } = next.step {
+            let written = stream.set_request_header(name, value.as_bytes());
+            next = self.path.on_header_written(config, written);
+        }
+        if next.step == Step::Pause {
+            match mailbox {
+                Some(mailbox) => self.parked = Some((request, mailbox)),
+                None => {
+                    plugin.run(Thread::Worker(Some(stream)), |driver, _| {
+                        driver.on_request_gone(request);
+                        Vec::new()
+                    });
+                    next = self.path.on_cannot_pause(config);
+                }
+            }
+        }
+        self.finish(stream, next.step, next.count)
+    }
+
+    /// Carries out a final step of the request hook and counts what the path says.
+    fn finish(&self, stream: Stream, step: Step<'_>, count: Option<(usize, Metric)>) -> Verdict {
+        if let Some((profile, metric)) = count {
+            self.plugin.metrics.count_on_worker(profile, &metric, Some(stream));
+        }
+        match step {
+            Step::Reply { reply, error } => {
+                if let Some(error) = error {
+                    abi::log_line(Level::Error, format_args!("{error}"));
+                }
                 stream.send_response(
                     reply.status,
                     &[("content-type", "application/json")],
                     reply.body.as_bytes(),
                     reply.details,
                 );
-                return Verdict::Stop;
-            }
-        };
-        let Some(profile) = config.profiles.get(profile_index) else { return Verdict::Continue };
-        self.profile = Some(profile_index);
-        if profile.inject.keep_existing && stream.header(abi::REQUEST_HEADER, &profile.inject.header).is_some() {
-            return Verdict::Continue;
-        }
-        if let Some((generation, written)) = self.write_copy(stream, profile_index, &profile.inject.header) {
-            if !written {
-                self.fail(stream, profile_index);
-                return Verdict::Stop;
-            }
-            self.injected = Some(generation);
-            self.plugin.metrics.count_on_worker(profile_index, &lifecycle::Metric::Injected, None);
-            return Verdict::Continue;
-        }
-        let request = REQUEST_IDS.fetch_add(1, Ordering::Relaxed);
-        // The mailbox is made first and listed before the driver's lock is released: the main
-        // thread may resume a waiting request at once, before this thread could list it later.
-        let mailbox = stream.scheduler().map(|scheduler| Arc::new(Parked::new(scheduler)));
-        let outcome = self.plugin.run_with(Thread::Worker(Some(stream)), |driver, now| {
-            let (outcome, actions) = driver.on_request(profile_index, request, now, &mut crate::env::ProcessEnv);
-            if let (RequestOutcome::Wait, Some(mailbox)) = (&outcome, &mailbox) {
-                self.plugin.park(request, Arc::clone(mailbox));
-            }
-            (outcome, actions)
-        });
-        match outcome {
-            RequestOutcome::Inject { value, generation } => {
-                if stream.set_request_header(&profile.inject.header, value.as_bytes()) {
-                    self.injected = Some(generation);
-                    Verdict::Continue
-                } else {
-                    self.fail(stream, profile_index);
-                    Verdict::Stop
-                }
-            }
-            RequestOutcome::Fail => {
-                self.reply_failure(stream, profile_index);
                 Verdict::Stop
             }
-            RequestOutcome::Wait => match mailbox {
-                Some(mailbox) => {
-                    self.parked = Some((request, mailbox));
-                    Verdict::Stop
-                }
-                None => {
-                    abi::log_line(Level::Error, format_args!("no scheduler for a paused request; failing it"));
-                    self.plugin.run(Thread::Worker(Some(stream)), |driver, _| {
-                        driver.on_request_gone(request);
-                        Vec::new()
-                    });
-                    self.fail(stream, profile_index);
-                    Verdict::Stop
-                }
-            },
-        }
-    }
-
-    /// The hit path: writes the token from this worker's copy. `None` when there is no copy;
-    /// `Some((generation, written))` otherwise.
-    fn write_copy(&self, stream: Stream, profile: usize, header: &str) -> Option<(u64, bool)> {
-        let epoch = self.plugin.epoch();
-        COPIES.with(|cell| {
-            let mut copies = cell.try_borrow_mut().ok()?;
-            if copies.plugin != self.plugin.id || copies.epoch != epoch {
-                let snapshots = self.plugin.with_driver(|driver| {
-                    (0..self.plugin.config.profiles.len()).map(|i| driver.cached(i).cloned()).collect()
-                });
-                *copies = Copies { plugin: self.plugin.id, epoch, snapshots };
+            Step::Pause => Verdict::Stop,
+            Step::Resume => {
+                stream.continue_decoding();
+                Verdict::Continue
             }
-            let snapshot = copies.snapshots.get(profile)?.as_ref()?;
-            Some((snapshot.generation, stream.set_request_header(header, snapshot.header_value.as_bytes())))
-        })
+            _ => Verdict::Continue,
+        }
     }
 
     /// The main thread delivered this paused request's outcome (on its worker).
     pub fn on_delivered(&mut self, stream: Stream) {
-        let Some((_, parked)) = self.parked.take() else { return };
-        let outcome = parked.take();
+        let Some((request, parked)) = self.parked.take() else { return };
+        let Some(outcome) = parked.take() else {
+            // A wake without an outcome is none: the request stays paused and listed.
+            self.parked = Some((request, parked));
+            return;
+        };
         parked.close();
-        let Some(profile) = self.profile else { return };
-        match outcome {
-            Some(Outcome::Resume { header, value, generation }) => {
-                if stream.set_request_header(&header, value.as_bytes()) {
-                    self.injected = Some(generation);
-                    stream.continue_decoding();
-                } else {
-                    self.fail(stream, profile);
-                }
+        let plugin = Arc::clone(&self.plugin);
+        let config = &*plugin.config;
+        // One configuration per plugin here: a paused request keeps its profile index.
+        let profile = self.path.profile().unwrap_or(0);
+        let delivered = match &outcome {
+            Outcome::Resume { header, value, generation } => {
+                Delivered::Token { profile, header, value, generation: *generation }
             }
-            Some(Outcome::Fail) => self.reply_failure(stream, profile),
-            None => {}
+            Outcome::Fail => Delivered::Fail { profile },
+        };
+        let mut next = self.path.on_delivered(config, Some(delivered));
+        if let Step::WriteHeader { name, value } = next.step {
+            let written = stream.set_request_header(name, value.as_bytes());
+            next = self.path.on_header_written(config, written);
         }
+        let _ = self.finish(stream, next.step, next.count);
     }
 
     /// Whether the request is still paused (its body and trailers must be held too).
     pub fn waiting(&self) -> bool {
-        self.parked.is_some()
+        self.path.waiting()
     }
 
+    /// The upstream's answer: `:status` is read only when the profile purges on some status, and
+    /// only a status in its list takes the driver's lock.
     pub fn on_response_headers(&mut self, stream: Stream) {
-        let (Some(profile), Some(generation)) = (self.profile, self.injected) else { return };
-        if self.plugin.config.profiles.get(profile).is_none_or(|p| p.purge_on_status.is_empty()) {
-            return; // reading `:status` costs a call on every request
+        let config = &*self.plugin.config;
+        if !self.path.wants_status(config) {
+            return;
         }
         let status = stream.header(RESPONSE_HEADER, ":status");
-        self.plugin.run(Thread::Worker(Some(stream)), |driver, now| {
-            driver.on_response_status(profile, generation, status, now, &mut crate::env::ProcessEnv)
-        });
+        if let Step::ReportStatus { profile, generation } = self.path.on_response_status(config, status) {
+            self.plugin.run(Thread::Worker(Some(stream)), |driver, now| {
+                driver.on_response_status(profile, generation, status, now, &mut crate::env::ProcessEnv)
+            });
+        }
     }
 
     /// The stream is ending: a request still paused is forgotten by the driver.
     pub fn on_complete(&mut self) {
+        let paused = self.path.on_gone();
         if let Some((request, parked)) = self.parked.take() {
+            debug_assert!(paused, "a parked request the path did not pause");
             parked.close();
             self.plugin.unpark(request);
         }
-    }
-
-    /// The header could not be written: count and answer with the failure reply.
-    fn fail(&self, stream: Stream, profile: usize) {
-        self.plugin.metrics.count_on_worker(profile, &lifecycle::Metric::FailedRequest, Some(stream));
-        self.reply_failure(stream, profile);
-    }
-
-    /// The failure reply (the driver counted it when it decided).
-    fn reply_failure(&self, stream: Stream, profile: usize) {
-        let reply = lifecycle::failure_reply(&self.plugin.config, profile);
-        stream.send_response(
-            reply.status,
-            &[("content-type", "application/json")],
-            reply.body.as_bytes(),
-            reply.details,
-        );
     }
 }
 
@@ -213,14 +218,14 @@ impl Drop for StreamFilter {
 
 /// Request facts read from Envoy on first use; bytes that are not UTF-8 count as absent.
 struct StreamFacts<'a> {
-    stream: Stream,
+    stream: &'a Stream,
     authority: Option<Option<&'a str>>,
     path: Option<Option<&'a str>>,
     method: Option<Option<&'a str>>,
 }
 
 impl<'a> StreamFacts<'a> {
-    fn request_header(stream: Stream, name: &str) -> Option<&'a str> {
+    fn request_header(stream: &'a Stream, name: &str) -> Option<&'a str> {
         stream.header(abi::REQUEST_HEADER, name).and_then(|b| std::str::from_utf8(b).ok())
     }
 }
@@ -240,6 +245,9 @@ impl RequestFacts for StreamFacts<'_> {
     }
     fn header(&mut self, lower_case_name: &str) -> Option<Vec<u8>> {
         self.stream.header(abi::REQUEST_HEADER, lower_case_name).map(<[u8]>::to_vec)
+    }
+    fn has_header(&mut self, lower_case_name: &str) -> bool {
+        self.stream.header(abi::REQUEST_HEADER, lower_case_name).is_some()
     }
     fn route_name(&mut self) -> Option<String> {
         self.stream.route_name().and_then(|b| std::str::from_utf8(b).ok()).map(str::to_string)

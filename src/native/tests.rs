@@ -3,9 +3,10 @@
 //! a real Envoy (the e2e suite covers that).
 
 use std::ffi::c_void;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::abi::{self, Buffer, Callbacks, ConfigHandle, HttpHeader, Ptr};
+use super::abi::{self, Buffer, Callbacks, ConfigHandle, HttpHeader, OnMain, Ptr};
 use super::parked::{DELIVERED, Outcome, Parked};
 use super::plugin::{EVENT_TICK, EVENT_WAKE, Plugin};
 use super::stream::{StreamFilter, Verdict};
@@ -47,6 +48,9 @@ unsafe extern "C" fn log_enabled(_: u32) -> bool {
 unsafe extern "C" fn no() -> bool {
     false
 }
+/// The upstream's `:status` on every response.
+static STATUS: Mutex<&'static [u8]> = Mutex::new(b"200");
+
 /// Every request is `GET /` (enough for the routes of [`config`]).
 unsafe extern "C" fn get_header(_: Ptr, _: u32, name: Buffer, out: *mut Buffer, _: usize, _: *mut usize) -> bool {
     static PATH: &[u8] = b"/";
@@ -54,6 +58,7 @@ unsafe extern "C" fn get_header(_: Ptr, _: u32, name: Buffer, out: *mut Buffer, 
     let value = match text(name).as_str() {
         ":path" => PATH,
         ":method" => METHOD,
+        ":status" => *STATUS.lock().unwrap(),
         _ => return false,
     };
     // SAFETY: the module passes a live out slot; the value is static.
@@ -190,6 +195,12 @@ fn config(cluster: &str) -> String {
     )
 }
 
+/// The tests play Envoy's main thread.
+fn on_main() -> OnMain {
+    // SAFETY: see above.
+    unsafe { OnMain::assume() }
+}
+
 fn handle() -> ConfigHandle {
     ConfigHandle(std::ptr::null_mut::<c_void>())
 }
@@ -198,7 +209,7 @@ fn handle() -> ConfigHandle {
 fn a_bad_configuration_is_refused_naming_the_field() {
     let _envoy = fake_envoy();
     let bad = config("idp-bad").replace(r#""client_id": "svc""#, r#""client_id": 7"#);
-    let Err(line) = Plugin::load(handle(), bad.as_bytes()) else { panic!("accepted a bad configuration") };
+    let Err(line) = Plugin::load(on_main(), handle(), bad.as_bytes()) else { panic!("accepted a bad configuration") };
     assert!(line.starts_with("oauth2_cc: configuration rejected: profiles.p.client_id"), "{line}");
     assert!(!line.contains("s3cr3t"), "{line}");
 }
@@ -206,12 +217,13 @@ fn a_bad_configuration_is_refused_naming_the_field() {
 #[test]
 fn loading_defines_the_wasm_metric_names_and_ticks_at_once() {
     let _envoy = fake_envoy();
-    let plugin = Plugin::load(handle(), config("idp-load").as_bytes()).unwrap();
+    let plugin = Plugin::load(on_main(), handle(), config("idp-load").as_bytes()).unwrap();
     let calls = calls();
     for name in ["fetch_ok", "injected", "waited", "failed_requests", "purged", "budget_refused"] {
         assert!(calls.contains(&Call::DefineCounter(format!("oauth2_cc.p.{name}"))), "{name}: {calls:?}");
     }
     assert!(calls.contains(&Call::DefineGauge("oauth2_cc.p.token_remaining_s".into())), "{calls:?}");
+    assert!(calls.contains(&Call::DefineGauge("oauth2_cc.p.token_lifetime_s".into())), "{calls:?}");
     assert!(calls.contains(&Call::ConfigCommit(EVENT_TICK)), "the first tick is posted at load: {calls:?}");
     plugin.shut_down();
 }
@@ -219,15 +231,15 @@ fn loading_defines_the_wasm_metric_names_and_ticks_at_once() {
 #[test]
 fn a_tick_sends_the_token_request_from_the_configuration() {
     let _envoy = fake_envoy();
-    let plugin = Plugin::load(handle(), config("idp-tick").as_bytes()).unwrap();
-    plugin.on_main_event(EVENT_TICK);
+    let plugin = Plugin::load(on_main(), handle(), config("idp-tick").as_bytes()).unwrap();
+    plugin.on_main_event(on_main(), EVENT_TICK);
     let sent: Vec<Call> = calls().into_iter().filter(|c| matches!(c, Call::Callout { .. })).collect();
     let [Call::Callout { cluster, headers, body }] = sent.as_slice() else { panic!("one callout expected: {sent:?}") };
     assert_eq!(cluster, "idp-tick");
     assert!(headers.iter().any(|(k, v)| k == ":path" && v == "/idp-tick/token"), "{headers:?}");
     assert!(String::from_utf8_lossy(body).contains("grant_type=client_credentials"));
     // A second tick while the request is in flight sends nothing more (the lease holds).
-    plugin.on_main_event(EVENT_TICK);
+    plugin.on_main_event(on_main(), EVENT_TICK);
     assert_eq!(calls().iter().filter(|c| matches!(c, Call::Callout { .. })).count(), 1);
     plugin.shut_down();
 }
@@ -236,25 +248,33 @@ fn a_tick_sends_the_token_request_from_the_configuration() {
 fn a_refused_dispatch_goes_back_to_the_driver_and_is_counted() {
     let _envoy = fake_envoy();
     *CALLOUT_RESULT.lock().unwrap() = 2; // ClusterNotFound
-    let plugin = Plugin::load(handle(), config("idp-missing").as_bytes()).unwrap();
-    plugin.on_main_event(EVENT_TICK);
+    let plugin = Plugin::load(on_main(), handle(), config("idp-missing").as_bytes()).unwrap();
+    let no_cluster = metric_id(&Call::DefineCounter("oauth2_cc.p.fetch_failed.no_cluster".into()));
+    plugin.on_main_event(on_main(), EVENT_TICK);
     let calls = calls();
-    assert!(
-        calls.iter().any(|c| matches!(c, Call::DefineCounter(n) if n == "oauth2_cc.p.fetch_failed.no_cluster")),
-        "{calls:?}"
-    );
+    assert!(calls.iter().any(|c| matches!(c, Call::Callout { .. })), "the tick tried to send: {calls:?}");
+    let counted: u64 = calls.iter().map(|c| if *c == Call::Increment(no_cluster, 1) { 1 } else { 0 }).sum();
+    assert_eq!(counted, 1, "the refused dispatch is counted once as fetch_failed.no_cluster: {calls:?}");
     assert!(calls.iter().any(|c| matches!(c, Call::Log(3..=4, m) if m.contains("idp-missing"))), "{calls:?}");
     plugin.shut_down();
+}
+
+/// The id the fake gave the metric whose definition is `definition` (ids count definitions).
+fn metric_id(definition: &Call) -> usize {
+    let calls = calls();
+    let defined = calls.iter().filter(|c| matches!(c, Call::DefineCounter(_) | Call::DefineGauge(_)));
+    let position = defined.clone().position(|c| c == definition).expect("defined at load");
+    *NEXT_METRIC.lock().unwrap() - defined.count() + position + 1
 }
 
 #[test]
 fn an_answer_stores_the_token_and_wakes() {
     let _envoy = fake_envoy();
-    let plugin = Plugin::load(handle(), config("idp-answer").as_bytes()).unwrap();
-    plugin.on_main_event(EVENT_TICK);
+    let plugin = Plugin::load(on_main(), handle(), config("idp-answer").as_bytes()).unwrap();
+    plugin.on_main_event(on_main(), EVENT_TICK);
     CALLS.lock().unwrap().clear();
     let body = br#"{"access_token":"tok-answer","expires_in":3600}"#;
-    plugin.on_callout_done(77, true, &[(b":status", b"200")], &[&body[..20], &body[20..]]);
+    plugin.on_callout_done(on_main(), 77, true, &[(b":status", b"200")], &[&body[..20], &body[20..]]);
     let calls = calls();
     assert!(calls.contains(&Call::ConfigCommit(EVENT_WAKE)), "a stored token wakes the waiters: {calls:?}");
     let cached = plugin.with_driver(|d| d.cached(0).map(|s| s.header_value.clone()));
@@ -287,12 +307,12 @@ fn stream_scheduler() -> abi::Scheduler {
 #[test]
 fn a_token_stored_while_a_missing_request_is_being_paused_still_reaches_it() {
     let _envoy = fake_envoy();
-    let plugin = Plugin::load(handle(), config("idp-race").as_bytes()).unwrap();
-    plugin.on_main_event(EVENT_TICK); // the token request is in flight
+    let plugin = Plugin::load(on_main(), handle(), config("idp-race").as_bytes()).unwrap();
+    plugin.on_main_event(on_main(), EVENT_TICK); // the token request is in flight
     let main = Arc::clone(&plugin);
     *ON_STREAM_SCHEDULER.lock().unwrap() = Some(Box::new(move || {
         let body = br#"{"access_token":"tok-race","expires_in":3600}"#;
-        main.on_callout_done(77, true, &[(b":status", b"200")], &[&body[..]]);
+        main.on_callout_done(on_main(), 77, true, &[(b":status", b"200")], &[&body[..]]);
     }));
     CALLS.lock().unwrap().clear();
     let stream = abi::Stream(std::ptr::null_mut());
@@ -311,5 +331,77 @@ fn a_token_stored_while_a_missing_request_is_being_paused_still_reaches_it() {
             assert!(!filter.waiting());
         }
     }
+    plugin.shut_down();
+}
+
+/// A wake that brings no outcome (nothing was delivered yet) is no outcome: the request stays
+/// paused and listed, and the token that arrives later still resumes it.
+#[test]
+fn a_wake_without_an_outcome_leaves_the_request_paused_for_its_token() {
+    let _envoy = fake_envoy();
+    let plugin = Plugin::load(on_main(), handle(), config("idp-empty-wake").as_bytes()).unwrap();
+    plugin.on_main_event(on_main(), EVENT_TICK); // the token request is in flight
+    let stream = abi::Stream(std::ptr::null_mut());
+    let mut filter = StreamFilter::new(Arc::clone(&plugin));
+    assert_eq!(filter.on_request_headers(stream), Verdict::Stop);
+    filter.on_delivered(stream);
+    assert!(filter.waiting(), "a wake without an outcome let go of the paused request");
+    assert_eq!(plugin.parked_count(), 1, "the paused request is still listed for its outcome");
+    CALLS.lock().unwrap().clear();
+    let body = br#"{"access_token":"tok-empty-wake","expires_in":3600}"#;
+    plugin.on_callout_done(on_main(), 77, true, &[(b":status", b"200")], &[&body[..]]);
+    plugin.on_main_event(on_main(), EVENT_WAKE); // the wake the stored token posted
+    assert!(calls().contains(&Call::StreamCommit(DELIVERED)), "{:?}", calls());
+    filter.on_delivered(stream);
+    assert!(!filter.waiting());
+    assert_eq!(plugin.parked_count(), 0);
+    plugin.shut_down();
+}
+
+/// A response whose status is not in `purge_on_status` takes no lock and moves no epoch (every
+/// worker would re-copy its tokens under the lock on its next request); one in the list purges.
+#[test]
+fn only_a_status_in_the_purge_list_reaches_the_driver() {
+    let _envoy = fake_envoy();
+    let plugin = Plugin::load(on_main(), handle(), config("idp-status").as_bytes()).unwrap();
+    plugin.on_main_event(on_main(), EVENT_TICK);
+    let body = br#"{"access_token":"tok-status","expires_in":3600}"#;
+    plugin.on_callout_done(on_main(), 77, true, &[(b":status", b"200")], &[&body[..]]);
+    let stream = abi::Stream(std::ptr::null_mut());
+    let respond = |status: &'static [u8]| {
+        *STATUS.lock().unwrap() = status;
+        let mut filter = StreamFilter::new(Arc::clone(&plugin));
+        assert_eq!(filter.on_request_headers(stream), Verdict::Continue);
+        let events = plugin.driver_events.load(Ordering::Relaxed);
+        filter.on_response_headers(stream);
+        plugin.driver_events.load(Ordering::Relaxed) != events
+    };
+    for status in [&b"200"[..], b"403", b"500", b"4x1"] {
+        assert!(!respond(status), "status {:?} took the driver's lock", String::from_utf8_lossy(status));
+    }
+    assert!(plugin.with_driver(|d| d.cached(0).is_some()));
+    assert!(respond(b"401"), "a 401 reaches the driver");
+    assert!(plugin.with_driver(|d| d.cached(0).is_none()), "and purges the token");
+    *STATUS.lock().unwrap() = b"200";
+    plugin.shut_down();
+}
+
+/// The epoch the workers watch moves when a token copy changed, not after every driver event: a
+/// tick that changes nothing leaves every worker's copies valid (no re-copy under the lock).
+#[test]
+fn the_epoch_moves_only_when_a_token_copy_changes() {
+    let _envoy = fake_envoy();
+    let plugin = Plugin::load(on_main(), handle(), config("idp-epoch").as_bytes()).unwrap();
+    plugin.on_main_event(on_main(), EVENT_TICK);
+    let before = plugin.epoch();
+    let body = br#"{"access_token":"tok-epoch","expires_in":3600}"#;
+    plugin.on_callout_done(on_main(), 77, true, &[(b":status", b"200")], &[&body[..]]);
+    let with_token = plugin.epoch();
+    assert_ne!(with_token, before, "a stored token is a new copy");
+    let events = plugin.driver_events.load(Ordering::Relaxed);
+    plugin.on_main_event(on_main(), EVENT_TICK);
+    plugin.on_main_event(on_main(), EVENT_TICK);
+    assert!(plugin.driver_events.load(Ordering::Relaxed) > events, "the ticks ran the driver");
+    assert_eq!(plugin.epoch(), with_token, "ticks that changed no copy moved the epoch");
     plugin.shut_down();
 }

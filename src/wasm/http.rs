@@ -1,10 +1,11 @@
-//! The http context: picks the profile for a request and writes the token, or pauses the request
-//! until one lands, or answers with the failure reply.
+//! The http context: carries out the core's request path (`oauth2_cc_core::request`) for one
+//! request, reading and writing Envoy's headers, pausing and answering as it says.
 //!
-//! The hit path reads no shared data and no clock: the profile selection (compiled; no header
-//! read for a `/` prefix), this VM's copy of the token (`Driver::cached`), one header write, an
-//! in-VM counter. A request that finds no copy asks the driver (`Driver::on_request`), which may
-//! pause it; the root context's driver resumes or fails it later (see `vm`).
+//! The hit path reads no shared data and no clock and allocates nothing but the context: the
+//! profile selection (a request fact is read only when a rule looks at it), this VM's copy of the
+//! token borrowed from the driver (`Driver::cached`), one header write, an in-VM counter. A request
+//! that finds no copy asks the driver (`Driver::on_request`), which may pause it; the root
+//! context's driver resumes or fails it later (see `vm`).
 
 use std::rc::Rc;
 
@@ -13,8 +14,8 @@ use proxy_wasm::types::{Action, MapType};
 
 use crate::adapter;
 use crate::vm::{RequestState, VmState};
-use oauth2_cc_core::lifecycle::{self, Metric, RequestOutcome};
-use oauth2_cc_core::route::{RequestFacts, Selection};
+use oauth2_cc_core::request::{Next, RequestPath, Step};
+use oauth2_cc_core::route::RequestFacts;
 
 /// The context of a VM that has no accepted configuration: requests pass untouched.
 pub struct PassThrough;
@@ -25,92 +26,72 @@ impl HttpContext for PassThrough {}
 pub struct TokenInjector {
     context_id: u32,
     vm: Rc<VmState>,
-    profile: Option<usize>,
-    request: Rc<RequestState>,
-}
-
-/// What the request path decided before it had to ask the driver.
-enum Plan {
-    Continue,
-    Reply(lifecycle::FailureReply),
-    Miss(usize),
-    /// The VM's state was borrowed: only possible on re-entry, which no host call here causes.
-    Busy,
+    /// This request's place in the path while it is not paused.
+    path: RequestPath,
+    /// Shared with the root context once the request pauses (the only allocation beyond the
+    /// context itself, and only for a request that waits).
+    paused: Option<Rc<RequestState>>,
 }
 
 impl TokenInjector {
     pub fn new(context_id: u32, vm: Rc<VmState>) -> Self {
-        TokenInjector { context_id, vm, profile: None, request: Rc::new(RequestState::default()) }
+        TokenInjector { context_id, vm, path: RequestPath::new(), paused: None }
     }
 
-    /// Selection and the hit path, under a shared borrow of the VM's state (no host call made
-    /// here can re-enter the VM).
-    fn plan(&mut self) -> Plan {
-        let Ok(configured) = self.vm.configured.try_borrow() else { return Plan::Busy };
-        let Some(configured) = configured.as_ref() else { return Plan::Continue };
+    /// The request's place in the path, wherever it is kept.
+    fn path(&self) -> RequestPath {
+        self.paused.as_ref().map_or(self.path, |state| state.path.get())
+    }
+
+    /// Selection and the hit path under a shared borrow of the VM's state (no host call made here
+    /// re-enters the VM): the copy is borrowed from the driver, never cloned. Returns the step to
+    /// carry out once the borrow is released (`None`: the state was borrowed, which only a
+    /// re-entry could cause).
+    fn plan(&mut self) -> Option<Next<'static>> {
+        let configured = self.vm.configured.try_borrow().ok()?;
+        let Some(configured) = configured.as_ref() else { return Some(Next { step: Step::Continue, count: None }) };
         let config = configured.driver.config();
-        let profile = match config.routes.select_request(&mut HostRequestFacts::default()) {
-            Selection::None => return Plan::Continue,
-            Selection::Profile(index) => index,
-            Selection::UnknownProfile(name) => {
-                adapter::log(
-                    adapter::Level::Error,
-                    &format!("route metadata names profile {name:?}, which is not configured; failing the request"),
-                );
-                return Plan::Reply(lifecycle::unknown_profile_reply(config));
-            }
-        };
-        let Some(p) = config.profiles.get(profile) else { return Plan::Continue };
-        self.profile = Some(profile);
-        // Any value counts as present, whatever its bytes.
-        if p.inject.keep_existing && adapter::header(MapType::HttpRequestHeaders, &p.inject.header).is_some() {
-            return Plan::Continue;
+        let mut next = self.path.on_request_headers(config, &mut HostRequestFacts::default());
+        if let Step::LookUpCopy { profile } = next.step {
+            next = self.path.on_copy(config, configured.driver.cached(profile));
         }
-        let Some(snapshot) = configured.driver.cached(profile) else { return Plan::Miss(profile) };
-        if !self.request.inject(&p.inject.header, &snapshot.header_value, snapshot.generation) {
-            return Plan::Reply(lifecycle::failure_reply(config, profile));
-        }
-        configured.metrics.count(profile, &Metric::Injected);
-        Plan::Continue
+        Some(self.vm.write_header(config, &mut self.path, next))
     }
 
     /// No copy of the token: the driver decides from the shared entry.
     fn miss(&mut self, profile: usize) -> Action {
         let now_ms = adapter::now_ms();
         let request = u64::from(self.context_id);
-        let mut decided = None;
+        let state = Rc::new(RequestState { path: std::cell::Cell::new(self.path) });
         // Listed as paused first: the driver's actions may resume it at once.
         if let Ok(mut paused) = self.vm.paused.try_borrow_mut() {
-            paused.insert(request, Rc::clone(&self.request));
+            paused.insert(request, Rc::clone(&state));
         }
+        let mut decided = None;
         self.vm.drive(|driver, env| {
             let (outcome, actions) = driver.on_request(profile, request, now_ms, env);
             decided = Some(outcome);
             actions
         });
-        match decided {
-            Some(RequestOutcome::Wait) => {
-                self.request.waiting.set(true);
-                Action::Pause
+        let config = self.vm.config();
+        let next = match (&decided, &config) {
+            (Some(outcome), Some(config)) => {
+                let next = self.path.on_outcome(config, outcome);
+                self.vm.write_header(config, &mut self.path, next)
             }
-            Some(RequestOutcome::Inject { value, generation }) => {
-                self.forget_paused();
-                let header = self.vm.config().and_then(|c| c.profiles.get(profile).map(|p| p.inject.header.clone()));
-                match header {
-                    Some(header) if self.request.inject(&header, &value, generation) => Action::Continue,
-                    _ => self.fail(profile),
-                }
-            }
-            Some(RequestOutcome::Fail) | None => {
-                self.forget_paused();
-                self.fail(profile)
-            }
+            // No driver answered: fail closed.
+            _ => match &config {
+                Some(config) => self.path.on_delivered(config, None),
+                None => Next { step: Step::Pause, count: None },
+            },
+        };
+        if self.path.waiting() {
+            state.path.set(self.path);
+            self.paused = Some(state);
+        } else {
+            self.forget_paused();
         }
-    }
-
-    fn fail(&self, profile: usize) -> Action {
-        self.vm.send_failure_reply(profile);
-        Action::Pause
+        if self.vm.carry_out(next) { Action::Pause } else { Action::Continue }
     }
 
     fn forget_paused(&self) {
@@ -125,45 +106,46 @@ impl Context for TokenInjector {}
 impl HttpContext for TokenInjector {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         match self.plan() {
-            Plan::Continue => Action::Continue,
-            Plan::Reply(reply) => {
-                if let Some(profile) = self.profile {
-                    self.vm.with_metrics(|m| m.count(profile, &Metric::FailedRequest));
+            Some(Next { step: Step::AskDriver { profile }, .. }) => self.miss(profile),
+            Some(next) => {
+                if self.vm.carry_out(next) {
+                    Action::Pause
+                } else {
+                    Action::Continue
                 }
-                let _ = adapter::send_local_response(
-                    reply.status,
-                    reply.details,
-                    &[("content-type", "application/json")],
-                    reply.body.as_bytes(),
-                );
-                Action::Pause
             }
             // Fail closed: never send the request on without its token.
-            Plan::Busy => self.fail(self.profile.unwrap_or(0)),
-            Plan::Miss(profile) => self.miss(profile),
+            None => Action::Pause,
         }
     }
 
     fn on_http_request_body(&mut self, _body_size: usize, _end_of_stream: bool) -> Action {
         // Continuing body data would also release the paused headers, without a token.
-        if self.request.waiting.get() { Action::Pause } else { Action::Continue }
+        if self.path().waiting() { Action::Pause } else { Action::Continue }
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
-        if self.request.waiting.get() { Action::Pause } else { Action::Continue }
+        if self.path().waiting() { Action::Pause } else { Action::Continue }
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let (Some(profile), Some(generation)) = (self.profile, self.request.injected.get()) else {
-            return Action::Continue;
+        let path = self.path();
+        // `:status` is read (a host call and an allocation callback) only when the profile purges
+        // on some status, and only a status in its list reaches the driver.
+        let (report, status) = match self.vm.configured.try_borrow() {
+            Ok(configured) => match configured.as_ref() {
+                Some(c) if path.wants_status(c.driver.config()) => {
+                    let status = adapter::header(MapType::HttpResponseHeaders, ":status");
+                    (path.on_response_status(c.driver.config(), status.as_deref()), status)
+                }
+                _ => return Action::Continue,
+            },
+            Err(_) => return Action::Continue,
         };
-        // Reading `:status` costs a host call and an allocation callback on every request.
-        if self.vm.config().is_none_or(|c| c.profiles.get(profile).is_none_or(|p| p.purge_on_status.is_empty())) {
-            return Action::Continue;
+        if let Step::ReportStatus { profile, generation } = report {
+            let now_ms = adapter::now_ms();
+            self.vm.drive(|driver, env| driver.on_response_status(profile, generation, status.as_deref(), now_ms, env));
         }
-        let status = adapter::header(MapType::HttpResponseHeaders, ":status");
-        let now_ms = adapter::now_ms();
-        self.vm.drive(|driver, env| driver.on_response_status(profile, generation, status.as_deref(), now_ms, env));
         Action::Continue
     }
 }
@@ -174,7 +156,10 @@ impl HttpContext for TokenInjector {
 /// Envoy calls for every stream, including one whose client went away while it waited.
 impl Drop for TokenInjector {
     fn drop(&mut self) {
-        if self.request.waiting.get() {
+        let Some(state) = self.paused.take() else { return };
+        let mut path = state.path.get();
+        if path.on_gone() {
+            state.path.set(path);
             self.forget_paused();
             let request = u64::from(self.context_id);
             if let Ok(mut configured) = self.vm.configured.try_borrow_mut()

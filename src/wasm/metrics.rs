@@ -52,9 +52,12 @@ impl Metrics {
         }
     }
 
-    pub fn token_remaining(&self, profile: usize, seconds: u64) {
-        if let Some(id) = self.profiles.get(profile).and_then(|p| p.ids.token_remaining_s()) {
-            adapter::record_metric(id, seconds);
+    pub fn gauges(&self, profile: usize, remaining_s: u64, lifetime_s: u64) {
+        let Some(p) = self.profiles.get(profile) else { return };
+        for (id, value) in [(p.ids.token_remaining_s(), remaining_s), (p.ids.token_lifetime_s(), lifetime_s)] {
+            if let Some(id) = id {
+                adapter::record_metric(id, value);
+            }
         }
     }
 

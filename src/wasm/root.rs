@@ -6,7 +6,6 @@
 //! be cancelled with its request.
 
 use std::rc::Rc;
-use std::sync::Arc;
 use std::time::Duration;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -64,10 +63,10 @@ impl Context for FilterRoot {
 impl RootContext for FilterRoot {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
         let bytes = adapter::buffer(BufferType::PluginConfiguration, MAX_CONFIG_BYTES).unwrap_or_default();
-        let config = match config::parse(&bytes, &|name| std::env::var(name).ok()) {
-            Ok(config) => Arc::new(config),
+        let config::Loaded { config, log_line } = match config::load(&bytes, &|name| std::env::var(name).ok()) {
+            Ok(loaded) => loaded,
             Err(error) => {
-                adapter::log(Level::Error, &format!("configuration rejected: {error}"));
+                adapter::log(Level::Error, &error);
                 return false;
             }
         };
@@ -85,14 +84,7 @@ impl RootContext for FilterRoot {
             }
             self.next_heartbeat_ms = now_ms.saturating_add(HEARTBEAT_MS);
         }
-        adapter::log(
-            Level::Info,
-            &format!(
-                "configured {} profile(s): {}",
-                config.profiles.len(),
-                config.profiles.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
-            ),
-        );
+        adapter::log(Level::Info, &log_line);
         let metrics = Metrics::define(&config);
         let actions = match self.vm.configured.try_borrow_mut() {
             Ok(mut configured) => match configured.as_mut() {

@@ -19,28 +19,13 @@ use crate::queue;
 use crate::store::SharedData;
 use oauth2_cc_core::config::Config;
 use oauth2_cc_core::lifecycle::{self, Action, CalloutId, Driver, LogLevel};
+use oauth2_cc_core::request::{Delivered, Next, RequestPath, Step};
 
-/// What the root context and a request's own context both know about a request.
+/// A paused request's place in the request path, shared by its own context and the root
+/// context that delivers its outcome (made only when a request pauses).
 #[derive(Default)]
 pub struct RequestState {
-    /// Paused waiting for a token: body data must be held back too.
-    pub waiting: Cell<bool>,
-    /// The generation of the token written on the request, so the request's own context can
-    /// purge that token if the upstream rejects it.
-    pub injected: Cell<Option<u64>>,
-}
-
-impl RequestState {
-    /// Writes the token on the effective context's request and remembers which token it was (for
-    /// a purge if the upstream rejects it). `false`: the header could not be written, and the
-    /// request must not go on without it.
-    pub fn inject(&self, header: &str, value: &str, generation: u64) -> bool {
-        if adapter::set_request_header(header, value).is_err() {
-            return false;
-        }
-        self.injected.set(Some(generation));
-        true
-    }
+    pub path: Cell<RequestPath>,
 }
 
 /// A configured VM: the driver and what carrying out its actions needs.
@@ -122,21 +107,16 @@ impl VmState {
                 }
                 Action::Resume { request, profile, header, value, generation } => {
                     moved_context = true;
-                    self.resume(request, profile, &header, &value, generation);
+                    self.deliver(request, Delivered::Token { profile, header: &header, value: &value, generation });
                 }
                 Action::Fail { request, profile } => {
                     moved_context = true;
-                    if let Some(state) = self.take_paused(request)
-                        && adapter::set_effective_context(request as u32).is_ok()
-                    {
-                        state.waiting.set(false);
-                        self.send_failure_reply(profile);
-                    }
+                    self.deliver(request, Delivered::Fail { profile });
                 }
                 Action::Log { level, message } => adapter::log(level_of(level), &message),
                 Action::Count { profile, metric } => self.with_metrics(|m| m.count(profile, &metric)),
-                Action::Gauge { profile, remaining_s } => {
-                    self.with_metrics(|m| m.token_remaining(profile, remaining_s))
+                Action::Gauge { profile, remaining_s, lifetime_s } => {
+                    self.with_metrics(|m| m.gauges(profile, remaining_s, lifetime_s))
                 }
             }
         }
@@ -145,33 +125,67 @@ impl VmState {
         }
     }
 
-    fn resume(&self, request: u64, profile: usize, header: &str, value: &str, generation: u64) {
+    /// Carries out a paused request's outcome on its own context, as the request path says.
+    fn deliver(&self, request: u64, delivered: Delivered<'_>) {
         let Some(state) = self.take_paused(request) else { return };
         if adapter::set_effective_context(request as u32).is_err() {
             return; // the request is gone
         }
-        state.waiting.set(false);
-        if state.inject(header, value, generation) {
-            let _ = adapter::resume_request();
-        } else {
-            self.send_failure_reply(profile);
+        let Some(config) = self.config() else { return };
+        let mut path = state.path.get();
+        let next = path.on_delivered(&config, Some(delivered));
+        let next = self.write_header(&config, &mut path, next);
+        state.path.set(path);
+        self.carry_out(next);
+    }
+
+    /// Writes the header a step asks for on the effective context's request and gives the path
+    /// the answer; any other step is returned as it is.
+    pub fn write_header(&self, config: &Config, path: &mut RequestPath, next: Next<'_>) -> Next<'static> {
+        match next.step {
+            Step::WriteHeader { name, value } => {
+                let written = adapter::set_request_header(name, value).is_ok();
+                path.on_header_written(config, written)
+            }
+            Step::Continue => Next { step: Step::Continue, count: next.count },
+            Step::Resume => Next { step: Step::Resume, count: next.count },
+            Step::Pause => Next { step: Step::Pause, count: next.count },
+            Step::AskDriver { profile } => Next { step: Step::AskDriver { profile }, count: next.count },
+            Step::Reply { reply, error } => Next { step: Step::Reply { reply, error }, count: next.count },
+            _ => Next { step: Step::Nothing, count: next.count },
+        }
+    }
+
+    /// Counts what the request path says and carries out its final step on the effective
+    /// context's request: `true` when the request is held (paused or answered).
+    pub fn carry_out(&self, next: Next<'_>) -> bool {
+        if let Some((profile, metric)) = &next.count {
+            self.with_metrics(|m| m.count(*profile, metric));
+        }
+        match next.step {
+            Step::Resume => {
+                let _ = adapter::resume_request();
+                false
+            }
+            Step::Reply { reply, error } => {
+                if let Some(error) = error {
+                    adapter::log(Level::Error, &error);
+                }
+                let _ = adapter::send_local_response(
+                    reply.status,
+                    reply.details,
+                    &[("content-type", "application/json")],
+                    reply.body.as_bytes(),
+                );
+                true
+            }
+            Step::Pause => true,
+            _ => false,
         }
     }
 
     fn take_paused(&self, request: u64) -> Option<Rc<RequestState>> {
         self.paused.try_borrow_mut().ok()?.remove(&request)
-    }
-
-    /// Answers the effective context's request with the profile's failure reply.
-    pub fn send_failure_reply(&self, profile: usize) {
-        let Some(config) = self.config() else { return };
-        let reply = lifecycle::failure_reply(&config, profile);
-        let _ = adapter::send_local_response(
-            reply.status,
-            reply.details,
-            &[("content-type", "application/json")],
-            reply.body.as_bytes(),
-        );
     }
 
     fn with_driver(&self, f: impl FnOnce(&mut Driver, &mut SharedData) -> Vec<Action>) -> Vec<Action> {

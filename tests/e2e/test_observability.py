@@ -1,11 +1,14 @@
-"""deploy/observability/ against real Envoy: the metric names the Grafana dashboard and the
-Prometheus rules use are the names Envoy exports for the filter, and the promtool fixture
-(deploy/observability/testdata/stats_prometheus.txt) is a trimmed real /stats/prometheus scrape.
+"""deploy/observability/ against real Envoy, both builds.
 
-The scrape comes from the shipped envoy/egress-gateway.yaml (its stats_tags put the profile in
-the label oauth2_cc_profile) driven through every counter: a fetch, injections, an upstream 401
-that purges, a failed refetch (a request waits, then gets the failure reply) and a refetch the
-hourly budget refuses. ``UPDATE_OBSERVABILITY_FIXTURE=1`` rewrites the fixture from this run.
+* The scenario of observability.py runs on each build with the shipped stats tags
+  (deploy/observability/stats-tags/envoy.yaml); every checkpoint's scrape must have the same
+  metric names and labels as the committed one (testdata/<build>/<checkpoint>.prom), which the
+  promtool tests are made from, and the dashboard and the rules may use only names it has.
+* oauth2-cc-alerts.test.yaml is what observability.promtool_tests() makes from the committed
+  scrapes, and those scrapes show the states the expected alerts rely on.
+* Every place that ships stats tags ships the same ones.
+
+``UPDATE_OBSERVABILITY_FIXTURE=1`` rewrites the scrapes and the promtool tests from this run.
 """
 
 from __future__ import annotations
@@ -18,130 +21,197 @@ import time
 import pytest
 import yaml
 
-from conftest import check_wasm_file
-from envoy import REPO_ROOT, request, wait_until
-from shipped import load_yaml, localize, plugin_configuration, wasm_plugin_configs
-from test_gateway import GATEWAY_YAML, PARTNER_HOST, _plain, _start
+import observability as obs
+from envoy import REPO_ROOT, request, start_bootstrap
+from shipped import DEPLOY_DIR, ENVOY_DIR, load_yaml, load_yaml_docs
 
-# The shipped egress gateway (envoy/egress-gateway.yaml) loads the wasm build.
-pytestmark = pytest.mark.wasm_only
-
-OBS_DIR = REPO_ROOT / "deploy" / "observability"
-FIXTURE = OBS_DIR / "testdata" / "stats_prometheus.txt"
-RULES = OBS_DIR / "oauth2-cc-alerts.yaml"
-DASHBOARD = OBS_DIR / "oauth2-cc-dashboard.json"
-METRIC_LINE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)")
+DASHBOARD = obs.OBS_DIR / "oauth2-cc-dashboard.json"
+STATS_TAGS = obs.OBS_DIR / "stats-tags" / "envoy.yaml"
+UPDATE = bool(os.environ.get("UPDATE_OBSERVABILITY_FIXTURE"))
 
 
-def scrape_gateway(envoy_factory, token_server, upstream, monkeypatch) -> str:
-    monkeypatch.setenv("PARTNER_CLIENT_SECRET", "observability-secret")
-    b = localize(load_yaml(GATEWAY_YAML), wasm=check_wasm_file(),
-                 clusters={"idp": ("127.0.0.1", token_server.port), "partner_api": ("127.0.0.1", upstream.port)})
-    _plain(b, "idp", "partner_api")
-    (plugin,) = wasm_plugin_configs(b)
-    conf = plugin_configuration(plugin)
-    conf["profiles"]["partner"]["max_fetches_per_hour"] = 2
-    plugin["configuration"]["value"] = json.dumps(conf)
-    gw = _start(envoy_factory, b, "gateway")
-
-    def stat(name):
-        return gw.stat(f"wasmcustom.oauth2_cc.partner.{name}")
-
-    for _ in range(3):
-        assert request(gw.port, "/v1/x", host=PARTNER_HOST).status == 200
-    upstream.fail_next(1, 401)  # purges the token: the next request needs a new one
-    assert request(gw.port, "/v1/x", host=PARTNER_HOST).status == 401
-    token_server.set_response(503, {"error": "temporarily_unavailable"})
-    r = request(gw.port, "/v1/x", host=PARTNER_HOST)  # waits for fetch 2 (fails), failure reply
-    assert r.status == 503 and r.json()["error"] == "token_unavailable", r.text
-    # After the backoff the next attempt would be fetch 3: the budget (2 an hour) refuses it.
-    deadline = time.monotonic() + 20
-    while not stat("budget_refused") and time.monotonic() < deadline:
-        request(gw.port, "/v1/x", host=PARTNER_HOST)
-        time.sleep(0.3)
-    assert wait_until(lambda: all(stat(n) for n in (
-        "fetch_ok", "injected", "waited", "failed_requests", "purged", "budget_refused",
-        "fetch_failed.temporarily_unavailable")), 5), gw.stats("oauth2_cc")
-    return gw.prometheus()
-
-
-def families(text: str) -> dict[str, set[str]]:
-    """Metric name -> label names, of every oauth2-cc sample in a Prometheus text scrape."""
-    out: dict[str, set[str]] = {}
-    for line in text.splitlines():
-        m = METRIC_LINE.match(line)
-        if m and ("oauth2_cc" in m["name"] or m["name"] in KEPT_ENVOY_METRICS):
-            labels = {kv.split("=", 1)[0] for kv in (m["labels"] or "").split(",") if kv}
-            out.setdefault(m["name"], set()).update(labels)
-    return out
-
-
-KEPT_ENVOY_METRICS = ("envoy_server_uptime",)  # Envoy's own series the rules use
-
-
-def trim(text: str) -> str:
-    """The oauth2-cc families of a scrape (TYPE lines and samples) and KEPT_ENVOY_METRICS."""
-    keep = [line for line in text.splitlines()
-            if "oauth2_cc" in line or any(re.search(rf"\b{n}\b", line) for n in KEPT_ENVOY_METRICS)]
-    return "\n".join(keep) + "\n"
-
-
-PROMQL_NAME = re.compile(r"\b((?:oauth2_cc|envoy)_[a-z0-9_]+)\b")
-LABELS = {"oauth2_cc_profile", "oauth2_cc_reason"}
-
-
-def names_used() -> dict[str, set[str]]:
-    """Metric names each shipped file's queries use (rules: expr; dashboard: targets' expr)."""
-    rules = yaml.safe_load(RULES.read_text())
-    exprs = [r["expr"] for g in rules["groups"] for r in g["rules"]]
-    dash = json.loads(DASHBOARD.read_text())
-    dexprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
-    dexprs += [v["query"]["query"] for v in dash["templating"]["list"] if isinstance(v.get("query"), dict)]
+def scenario_config() -> dict:
+    backoff = {"base_ms": 200, "max_ms": 1000}
+    common = {"token_url": "http://idp.test/oauth2/token", "client_id": "gateway", "client_secret": "s3cret",
+              "backoff": backoff}
     return {
-        "rules": {n for e in exprs for n in PROMQL_NAME.findall(e)} - LABELS,
-        "dashboard": {n for e in dexprs for n in PROMQL_NAME.findall(e)} - LABELS,
+        "profiles": {
+            "partner": {"cluster": "idp_partner", **common, "max_wait_ms": 300, "refresh": {"ahead_ratio": 0.5}},
+            "billing": {"cluster": "idp_billing", **common, "max_fetches_per_hour": 6},
+        },
+        "routes": [{"match": {"path_prefix": "/billing/"}, "profile": "billing"},
+                   {"match": {"path_prefix": "/"}, "profile": "partner"}],
     }
 
 
-def test_dashboard_and_rules_use_only_exported_metric_names(envoy_factory, token_server, upstream, monkeypatch):
-    text = scrape_gateway(envoy_factory, token_server, upstream, monkeypatch)
-    live = families(text)
-    if os.environ.get("UPDATE_OBSERVABILITY_FIXTURE"):
-        FIXTURE.parent.mkdir(parents=True, exist_ok=True)
-        FIXTURE.write_text(trim(text))
-    assert live, f"no oauth2_cc metric in the scrape:\n{text[:2000]}"
-    assert all("oauth2_cc_profile" in labels for n, labels in live.items() if n.startswith("oauth2_cc_")), live
-    assert live.get("oauth2_cc_fetch_failed") == {"oauth2_cc_profile", "oauth2_cc_reason"}, live
-    for where, names in names_used().items():
-        assert names, f"{where} uses no oauth2_cc metric"
-        unknown = names - set(live)
-        assert not unknown, f"{where} uses metrics Envoy does not export: {sorted(unknown)}; exported: {sorted(live)}"
-    # The promtool fixture is this scrape, trimmed (rewrite: UPDATE_OBSERVABILITY_FIXTURE=1).
-    assert families(FIXTURE.read_text()) == live, "deploy/observability/testdata is stale"
+class Scenario:
+    """Waits for each checkpoint's state on the build's /stats/prometheus and keeps that scrape."""
+
+    def __init__(self, envoy):
+        self.envoy = envoy
+        self.scrapes: dict[str, str] = {}
+
+    def wait(self, checkpoint: str, state, timeout: float = 30) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.envoy.prometheus()
+            parsed = obs.samples(text)
+            if state(lambda *a, **k: obs.value(parsed, *a, **k)):
+                self.scrapes[checkpoint] = obs.trim(text)
+                return parsed
+            if time.monotonic() > deadline:
+                raise AssertionError(f"checkpoint {checkpoint} not reached in {timeout} s:\n" + obs.trim(text))
+            time.sleep(0.05)
 
 
-PROMTOOL_TESTS = OBS_DIR / "oauth2-cc-alerts.test.yaml"
-SERIES = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)\{(?P<labels>[^}]*)\}$")
+def run_scenario(envoy_factory, filter_host, make_token_server) -> dict[str, str]:
+    partner_idp = make_token_server(expires_in=13)
+    billing_idp = make_token_server()
+    billing_idp.set_response(401, {"error": "invalid_client"})
+    boot = json.loads(envoy_factory.config_text(
+        scenario_config(), token_clusters={"idp_partner": partner_idp, "idp_billing": billing_idp}))
+    boot["stats_config"] = load_yaml(STATS_TAGS)["stats_config"]
+    s = Scenario(start_bootstrap(envoy_factory, boot, f"observability-{filter_host}"))
+    port = s.envoy.port
+    deadline = time.monotonic() + 10
+    while partner_idp.count() < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for _ in range(3):
+        assert request(port, "/v1/x").status == 200
+    last = s.wait("start_1", lambda v: v("fetch_ok", "partner") == 1 and v("injected", "partner") == 3
+                  and v("token_lifetime_s", "partner") > 0
+                  and v("fetch_failed", "billing") >= 1 and v("fetch_ok", "billing") == 0)
+    for n in (2, 3, 4):
+        before = obs.value(last, "fetch_failed", "billing")
+        last = s.wait(f"start_{n}", lambda v, before=before: v("fetch_failed", "billing") > before)
+    s.wait("budget", lambda v: v("budget_refused", "billing") >= 1)
+    partner_idp.set_response(503, {"error": "temporarily_unavailable"})
+    s.wait("expiring", lambda v: v("fetch_failed", "partner", "temporarily_unavailable") >= 1
+           and 1 <= v("token_remaining_s", "partner") < 0.1 * v("token_lifetime_s", "partner"))
+    # The gauge counts whole seconds: the token may serve for up to another second after it reads 0.
+    failure_replies, deadline = 0, time.monotonic() + 10
+    while failure_replies < 2 and time.monotonic() < deadline:
+        r = request(port, "/v1/x")
+        assert r.status in (200, 503), r.text
+        failure_replies += r.status == 503 and r.json()["error"] == "token_unavailable"
+        time.sleep(0.05 if r.status == 503 else 0.2)
+    assert failure_replies == 2, "the token did not run out"
+    last = s.wait("expired", lambda v: v("failed_requests", "partner") == 2 and v("token_remaining_s", "partner") == 0)
+    before = obs.value(last, "fetch_failed", "partner")
+    s.wait("still_down", lambda v: v("fetch_failed", "partner") > before and v("token_remaining_s", "partner") == 0)
+    partner_idp.clear_response()
+    s.wait("recovered", lambda v: v("fetch_ok", "partner") == 2
+           and v("token_remaining_s", "partner") >= 0.5 * v("token_lifetime_s", "partner"))
+    return s.scrapes
 
 
-def test_promtool_series_are_shaped_like_the_real_scrape():
-    """The promtool unit tests feed series with the names and label names of the real scrape
-    (plus job and instance, which Prometheus adds), so the rules are tested on what Envoy sends."""
-    real = families(FIXTURE.read_text())
-    tests = yaml.safe_load(PROMTOOL_TESTS.read_text())
-    assert tests["rule_files"] == [RULES.name]
-    seen = set()
-    for t in tests["tests"]:
-        for s in t["input_series"]:
-            m = SERIES.match(s["series"])
-            assert m, s["series"]
-            labels = {kv.split("=", 1)[0] for kv in m["labels"].split(",") if kv} - {"job", "instance"}
-            assert m["name"] in real, f"{m['name']} is not in the real scrape"
-            assert labels == real[m["name"]], (m["name"], labels, real[m["name"]])
-            seen.add(m["name"])
-    alerts = {r["alert"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
-    tested = {a["alertname"] for t in tests["tests"] for a in t["alert_rule_test"]}
-    assert tested == alerts, f"alerts without a promtool test: {alerts - tested}"
+def test_checkpoint_scrapes_match_the_committed_ones(envoy_factory, filter_host, make_token_server):
+    scrapes = run_scenario(envoy_factory, filter_host, make_token_server)
+    if UPDATE:
+        for checkpoint in obs.CHECKPOINTS:
+            obs.fixture(filter_host, checkpoint).parent.mkdir(parents=True, exist_ok=True)
+            obs.fixture(filter_host, checkpoint).write_text(scrapes[checkpoint])
+        if filter_host == obs.BUILDS[-1] and all(obs.fixture(b, "recovered").exists() for b in obs.BUILDS):
+            write_promtool_tests()
+    for checkpoint in obs.CHECKPOINTS:
+        live = obs.families(scrapes[checkpoint])
+        committed = obs.families(obs.fixture(filter_host, checkpoint).read_text())
+        assert live == committed, f"{filter_host}/{checkpoint}: names or labels differ from the committed scrape"
+    live = obs.families(scrapes["start_1"])
+    prefix = "oauth2_cc_" if filter_host == "wasm" else "envoy_dynamicmodulescustom_oauth2_cc_"
+    assert {n for n in live if "oauth2_cc" in n} == {prefix + m for m in (
+        "fetch_ok", "fetch_failed", "injected", "waited", "failed_requests", "purged", "budget_refused",
+        "token_remaining_s", "token_lifetime_s")}, sorted(live)
+    assert all("oauth2_cc_profile" in labels for n, labels in live.items() if "oauth2_cc" in n), live
+    assert live[prefix + "fetch_failed"] == {"oauth2_cc_profile", "oauth2_cc_reason"}, live
+    if filter_host == "wasm":
+        assert live["envoy_wasm_vm_reload"] == {"wasm_plugin"}, live
+
+
+def write_promtool_tests():
+    obs.PROMTOOL_TESTS.write_text(obs.HEADER + yaml.safe_dump(obs.promtool_tests(), sort_keys=False, width=200))
+
+
+# --------------------------------------------------------------------------- #
+# Without Envoy: the committed scrapes, the promtool tests, the dashboard
+# --------------------------------------------------------------------------- #
+
+PROMQL_NAME = re.compile(r"\b((?:envoy_dynamicmodulescustom_)?oauth2_cc_[a-z0-9_]+|envoy_wasm_[a-z0-9_]+)\b")
+NAME_REGEX = re.compile(r'__name__=~"([^"]+)"')
+LABELS = {"oauth2_cc_profile", "oauth2_cc_reason"}
+
+
+def exprs() -> dict[str, list[str]]:
+    rules = yaml.safe_load(obs.RULES.read_text())
+    dash = json.loads(DASHBOARD.read_text())
+    dexprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    dexprs += [v["query"]["query"] for v in dash["templating"]["list"] if isinstance(v.get("query"), dict)]
+    return {"rules": [r["expr"] for g in rules["groups"] for r in g["rules"]], "dashboard": dexprs}
+
+
+@pytest.mark.parametrize("build", obs.BUILDS)
+def test_queries_use_only_exported_names(build):
+    """Every __name__ regex of the dashboard and the rules matches the metric in the build's real
+    scrape; the plain names (the VM-reload rule and panel: wasm build only) are in the wasm scrape."""
+    real = set(obs.families(obs.fixture(build, "start_1").read_text()))
+    for where, texts in exprs().items():
+        for text in texts:
+            for pattern in NAME_REGEX.findall(text):
+                assert any(re.fullmatch(pattern, n) for n in real), f"{where}: {pattern} matches nothing of {build}"
+            if build == "wasm":
+                for name in set(PROMQL_NAME.findall(NAME_REGEX.sub("", text))) - LABELS:
+                    assert name in real, f"{where} uses {name}, which Envoy does not export"
+
+
+def test_promtool_tests_are_made_from_the_committed_scrapes():
+    committed = yaml.safe_load(obs.PROMTOOL_TESTS.read_text())
+    assert committed == json.loads(json.dumps(obs.promtool_tests())), \
+        "oauth2-cc-alerts.test.yaml is stale: UPDATE_OBSERVABILITY_FIXTURE=1 (see the module doc)"
+    alerts = {r["alert"] for g in yaml.safe_load(obs.RULES.read_text())["groups"] for r in g["rules"]}
+    fired = {t["alertname"] for case in committed["tests"] for t in case["alert_rule_test"] if t["exp_alerts"]}
+    assert fired == alerts, f"alerts no promtool test fires: {alerts - fired}"
+
+
+@pytest.mark.parametrize("build", obs.BUILDS)
+def test_committed_scrapes_show_what_the_expected_alerts_rely_on(build):
+    v = {c: (lambda s: lambda *a, **k: obs.value(s, *a, **k))(obs.samples(obs.fixture(build, c).read_text()))
+         for c in obs.CHECKPOINTS}
+    assert all(v[c]("fetch_ok", "billing") == 0 for c in obs.CHECKPOINTS), "billing never gets a token"
+    failures = [v[c]("fetch_failed", "billing", "invalid_client") for c in obs.CHECKPOINTS[:4]]
+    assert failures == sorted(set(failures)) and failures[0] >= 1, failures
+    assert v["budget"]("budget_refused", "billing") >= 1 and v["start_4"]("budget_refused", "billing") == 0
+    lifetime = v["start_1"]("token_lifetime_s", "partner")
+    assert lifetime > 0 and all(v[c]("token_remaining_s", "partner") >= 0.1 * lifetime for c in obs.CHECKPOINTS[:5])
+    assert v["budget"]("fetch_failed", "partner") == 0 < v["expiring"]("fetch_failed", "partner")
+    assert 1 <= v["expiring"]("token_remaining_s", "partner") < 0.1 * lifetime
+    for c in ("expired", "still_down"):
+        assert v[c]("token_remaining_s", "partner") == 0 and v[c]("token_lifetime_s", "partner") == lifetime, c
+    assert v["still_down"]("fetch_failed", "partner") > v["expired"]("fetch_failed", "partner")
+    assert v["expired"]("failed_requests", "partner") == 2 and v["expiring"]("failed_requests", "partner") == 0
+    assert v["recovered"]("fetch_ok", "partner") == 2
+    assert v["recovered"]("token_remaining_s", "partner") >= 0.5 * v["recovered"]("token_lifetime_s", "partner")
+
+
+def test_every_shipped_stats_tags_block_is_the_shipped_snippet():
+    """Plain Envoy, the Istio sidecar override, the Istio egress gateway, Envoy Gateway: one set."""
+    tags = load_yaml(STATS_TAGS)["stats_config"]["stats_tags"]
+    found = {}
+    found["envoy/egress-gateway.yaml"] = load_yaml(ENVOY_DIR / "egress-gateway.yaml")["stats_config"]["stats_tags"]
+    for path in (obs.OBS_DIR / "stats-tags" / "istio.yaml", DEPLOY_DIR / "istio" / "egress-gateway" / "gateway-deployment.yaml"):
+        (cm,) = [d for d in load_yaml_docs(path) if d["kind"] == "ConfigMap"]
+        found[str(path.relative_to(REPO_ROOT))] = json.loads(cm["data"]["custom_bootstrap.json"])["stats_config"]["stats_tags"]
+    for path in sorted((DEPLOY_DIR / "envoy-gateway").glob("*.yaml")):
+        (proxy,) = [d for d in load_yaml_docs(path) if d["kind"] == "EnvoyProxy"]
+        found[str(path.relative_to(REPO_ROOT))] = yaml.safe_load(proxy["spec"]["bootstrap"]["value"])["stats_config"]["stats_tags"]
+    for where, got in found.items():
+        assert got == tags, f"{where} ships other stats tags than {STATS_TAGS.relative_to(REPO_ROOT)}"
+    patch = load_yaml(obs.OBS_DIR / "stats-tags" / "istio-pod-patch.yaml")["spec"]["template"]["metadata"]["annotations"]
+    (cm,) = load_yaml_docs(obs.OBS_DIR / "stats-tags" / "istio.yaml")
+    assert patch["sidecar.istio.io/bootstrapOverride"] == cm["metadata"]["name"]
+    matcher = yaml.safe_load(patch["proxy.istio.io/config"])["proxyStatsMatcher"]
+    for stat in ("wasmcustom.oauth2_cc.p.fetch_ok", "dynamicmodulescustom.oauth2_cc.p.fetch_ok"):
+        assert any(stat.startswith(p) for p in matcher["inclusionPrefixes"]), stat
+    assert any(re.fullmatch(r, "wasm.orders.oauth2-cc.vm_reload") for r in matcher["inclusionRegexps"])
 
 
 def test_dashboard_structure():
@@ -149,7 +219,7 @@ def test_dashboard_structure():
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids)), ids
     titles = " ".join(p["title"].lower() for p in dash["panels"])
-    for topic in ("token remaining", "failures by reason", "injected", "waited", "failed", "budget"):
+    for topic in ("token remaining", "lifetime", "failures by reason", "injected", "waited", "failed", "budget"):
         assert topic in titles, f"no panel for {topic}"
     for p in dash["panels"]:
         assert p["datasource"]["uid"] == "${datasource}" and p["targets"], p["title"]

@@ -123,8 +123,8 @@ class Traffic:
 
 
 # About proxy-wasm's reload with the same vm_id (the VM is kept, on_configure runs again, shared
-# data survives): the listener it rewrites is the wasm filter's. The dynamic module's reload (a new
-# filter configuration and driver over the same process-wide store) is not covered here yet.
+# data survives): the listener it rewrites is the wasm filter's. test_storms.py reloads both builds
+# (the dynamic module's reload is a new filter configuration and driver over the process-wide store).
 @pytest.mark.wasm_only
 @pytest.mark.parametrize("idp_delay", [0.0, 0.4], ids=["fast_idp", "slow_idp"])
 def test_ten_reloads_under_load_lose_nothing_and_fetch_only_on_a_new_cache_key(

@@ -5,16 +5,16 @@
   on_configure, so it also proves the filter accepts the embedded plugin configuration.
   envoy/mtls.yaml gets certificates made at test time (paths rewritten in a temporary copy).
 * Every embedded plugin configuration (envoy/*.yaml, the Istio WasmPlugin's pluginConfig, the
-  Envoy Gateway policy's wasm config) validates against schema/oauth2-cc.schema.json, and the
-  Istio and Envoy Gateway ones are run through the filter in a generated bootstrap.
+  Envoy Gateway policies' configs) validates against schema/oauth2-cc.schema.json, and the Istio
+  one is run through the filter in a generated bootstrap (Envoy Gateway's: test_envoy_gateway.py).
 * No shipped file fails open; the Kubernetes manifests have the right kinds, fields and
   cross-references; secrets reach the filter through the environment, never the plugin config.
 * The docker-compose demo: its files are consistent, and its envoy.yaml serves tokens with the
   demo servers the compose file runs (everything but Docker itself).
 * The OCI Dockerfile builds Istio's "compat" image: FROM scratch, one COPY of plugin.wasm.
 
-Istio and Envoy Gateway field names were checked against their API sources (istio/api
-extensions/v1alpha1/wasm.proto, networking/v1alpha3; envoyproxy/gateway api/v1alpha1).
+Istio field names were checked against their API sources (istio/api extensions/v1alpha1/wasm.proto,
+networking/v1alpha3); the Envoy Gateway manifests against its CRDs (test_envoy_gateway.py).
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ COMPOSE_FILE = DOCKER_DIR / "docker-compose.yml"
 DOCKER_ENVOY = DOCKER_DIR / "envoy.yaml"
 ISTIO_PLUGIN = DEPLOY_DIR / "istio" / "wasmplugin.yaml"
 ISTIO_WORKLOAD = DEPLOY_DIR / "istio" / "workload-secret-env.yaml"
-EG_POLICY = DEPLOY_DIR / "envoy-gateway" / "extension-policy.yaml"
+# Checked against the Envoy Gateway CRDs and rendered on Envoy by test_envoy_gateway.py.
+EG_MANIFESTS = sorted((DEPLOY_DIR / "envoy-gateway").glob("*.yaml"))
 OCI_DOCKERFILE = DEPLOY_DIR / "oci" / "Dockerfile"
 
 ENVOY_BOOTSTRAPS = [*shipped_envoy_configs(), DOCKER_ENVOY]
@@ -108,9 +109,13 @@ def embedded_plugin_configs() -> list[tuple[str, Any, set[str]]]:
     wp = one(ISTIO_PLUGIN, "WasmPlugin")
     names = {e["name"] for e in wp["spec"].get("vmConfig", {}).get("env", [])}
     out.append((f"{rel(ISTIO_PLUGIN)}#pluginConfig", wp["spec"]["pluginConfig"], names))
-    eep = one(EG_POLICY, "EnvoyExtensionPolicy")
-    for i, w in enumerate(eep["spec"]["wasm"]):
-        out.append((f"{rel(EG_POLICY)}#wasm{i}", w["config"], set(w.get("env", {}).get("hostKeys", []))))
+    for path in EG_MANIFESTS:
+        spec = one(path, "EnvoyExtensionPolicy")["spec"]
+        container = one(path, "EnvoyProxy")["spec"]["provider"]["kubernetes"]["envoyDeployment"]["container"]
+        for i, w in enumerate(spec.get("wasm", [])):
+            out.append((f"{rel(path)}#wasm{i}", w["config"], set(w.get("env", {}).get("hostKeys", []))))
+        for i, dm in enumerate(spec.get("dynamicModule", [])):
+            out.append((f"{rel(path)}#dynamicModule{i}", dm["config"], {e["name"] for e in container.get("env", [])}))
     return out
 
 
@@ -258,17 +263,8 @@ def test_mtls_config_is_refused_without_its_certificates(tmp_path):
 
 
 # --------------------------------------------------------------------------- #
-# The Istio and Envoy Gateway plugin configs, through the filter
+# The Istio plugin config, through the filter
 # --------------------------------------------------------------------------- #
-
-
-def eg_patch_clusters() -> dict[str, dict]:
-    out = {}
-    for epp in docs_of_kind(EG_POLICY, "EnvoyPatchPolicy"):
-        for patch in epp["spec"]["jsonPatches"]:
-            if patch["type"] == "type.googleapis.com/envoy.config.cluster.v3.Cluster":
-                out[patch["name"]] = patch["operation"]["value"]
-    return out
 
 
 def test_istio_plugin_config_accepted_by_filter(envoy_factory):
@@ -278,21 +274,6 @@ def test_istio_plugin_config_accepted_by_filter(envoy_factory):
     env = {e["name"]: "validate-dummy" for e in wp["spec"]["vmConfig"]["env"]}
     rc, out = envoy_factory.validate(config, env=env)
     assert rc == 0, f"the filter or Envoy refused the Istio pluginConfig:\n{out[-4000:]}"
-
-
-def test_envoy_gateway_config_and_patch_cluster_accepted(envoy_factory):
-    """The policy's config through the filter, with the EnvoyPatchPolicy's cluster (the one the
-    profile names) in the same bootstrap: Envoy validates that cluster too."""
-    eep = one(EG_POLICY, "EnvoyExtensionPolicy")
-    w = eep["spec"]["wasm"][0]
-    clusters = eg_patch_clusters()
-    rc, out = envoy_factory.validate(
-        w["config"],
-        env={k: "validate-dummy" for k in w["env"]["hostKeys"]},
-        token_clusters={},  # the patch's cluster instead of the factory's loopback one
-        extra_clusters=list(clusters.values()),
-    )
-    assert rc == 0, f"the EG wasm config or the patched cluster was refused:\n{out[-4000:]}"
 
 
 # --------------------------------------------------------------------------- #
@@ -428,71 +409,6 @@ def test_istio_secret_reaches_the_sidecar_environment():
             assert name in env, f"{name} not set on istio-proxy"
             assert "secretKeyRef" in env[name].get("valueFrom", {}), env[name]
             assert "value" not in env[name]
-
-
-# --------------------------------------------------------------------------- #
-# Envoy Gateway manifests
-# --------------------------------------------------------------------------- #
-
-# envoyproxy/gateway api/v1alpha1/wasm_types.go, type Wasm / WasmCodeSource
-EG_WASM_FIELDS = {"name", "rootID", "code", "config", "failOpen", "env"}
-EG_CODE_FIELDS = {"type", "http", "image", "pullPolicy"}
-
-
-def test_envoy_gateway_extension_policy():
-    eep = one(EG_POLICY, "EnvoyExtensionPolicy")
-    assert eep["apiVersion"] == "gateway.envoyproxy.io/v1alpha1"
-    spec = eep["spec"]
-    assert spec["targetRefs"], "no targetRefs"
-    for ref in spec["targetRefs"]:
-        assert ref["group"] == "gateway.networking.k8s.io" and ref["kind"] == "HTTPRoute" and ref["name"]
-    for w in spec["wasm"]:
-        assert set(w) <= EG_WASM_FIELDS, set(w) - EG_WASM_FIELDS
-        assert w["failOpen"] is False, "failOpen must be false, explicitly"
-        code = w["code"]
-        assert set(code) <= EG_CODE_FIELDS
-        assert code["type"] in ("HTTP", "Image")
-        key = code["type"].lower()
-        assert code[key]["url"] and set(code) - {"type", "pullPolicy"} == {key}, code
-        if code[key].get("sha256") is not None:
-            assert re.fullmatch(r"[a-f0-9]{64}", code[key]["sha256"])
-        assert isinstance(w["config"], dict)
-        assert set(w["env"]) == {"hostKeys"}
-        assert set(w["env"]["hostKeys"]) >= env_refs(w["config"])
-
-
-def test_envoy_gateway_token_cluster_and_secret_plumbing():
-    eep = one(EG_POLICY, "EnvoyExtensionPolicy")
-    gateways = {g["metadata"]["name"]: g for g in docs_of_kind(EG_POLICY, "Gateway")}
-    proxies = {p["metadata"]["name"]: p for p in docs_of_kind(EG_POLICY, "EnvoyProxy")}
-    clusters = eg_patch_clusters()
-    # The clusters the profiles name are the ones the EnvoyPatchPolicy adds (op add, empty path).
-    for w in eep["spec"]["wasm"]:
-        for name, profile in w["config"]["profiles"].items():
-            assert profile["cluster"] in clusters, f"profile {name}: no EnvoyPatchPolicy adds {profile['cluster']}"
-            tls = clusters[profile["cluster"]]["transport_socket"]["typed_config"]
-            assert "validation_context" in tls["common_tls_context"], "the IdP must be verified"
-    for epp in docs_of_kind(EG_POLICY, "EnvoyPatchPolicy"):
-        assert epp["apiVersion"] == "gateway.envoyproxy.io/v1alpha1"
-        assert epp["spec"]["type"] == "JSONPatch"
-        ref = epp["spec"]["targetRef"]
-        assert ref["group"] == "gateway.networking.k8s.io" and ref["kind"] == "Gateway"
-        assert ref["name"] in gateways, f"patch targets unknown Gateway {ref['name']}"
-        for patch in epp["spec"]["jsonPatches"]:
-            assert patch["operation"]["op"] == "add" and patch["operation"]["path"] == ""
-            assert patch["operation"]["value"]["name"] == patch["name"]
-    # The hostKeys come from a Secret into the Envoy container, via the Gateway's EnvoyProxy.
-    host_keys = {k for w in eep["spec"]["wasm"] for k in w["env"]["hostKeys"]}
-    for g in gateways.values():
-        assert g["apiVersion"] == "gateway.networking.k8s.io/v1"
-        pref = g["spec"]["infrastructure"]["parametersRef"]
-        assert pref["group"] == "gateway.envoyproxy.io" and pref["kind"] == "EnvoyProxy"
-        proxy = proxies[pref["name"]]
-        assert proxy["apiVersion"] == "gateway.envoyproxy.io/v1alpha1"
-        assert proxy["spec"]["provider"]["type"] == "Kubernetes"
-        env = {e["name"]: e for e in proxy["spec"]["provider"]["kubernetes"]["envoyDeployment"]["container"]["env"]}
-        for k in host_keys:
-            assert "secretKeyRef" in env[k]["valueFrom"] and "value" not in env[k], env.get(k)
 
 
 # --------------------------------------------------------------------------- #

@@ -3,7 +3,7 @@
 //! may carry them at all.
 
 use super::ConfigError;
-use super::checks::resolve_secret;
+use super::checks::{SecretSources, resolve_secret};
 use super::raw::{AuthMethod, OneOrMany, RawJwt, RawProfile, TokenMethod};
 use super::runtime::{ClientAuth, DEFAULT_ASSERTION_LIFETIME_S, JwtAssertion};
 use crate::assertion::{AssertionAudience, AssertionSigner, AssertionTemplate, JWT_BEARER_GRANT_TYPE, JwtAlgorithm};
@@ -21,7 +21,7 @@ struct CompiledJwt {
 }
 
 type At<'a> = &'a dyn Fn(&str) -> String;
-type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+type Env<'a> = SecretSources<'a>;
 
 #[inline(never)]
 pub(super) fn compile_auth(

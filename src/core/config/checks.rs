@@ -6,15 +6,24 @@ use super::raw::SecretSource;
 use super::runtime::{FieldPath, MAX_DURATION_MS};
 use crate::secret::Secret;
 
-/// Looks up a secret: inline, or the VM's environment variable; empty is refused.
-pub(super) fn resolve_secret(
-    source: SecretSource,
-    path: &str,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<Secret, ConfigError> {
+/// Reads a secret file whole; `Err` says why not, never with any of its content.
+pub type ReadFile<'a> = &'a dyn Fn(&str) -> Result<String, String>;
+
+/// Where secrets given by reference are read: the VM's environment (`{"env": NAME}`) and, on a
+/// host with a filesystem, files (`{"file": PATH}`).
+#[derive(Clone, Copy)]
+pub struct SecretSources<'a> {
+    pub env: &'a dyn Fn(&str) -> Option<String>,
+    /// `None`: this host reads no files (a proxy-wasm VM has no filesystem).
+    pub file: Option<ReadFile<'a>>,
+}
+
+/// Looks up a secret: inline, the VM's environment variable, or a file; empty is refused.
+pub(super) fn resolve_secret(source: SecretSource, path: &str, sources: SecretSources) -> Result<Secret, ConfigError> {
     let secret = match source {
         SecretSource::Inline(secret) => secret,
-        SecretSource::Env(name) => match env(&name) {
+        SecretSource::File(file) => read_secret_file(&file, path, sources)?,
+        SecretSource::Env(name) => match (sources.env)(&name) {
             Some(value) => Secret::new(value),
             None => {
                 return Err(ConfigError::new(
@@ -28,6 +37,24 @@ pub(super) fn resolve_secret(
         return Err(ConfigError::new(path, "is empty"));
     }
     Ok(secret)
+}
+
+/// A secret file's content, less its line ending: files written with `echo` or an editor end in
+/// one, and no client secret or PEM key needs it.
+fn read_secret_file(file: &str, path: &str, sources: SecretSources) -> Result<Secret, ConfigError> {
+    let Some(read) = sources.file else {
+        return Err(ConfigError::new(
+            path,
+            r#"secret files are read by the dynamic module only (a wasm VM has no filesystem): use {"env": "NAME"} or an inline value"#,
+        ));
+    };
+    if !file.starts_with('/') {
+        return Err(ConfigError::new(path, format!("file {file:?} must be an absolute path")));
+    }
+    match read(file) {
+        Ok(text) => Ok(Secret::new(text.trim_end_matches(['\n', '\r']))),
+        Err(reason) => Err(ConfigError::new(path, format!("file {file:?} cannot be read: {reason}"))),
+    }
 }
 
 /// A duration in milliseconds: `default` when absent, otherwise from 1 ms to a day.

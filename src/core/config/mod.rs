@@ -2,14 +2,15 @@
 //!
 //! `parse` turns the plugin configuration bytes into a [`Config`] or a [`ConfigError`] whose `path`
 //! names the offending JSON field (`profiles.billing.token_url`). Unknown fields are errors, so a typo
-//! never silently turns a feature off. Secrets given as `{"env": "NAME"}` are resolved here through
-//! the lookup the caller passes in (the host reads the VM's environment).
+//! never silently turns a feature off. Secrets given as `{"env": "NAME"}` or `{"file": "/path"}`
+//! are resolved here through the lookups the caller passes in ([`SecretSources`]: the host reads the
+//! VM's environment, and the dynamic module its filesystem).
 //!
 //! The parts: `raw` is the JSON as written (serde, and the JSON Schema generated from it);
 //! `profile`, `auth` and `routes` compile one section each, with the checks shared in `checks`;
 //! `runtime` holds the compiled types, including the lifetime and backoff policies `cache` applies.
 //!
-//! `parse` and every compile step are `#[inline(never)]`: each runs once, from one caller, so the
+//! `parse_with` and every compile step are `#[inline(never)]`: each runs once, from one caller, so the
 //! optimiser would fold them all into one large function, and in the proxy-wasm build a large
 //! function costs Envoy far more memory to compile than its parts (docs/memory.md, "Function
 //! shape").
@@ -21,11 +22,13 @@ mod raw;
 mod routes;
 mod runtime;
 #[cfg(test)]
+mod schema;
+#[cfg(test)]
 mod tests;
 
 use serde_json::error::Category;
 
-pub use checks::{valid_header_name, valid_header_value};
+pub use checks::{SecretSources, valid_header_name, valid_header_value};
 pub use raw::SecretSource;
 pub use runtime::*;
 
@@ -46,16 +49,38 @@ impl ConfigError {
     }
 }
 
-/// Parses and validates the plugin configuration. `env` looks up the VM's environment variables.
-#[inline(never)]
+/// Parses and validates the plugin configuration. `env` looks up the VM's environment variables;
+/// a secret file is refused (see [`parse_with`]).
 pub fn parse(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+    parse_with(bytes, SecretSources { env, file: None })
+}
+
+/// [`parse`] on a host that may also read secret files.
+#[inline(never)]
+pub fn parse_with(bytes: &[u8], sources: SecretSources) -> Result<Config, ConfigError> {
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
     let raw: RawConfig = serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
         let path = err.path().to_string();
         json_error(path, &err.into_inner())
     })?;
     deserializer.end().map_err(|err| json_error(String::new(), &err))?;
-    compile(raw, env)
+    compile(raw, sources)
+}
+
+/// A configuration a host accepted, and the line it logs at info level saying so.
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: std::sync::Arc<Config>,
+    pub log_line: String,
+}
+
+/// What both hosts do with their plugin configuration bytes: parse them, and say what to log.
+/// `Err` is the error-level line naming the bad field (never a secret); the host then refuses the
+/// configuration.
+pub fn load(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Loaded, String> {
+    let config = parse(bytes, env).map_err(|error| rejected_message(&error))?;
+    let log_line = configured_message(&config);
+    Ok(Loaded { config: std::sync::Arc::new(config), log_line })
 }
 
 /// A value of the wrong type or shape is named by its JSON path. Broken JSON text is named by its
@@ -75,6 +100,18 @@ fn json_error(mut path: String, err: &serde_json::Error) -> ConfigError {
     }
 }
 
+/// The line a host logs when it refuses a configuration at load (both hosts, and
+/// `oauth2-cc validate`, say exactly this).
+pub fn rejected_message(error: &ConfigError) -> String {
+    format!("configuration rejected: {error}")
+}
+
+/// The line a host logs when a configuration loads: how many profiles, and their names.
+pub fn configured_message(config: &Config) -> String {
+    let names: Vec<&str> = config.profiles.iter().map(|p| p.name.as_str()).collect();
+    format!("configured {} profile(s): {}", names.len(), names.join(", "))
+}
+
 /// serde_json appends " at line L column C" to its messages; the caller says where itself.
 fn strip_position(message: &str) -> String {
     match message.rfind(" at line ") {
@@ -84,13 +121,13 @@ fn strip_position(message: &str) -> String {
 }
 
 #[inline(never)]
-fn compile(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+fn compile(raw: RawConfig, sources: SecretSources) -> Result<Config, ConfigError> {
     if raw.profiles.is_empty() {
         return Err(ConfigError::new("profiles", "at least one profile is required"));
     }
     let mut profiles = Vec::with_capacity(raw.profiles.len());
     for (name, raw_profile) in raw.profiles {
-        profiles.push(profile::compile_profile(name, raw_profile, env)?);
+        profiles.push(profile::compile_profile(name, raw_profile, sources)?);
     }
     let mut matchers = Vec::with_capacity(raw.routes.len());
     for (index, route) in raw.routes.into_iter().enumerate() {

@@ -4,7 +4,7 @@
 
 use super::ConfigError;
 use super::auth::{CompiledAuth, compile_auth};
-use super::checks::{cache_key, duration, field_path, valid_header_name, valid_header_value};
+use super::checks::{SecretSources, cache_key, duration, field_path, valid_header_name, valid_header_value};
 use super::raw::{RawBackoff, RawInject, RawProfile, RawRefresh};
 use super::runtime::*;
 use crate::url::HttpUrl;
@@ -19,11 +19,7 @@ struct RequestParts {
 }
 
 #[inline(never)]
-pub(super) fn compile_profile(
-    name: String,
-    mut raw: RawProfile,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<Profile, ConfigError> {
+pub(super) fn compile_profile(name: String, mut raw: RawProfile, env: SecretSources) -> Result<Profile, ConfigError> {
     let at = |field: &str| format!("profiles.{name}.{field}");
     if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
         return Err(ConfigError::new(

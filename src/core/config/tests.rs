@@ -55,6 +55,54 @@ fn secret_from_environment() {
     }
 }
 
+/// A file reader over fixed contents, as the dynamic module's would read them.
+fn files(path: &str) -> Result<String, String> {
+    match path {
+        "/run/secrets/billing" => Ok("from-file\r\n".to_string()),
+        "/run/secrets/empty" => Ok("\n".to_string()),
+        _ => Err("No such file or directory (os error 2)".to_string()),
+    }
+}
+
+fn parse_with_files(value: &serde_json::Value) -> Result<Config, ConfigError> {
+    parse_with(value.to_string().as_bytes(), SecretSources { env: &no_env, file: Some(&files) })
+}
+
+#[test]
+fn secret_from_file_loses_its_line_ending() {
+    let mut config = minimal();
+    config["profiles"]["billing"]["client_secret"] = json!({"file": "/run/secrets/billing"});
+    match &parse_with_files(&config).expect("valid").profiles[0].client_auth {
+        ClientAuth::Basic { secret } => assert_eq!(secret.expose(), "from-file"),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn secret_files_are_refused_naming_the_field() {
+    let with_file = |path: &str| {
+        let mut config = minimal();
+        config["profiles"]["billing"]["client_secret"] = json!({"file": path});
+        config
+    };
+    let cases = [
+        (parse_with_files(&with_file("/run/secrets/missing")), "cannot be read: No such file"),
+        (parse_with_files(&with_file("/run/secrets/empty")), "is empty"),
+        (parse_with_files(&with_file("secrets/billing")), "must be an absolute path"),
+        // A host without a filesystem (the wasm VM) says so instead of failing to read.
+        (parse_value(&with_file("/run/secrets/billing")), "read by the dynamic module only"),
+    ];
+    for (result, reason) in cases {
+        let error = result.expect_err(reason);
+        assert_eq!(error.path, "profiles.billing.client_secret", "{error}");
+        assert!(error.reason.contains(reason), "{error}");
+    }
+    let mut both = minimal();
+    both["profiles"]["billing"]["client_secret"] = json!({"env": "A", "file": "/run/secrets/billing"});
+    let error = parse_with_files(&both).expect_err("env and file together");
+    assert_eq!(error.path, "profiles.billing.client_secret", "{error}");
+}
+
 #[test]
 fn cache_key_changes_with_what_the_token_depends_on() {
     let base = parse_value(&minimal()).expect("valid").profiles[0].cache_key.clone();
@@ -298,7 +346,8 @@ fn bad_jwt_settings_name_the_field() {
 fn json_schema_is_up_to_date() {
     let mut schema =
         schemars::generate::SchemaSettings::draft2020_12().into_generator().into_root_schema_for::<RawConfig>();
-    schema.insert("$id".into(), json!("https://github.com/oauth2-cc/oauth2-cc/schema/oauth2-cc.schema.json"));
+    schema.insert("$id".into(), json!(super::schema::SCHEMA_ID));
+    schema.as_object_mut().into_iter().flat_map(|map| map.values_mut()).for_each(drop_null_defaults);
     schema.insert("title".into(), json!("oauth2-cc plugin configuration"));
     let text = serde_json::to_string_pretty(&schema).expect("serializable") + "\n";
     // The workspace root, without `..` (a WASI preopen does not reach through it).
@@ -309,6 +358,21 @@ fn json_schema_is_up_to_date() {
     }
     let committed = std::fs::read_to_string(&path).unwrap_or_default();
     assert!(committed == text, "schema/oauth2-cc.schema.json is stale: run `make schema`");
+}
+
+/// serde's `default` on an optional field reads as `"default": null`; where the default is not a
+/// constant (max_wait_ms follows timeout_ms) the description says it, and no null is claimed.
+fn drop_null_defaults(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            if map.get("default") == Some(&serde_json::Value::Null) {
+                map.remove("default");
+            }
+            map.values_mut().for_each(drop_null_defaults);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(drop_null_defaults),
+        _ => {}
+    }
 }
 
 #[test]

@@ -80,6 +80,9 @@ impl Driver {
     ) {
         let config = std::sync::Arc::clone(&self.config);
         let Some(profile) = config.profiles.get(index) else { return };
+        if self.superseded.contains(&profile.cache_key) {
+            return; // a newer configuration owns this key's fetches
+        }
         let url = self.token_url(profile, env);
         let chain = if url.is_some() { 1 } else { DISCOVERY_CHAIN };
         let rules = FetchRules {
@@ -274,7 +277,7 @@ impl Driver {
         let Some(index) = self.profile_index(&pending.cache_key) else { return actions };
         let config = std::sync::Arc::clone(&self.config);
         let Some(profile) = config.profiles.get(index) else { return actions };
-        let status = answer.status.and_then(super::requests::parse_status).unwrap_or(0);
+        let status = answer.status.and_then(crate::request::parse_status).unwrap_or(0);
         match pending.step {
             Step::Token => self.token_answer(profile, index, &pending, status, answer, now_ms, env, &mut actions),
             Step::Discovery { attempt } => self.discovery_answer(

@@ -95,10 +95,11 @@ pub enum Action {
         profile: usize,
         metric: Metric,
     },
-    /// Set the profile's remaining-lifetime gauge.
+    /// Set the profile's gauges: `token_remaining_s` and `token_lifetime_s`.
     Gauge {
         profile: usize,
         remaining_s: u64,
+        lifetime_s: u64,
     },
 }
 
@@ -115,7 +116,9 @@ impl std::fmt::Debug for Action {
             Action::Fail { request, profile } => write!(f, "Fail(request {request}, profile {profile})"),
             Action::Log { level, message } => write!(f, "Log({level:?}, {message:?})"),
             Action::Count { profile, metric } => write!(f, "Count({profile}, {metric:?})"),
-            Action::Gauge { profile, remaining_s } => write!(f, "Gauge({profile}, {remaining_s} s)"),
+            Action::Gauge { profile, remaining_s, lifetime_s } => {
+                write!(f, "Gauge({profile}, {remaining_s} s of {lifetime_s} s)")
+            }
         }
     }
 }
@@ -137,7 +140,7 @@ pub enum AnswerBody<'a> {
     TooLarge,
 }
 
-/// How often the main-thread VM sets the remaining-lifetime gauges.
+/// How often the main-thread VM sets the token gauges.
 const GAUGE_PERIOD_MS: u64 = 1_000;
 
 /// One VM's lifecycle state. See the module doc.
@@ -157,7 +160,14 @@ pub struct Driver {
     discovered: HashMap<String, HttpUrl>,
     /// Per profile, this VM's copy of the cached token for the request path.
     snapshots: Vec<Option<Snapshot>>,
+    /// Moves whenever a copy in `snapshots` changes (see [`Driver::copies_generation`]).
+    copies_generation: u64,
     next_gauge_ms: u64,
+    /// Cache keys a newer configuration of this process owns (see [`Driver::set_superseded`]).
+    superseded: Vec<String>,
+    /// Per profile, the usable lifetime in seconds of the last token this VM saw in the store:
+    /// kept after the token expires or is purged, for the `token_lifetime_s` gauge.
+    lifetimes_s: Vec<u64>,
 }
 
 impl Driver {
@@ -173,7 +183,10 @@ impl Driver {
             waiters: Vec::new(),
             discovered: HashMap::new(),
             snapshots: Vec::new(),
+            copies_generation: 1,
             next_gauge_ms: 0,
+            superseded: Vec::new(),
+            lifetimes_s: Vec::new(),
         };
         let mut actions = Vec::new();
         driver.prepare_entries(now_ms, env, &mut actions);
@@ -196,6 +209,15 @@ impl Driver {
 
     pub fn config(&self) -> &Arc<Config> {
         &self.config
+    }
+
+    /// The cache keys a newer configuration in the same process also serves (replacing the last
+    /// list). The newest configuration of a key owns its fetches, background refresh included; an
+    /// older one (a listener being drained) sends no token request for them and takes their
+    /// tokens from the shared store, where the owner's fetch lands and whence a broadcast wake
+    /// or its next tick resumes its paused requests.
+    pub fn set_superseded(&mut self, cache_keys: Vec<String>) {
+        self.superseded = cache_keys;
     }
 
     /// This VM serves requests (called when its first request context is created).
@@ -240,11 +262,13 @@ impl Driver {
             }
         }
         self.snapshots = vec![None; self.config.profiles.len()];
+        self.lifetimes_s = vec![0; self.config.profiles.len()];
+        self.copies_generation = self.copies_generation.wrapping_add(1);
         self.refresh_snapshots(now_ms, env);
     }
 
     /// Once a second, on VMs that serve no requests (the main thread), each profile's remaining
-    /// token lifetime.
+    /// token lifetime and the lifetime of the last token it had.
     fn report_gauges(&mut self, now_ms: u64, env: &mut dyn Environment, actions: &mut Vec<Action>) {
         if self.serves_requests || now_ms < self.next_gauge_ms {
             return;
@@ -253,7 +277,11 @@ impl Driver {
         for (profile, p) in self.config.profiles.iter().enumerate() {
             let entry = read_entry(env, &p.cache_key);
             let remaining_ms = if entry.token.is_empty() { 0 } else { entry.expires_at_ms.saturating_sub(now_ms) };
-            actions.push(Action::Gauge { profile, remaining_s: remaining_ms / 1000 });
+            let Some(lifetime_s) = self.lifetimes_s.get_mut(profile) else { continue };
+            if !entry.token.is_empty() && entry.expires_at_ms > entry.token_sent_at_ms {
+                *lifetime_s = (entry.expires_at_ms - entry.token_sent_at_ms) / 1000;
+            }
+            actions.push(Action::Gauge { profile, remaining_s: remaining_ms / 1000, lifetime_s: *lifetime_s });
         }
     }
 }

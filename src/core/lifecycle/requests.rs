@@ -88,6 +88,13 @@ impl Driver {
         self.snapshots.get(profile)?.as_ref()
     }
 
+    /// Moves whenever one of this driver's token copies ([`Driver::cached`]) changes, and only
+    /// then: a host that keeps its own copies (per worker) needs to re-read them only when this
+    /// moved, not after every event (a tick that changed nothing leaves it where it was).
+    pub fn copies_generation(&self) -> u64 {
+        self.copies_generation
+    }
+
     /// A request needs a token and found no copy: decide from the shared entry itself (another VM
     /// may have stored one since the last tick).
     pub fn on_request(
@@ -103,8 +110,8 @@ impl Driver {
         let bytes = self.refresh_snapshot(profile, now_ms, env);
         let view = bytes.as_deref().and_then(EntryView::decode);
         let outcome = match cache::decide_request(view.as_ref(), now_ms) {
+            // Counted by the request path once the header is written (`crate::request`).
             RequestDecision::Inject { token, generation } => {
-                actions.push(Action::Count { profile, metric: Metric::Injected });
                 RequestOutcome::Inject { value: format!("{}{}", p.inject.prefix, token), generation }
             }
             RequestDecision::Fail => {
@@ -130,7 +137,12 @@ impl Driver {
             }
             RequestDecision::Wait => {
                 let deadline_ms = now_ms.saturating_add(p.max_wait_ms);
+                debug_assert!(
+                    self.waiters.iter().all(|w| w.request != request),
+                    "a request paused twice would be resumed twice"
+                );
                 self.waiters.push(Waiter { request, profile, deadline_ms });
+                debug_assert!(self.waiters.len() <= self.config.max_paused_requests);
                 actions.push(Action::Count { profile, metric: Metric::Waited });
                 actions.push(Action::Kick { profile });
                 RequestOutcome::Wait
@@ -141,7 +153,9 @@ impl Driver {
 
     /// A paused request went away (client gone, stream reset): forget it.
     pub fn on_request_gone(&mut self, request: RequestId) {
+        let before = self.waiters.len();
         self.waiters.retain(|w| w.request != request);
+        debug_assert!(before - self.waiters.len() <= 1, "request ids are unique among waiters");
     }
 
     /// Requests paused on this VM.
@@ -162,7 +176,7 @@ impl Driver {
         let mut actions = Vec::new();
         let config = std::sync::Arc::clone(&self.config);
         let Some(p) = config.profiles.get(profile) else { return actions };
-        let Some(status) = status.and_then(parse_status) else { return actions };
+        let Some(status) = status.and_then(crate::request::parse_status) else { return actions };
         if !p.purge_on_status.contains(&status) {
             return actions;
         }
@@ -191,14 +205,15 @@ impl Driver {
         let config = std::sync::Arc::clone(&self.config);
         let mut entries: Vec<Option<Option<Vec<u8>>>> = vec![None; config.profiles.len()];
         let waiters = std::mem::take(&mut self.waiters);
+        let before = waiters.len();
         for waiter in waiters {
             let Some(p) = config.profiles.get(waiter.profile) else { continue };
             let Some(slot) = entries.get_mut(waiter.profile) else { continue };
             let bytes = slot.get_or_insert_with(|| env.get(&p.cache_key).0);
             let view = bytes.as_deref().and_then(EntryView::decode);
             match cache::decide_request(view.as_ref(), now_ms) {
+                // Counted by the request path once the header is written (`crate::request`).
                 RequestDecision::Inject { token, generation } => {
-                    actions.push(Action::Count { profile: waiter.profile, metric: Metric::Injected });
                     actions.push(Action::Resume {
                         request: waiter.request,
                         profile: waiter.profile,
@@ -224,6 +239,8 @@ impl Driver {
                 }
             }
         }
+        // Settling only ever removes waiters; each one removed got exactly one Resume or Fail.
+        debug_assert!(self.waiters.len() <= before);
     }
 
     /// After a reconfiguration: waiters whose profile kept its cache key follow it to its new
@@ -263,19 +280,12 @@ impl Driver {
         if self.snapshots.len() != self.config.profiles.len() {
             self.snapshots.resize(self.config.profiles.len(), None);
         }
-        if let Some(slot) = self.snapshots.get_mut(profile) {
+        if let Some(slot) = self.snapshots.get_mut(profile)
+            && *slot != snapshot
+        {
             *slot = snapshot;
+            self.copies_generation = self.copies_generation.wrapping_add(1);
         }
         bytes
-    }
-}
-
-/// A `:status` value: three ASCII digits; anything else is no status.
-pub(super) fn parse_status(bytes: &[u8]) -> Option<u32> {
-    match bytes {
-        [a, b, c] if bytes.iter().all(u8::is_ascii_digit) => {
-            Some(u32::from(a - b'0') * 100 + u32::from(b - b'0') * 10 + u32::from(c - b'0'))
-        }
-        _ => None,
     }
 }
