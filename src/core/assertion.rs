@@ -4,20 +4,22 @@
 //! This module owns loading a signing key and checking that it fits its algorithm (at
 //! configuration time, so a bad key fails `on_configure`, never a request), and building and
 //! signing one assertion. It does no I/O and reads no clock: the caller passes `now` and the
-//! random bytes of `jti`. Signing itself is `jsonwebtoken`'s RustCrypto backend; the JOSE header
-//! and claims are built here so that any header field (`kid`, `x5t`, `typ`...) can be set.
+//! random bytes of `jti`. The signature is made by the RustCrypto crates (`signing`); the JOSE
+//! header and claims are built here so that any header field (`kid`, `x5t`, `typ`...) can be set.
 
 use std::fmt;
 
 mod keys;
+mod signing;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use jsonwebtoken::{Algorithm, EncodingKey};
 use serde_json::{Map, Value};
+use zeroize::Zeroizing;
 
 use crate::secret::Secret;
-use keys::{EcCurve, ParsedKey, rsa_modulus_bits};
+use keys::{EcCurve, ParsedKey};
+use signing::SigningKey;
 
 /// `client_assertion_type` of a token request authenticated with a JWT (RFC 7523 §2.2).
 pub const CLIENT_ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
@@ -126,23 +128,6 @@ impl JwtAlgorithm {
             JwtAlgorithm::EdDSA => "an Ed25519 key",
         }
     }
-
-    fn to_jsonwebtoken(self) -> Algorithm {
-        match self {
-            JwtAlgorithm::HS256 => Algorithm::HS256,
-            JwtAlgorithm::HS384 => Algorithm::HS384,
-            JwtAlgorithm::HS512 => Algorithm::HS512,
-            JwtAlgorithm::RS256 => Algorithm::RS256,
-            JwtAlgorithm::RS384 => Algorithm::RS384,
-            JwtAlgorithm::RS512 => Algorithm::RS512,
-            JwtAlgorithm::PS256 => Algorithm::PS256,
-            JwtAlgorithm::PS384 => Algorithm::PS384,
-            JwtAlgorithm::PS512 => Algorithm::PS512,
-            JwtAlgorithm::ES256 => Algorithm::ES256,
-            JwtAlgorithm::ES384 => Algorithm::ES384,
-            JwtAlgorithm::EdDSA => Algorithm::EdDSA,
-        }
-    }
 }
 
 impl fmt::Display for JwtAlgorithm {
@@ -195,12 +180,11 @@ pub enum KeyError {
 
 /// A signing key checked against its algorithm at configuration time.
 ///
-/// `Debug` prints the algorithm only. The key bytes live in `jsonwebtoken`'s `EncodingKey`, which
-/// also redacts its `Debug` and zeroizes them on drop.
+/// `Debug` prints the algorithm only; the key types zeroize their bytes on drop.
 #[derive(Clone)]
 pub struct AssertionSigner {
     alg: JwtAlgorithm,
-    key: EncodingKey,
+    key: SigningKey,
 }
 
 impl AssertionSigner {
@@ -225,23 +209,24 @@ impl AssertionSigner {
                 | JwtAlgorithm::PS512,
                 ParsedKey::Rsa { pkcs1 },
             ) => {
-                let bits = rsa_modulus_bits(&pkcs1).ok_or(KeyError::MalformedKey { format: "PKCS#1 RSA" })?;
+                let key = SigningKey::rsa(&pkcs1).ok_or(KeyError::MalformedKey { format: "PKCS#1 RSA" })?;
+                let bits = key.rsa_modulus_bits().unwrap_or_default();
                 if bits < MIN_RSA_BITS {
                     return Err(KeyError::RsaKeyTooShort { bits });
                 }
-                EncodingKey::from_rsa_der(&pkcs1)
+                key
             }
-            (JwtAlgorithm::ES256 | JwtAlgorithm::ES384, ParsedKey::Ec { curve, pkcs8 }) => {
-                let needed = match alg {
-                    JwtAlgorithm::ES256 => EcCurve::P256,
-                    _ => EcCurve::P384,
+            (JwtAlgorithm::ES256 | JwtAlgorithm::ES384, ParsedKey::Ec { curve, scalar }) => {
+                let key = match (alg, curve) {
+                    (JwtAlgorithm::ES256, EcCurve::P256) => SigningKey::p256(&scalar),
+                    (JwtAlgorithm::ES384, EcCurve::P384) => SigningKey::p384(&scalar),
+                    _ => return Err(KeyError::CurveMismatch { key_curve: curve.name(), alg }),
                 };
-                if curve != needed {
-                    return Err(KeyError::CurveMismatch { key_curve: curve.name(), alg });
-                }
-                EncodingKey::from_ec_der(&pkcs8)
+                key.ok_or(KeyError::KeyRejected { alg })?
             }
-            (JwtAlgorithm::EdDSA, ParsedKey::Ed25519 { pkcs8 }) => EncodingKey::from_ed_der(&pkcs8),
+            (JwtAlgorithm::EdDSA, ParsedKey::Ed25519 { seed }) => {
+                SigningKey::ed25519(&seed).ok_or(KeyError::MalformedKey { format: "PKCS#8 Ed25519" })?
+            }
             (_, parsed) => {
                 return Err(KeyError::WrongKeyType { key: parsed.kind(), alg });
             }
@@ -260,7 +245,7 @@ impl AssertionSigner {
         if bytes.len() < min_bytes {
             return Err(KeyError::HmacSecretTooShort { alg, min_bytes });
         }
-        Self::checked(alg, EncodingKey::from_secret(bytes))
+        Self::checked(alg, SigningKey::Hmac(Zeroizing::new(bytes.to_vec())))
     }
 
     pub fn algorithm(&self) -> JwtAlgorithm {
@@ -268,15 +253,15 @@ impl AssertionSigner {
     }
 
     /// Proves the key signs with `alg` before anyone relies on it.
-    fn checked(alg: JwtAlgorithm, key: EncodingKey) -> Result<Self, KeyError> {
+    fn checked(alg: JwtAlgorithm, key: SigningKey) -> Result<Self, KeyError> {
         let signer = AssertionSigner { alg, key };
         signer.sign(b"oauth2-cc key check").map_err(|_| KeyError::KeyRejected { alg })?;
         Ok(signer)
     }
 
-    /// The base64url signature of `message`.
-    fn sign(&self, message: &[u8]) -> Result<String, jsonwebtoken::errors::Error> {
-        jsonwebtoken::crypto::sign(message, &self.key, self.alg.to_jsonwebtoken())
+    /// The base64url signature of `message`, or a fixed description of why signing failed.
+    fn sign(&self, message: &[u8]) -> Result<String, &'static str> {
+        Ok(URL_SAFE_NO_PAD.encode(self.key.sign(self.alg, message)?))
     }
 }
 
@@ -384,22 +369,6 @@ pub enum AssertionError {
     Signing { alg: JwtAlgorithm, detail: &'static str },
 }
 
-/// What went wrong in the signer, as a fixed text: the backend's own messages may quote what the
-/// crypto crates said, and those never reach a log from here.
-fn signing_detail(error: &jsonwebtoken::errors::Error) -> &'static str {
-    use jsonwebtoken::errors::ErrorKind;
-    match error.kind() {
-        ErrorKind::InvalidRsaKey(_) => "the RSA key was refused",
-        ErrorKind::InvalidEcdsaKey => "the EC key was refused",
-        ErrorKind::InvalidEddsaKey => "the Ed25519 key was refused",
-        ErrorKind::InvalidKeyFormat => "the key format was refused",
-        ErrorKind::RsaFailedSigning => "RSA signing failed (no randomness for blinding or the PSS salt?)",
-        ErrorKind::Signing(_) => "the signature backend failed (no randomness?)",
-        ErrorKind::InvalidAlgorithm | ErrorKind::UnsupportedAlgorithm => "the key does not fit the algorithm",
-        _ => "the signature backend failed",
-    }
-}
-
 /// Builds and signs one assertion: a compact JWS `header.claims.signature`.
 ///
 /// `now_unix_s` becomes `iat` (and `nbf`); `jti` must be unique per assertion (see
@@ -443,9 +412,8 @@ pub fn sign_assertion(
         URL_SAFE_NO_PAD.encode(Value::Object(header).to_string()),
         URL_SAFE_NO_PAD.encode(Value::Object(claims).to_string()),
     );
-    let signature = signer
-        .sign(signing_input.as_bytes())
-        .map_err(|error| AssertionError::Signing { alg: signer.alg, detail: signing_detail(&error) })?;
+    let signature =
+        signer.sign(signing_input.as_bytes()).map_err(|detail| AssertionError::Signing { alg: signer.alg, detail })?;
     Ok(format!("{signing_input}.{signature}"))
 }
 
@@ -459,6 +427,27 @@ mod tests {
     use super::*;
     use jsonwebtoken::{DecodingKey, Validation, decode, decode_header};
     use serde_json::json;
+
+    /// The same algorithm in `jsonwebtoken`, which the tests verify with: an implementation
+    /// independent of the signer's.
+    impl JwtAlgorithm {
+        fn to_jsonwebtoken(self) -> jsonwebtoken::Algorithm {
+            match self {
+                JwtAlgorithm::HS256 => jsonwebtoken::Algorithm::HS256,
+                JwtAlgorithm::HS384 => jsonwebtoken::Algorithm::HS384,
+                JwtAlgorithm::HS512 => jsonwebtoken::Algorithm::HS512,
+                JwtAlgorithm::RS256 => jsonwebtoken::Algorithm::RS256,
+                JwtAlgorithm::RS384 => jsonwebtoken::Algorithm::RS384,
+                JwtAlgorithm::RS512 => jsonwebtoken::Algorithm::RS512,
+                JwtAlgorithm::PS256 => jsonwebtoken::Algorithm::PS256,
+                JwtAlgorithm::PS384 => jsonwebtoken::Algorithm::PS384,
+                JwtAlgorithm::PS512 => jsonwebtoken::Algorithm::PS512,
+                JwtAlgorithm::ES256 => jsonwebtoken::Algorithm::ES256,
+                JwtAlgorithm::ES384 => jsonwebtoken::Algorithm::ES384,
+                JwtAlgorithm::EdDSA => jsonwebtoken::Algorithm::EdDSA,
+            }
+        }
+    }
 
     const RSA_PKCS8: &str = include_str!("../../tests/fixtures/keys/rsa_pkcs8.pem");
     const RSA_PKCS1: &str = include_str!("../../tests/fixtures/keys/rsa_pkcs1.pem");
@@ -590,7 +579,7 @@ mod tests {
         );
         let tampered = parts.join(".");
         let key = DecodingKey::from_ec_pem(EC_P256_PUBLIC.as_bytes()).expect("loads");
-        let mut validation = Validation::new(Algorithm::ES256);
+        let mut validation = Validation::new(jsonwebtoken::Algorithm::ES256);
         validation.set_audience(&[AUD]);
         assert!(decode::<Value>(&token, &key, &validation).is_ok());
         assert!(decode::<Value>(&tampered, &key, &validation).is_err());

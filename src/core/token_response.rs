@@ -133,6 +133,8 @@ fn code_label(code: &str) -> &str {
 }
 
 /// Parses a token endpoint response.
+// Out of line: one caller must not absorb it into a large wasm function (docs/memory.md, "Function shape").
+#[inline(never)]
 pub fn parse(
     status: u32,
     body: &[u8],
@@ -199,12 +201,14 @@ fn lookup<'a>(json: &'a Value, path: &FieldPath) -> Option<&'a Value> {
     path.0.iter().try_fold(json, |value, key| value.get(key))
 }
 
-/// A positive lifetime in whole seconds from a number or a numeric string; fractions round down
-/// (never up: a token must not be thought to live longer than it does), huge values are capped.
+/// A positive lifetime in whole seconds from a number or a numeric string (a JSON number in
+/// quotes, read by the same parser as the unquoted form); fractions round down (never up: a token
+/// must not be thought to live longer than it does), huge values are capped.
 fn seconds(value: &Value) -> Option<u64> {
     let number = match value {
         Value::Number(n) => n.as_f64()?,
-        Value::String(s) => s.trim().parse::<f64>().ok()?,
+        // Not `str::parse::<f64>`: serde_json's number parser is linked already, Rust's adds 20 KB.
+        Value::String(s) => serde_json::from_str::<f64>(s.trim()).ok()?,
         _ => return None,
     };
     if !number.is_finite() || number < 1.0 {
@@ -243,6 +247,8 @@ mod tests {
     fn expires_in_shapes() {
         let cases = [
             (r#"{"access_token":"t","expires_in":"3600"}"#, Ok(Some(3600))),
+            (r#"{"access_token":"t","expires_in":" 59.9 "}"#, Ok(Some(59))),
+            (r#"{"access_token":"t","expires_in":"3.6e3"}"#, Ok(Some(3600))),
             (r#"{"access_token":"t","expires_in":59.9}"#, Ok(Some(59))),
             (r#"{"access_token":"t"}"#, Ok(None)),
             (r#"{"access_token":"t","expires_in":null}"#, Ok(None)),

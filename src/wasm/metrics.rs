@@ -25,6 +25,8 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    // Out of line: one caller must not absorb it into a large wasm function (docs/memory.md, "Function shape").
+    #[inline(never)]
     pub fn define(config: &Config) -> Metrics {
         let profiles = config
             .profiles

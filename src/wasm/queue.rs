@@ -21,6 +21,8 @@ pub struct Messages {
 
 /// Registers this VM's queue under `name` and lists it; `None` when the host refuses a queue
 /// (paused requests then wait for the next tick).
+// Out of line: one caller must not absorb it into a large wasm function (docs/memory.md, "Function shape").
+#[inline(never)]
 pub fn register(name: &str, now_ms: u64) -> Option<u32> {
     let queue = adapter::register_queue(name);
     heartbeat(name, now_ms);

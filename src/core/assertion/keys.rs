@@ -1,25 +1,28 @@
 //! Reading a private key for `private_key_jwt`: a lenient pass over the PEM text as people paste
-//! it, then RustCrypto's `pkcs8`, `pkcs1` and `sec1` for the DER (the crates `jsonwebtoken` signs
-//! with, so their decoders are linked anyway). The result is the DER form `jsonwebtoken` reads:
-//! PKCS#1 for RSA, PKCS#8 for EC and Ed25519.
+//! it, then RustCrypto's `pkcs8`, `pkcs1`, `sec1` and `der` for the DER (the decoders the signing
+//! crates link anyway). The result is what the signer is built from: the PKCS#1 DER of an RSA
+//! key, the private scalar of an EC key, the seed of an Ed25519 key.
 //!
-//! Two things stay hand-written because the crates' versions cost more than they save in the
-//! module (measured with `make size`): the PEM body is decoded with the `base64` crate the filter
-//! already links (`pem-rfc7468` added 8.4 KB), and the SEC1-to-PKCS#8 rewrap writes its three
-//! DER headers itself (`der`'s encoder added about 6 KB).
+//! The PEM body is decoded with the `base64` crate the filter already links: `pem-rfc7468` added
+//! 8.4 KB to the module (measured with `make size`).
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use der::asn1::ObjectIdentifier;
+use der::Decode;
+use der::asn1::{ObjectIdentifier, OctetStringRef};
 use pkcs8::PrivateKeyInfo;
+use zeroize::Zeroizing;
 
 use super::KeyError;
 
-/// A private key, sorted by type, in the DER form `jsonwebtoken` takes for it.
+/// A private key, sorted by type, in the form its signer is built from.
 pub(super) enum ParsedKey {
-    Rsa { pkcs1: Vec<u8> },
-    Ec { curve: EcCurve, pkcs8: Vec<u8> },
-    Ed25519 { pkcs8: Vec<u8> },
+    /// PKCS#1 `RSAPrivateKey` DER (RFC 8017 §A.1.2).
+    Rsa { pkcs1: Zeroizing<Vec<u8>> },
+    /// The SEC1 `privateKey` octets: the big-endian private scalar (RFC 5915).
+    Ec { curve: EcCurve, scalar: Zeroizing<Vec<u8>> },
+    /// The 32-byte seed (RFC 8410 §7 `CurvePrivateKey`).
+    Ed25519 { seed: Zeroizing<Vec<u8>> },
 }
 
 impl ParsedKey {
@@ -56,13 +59,6 @@ impl EcCurve {
             _ => Err(KeyError::UnsupportedKey { what: "an EC key on an unknown curve" }),
         }
     }
-
-    fn oid(self) -> ObjectIdentifier {
-        match self {
-            EcCurve::P256 => oid::P256,
-            EcCurve::P384 => oid::P384,
-        }
-    }
 }
 
 /// The object identifiers a key is sorted by (evaluated at compile time).
@@ -82,74 +78,51 @@ mod oid {
 
 const NO_NAMED_CURVE: KeyError = KeyError::UnsupportedKey { what: "an EC key without a named curve" };
 
-/// The first private key in `text`, sorted by type.
+/// The first private key in `text`, sorted by type. Each parser is its own wasm function
+/// (docs/memory.md, "Function shape").
+#[inline(never)]
 pub(super) fn read_private_key(text: &str) -> Result<ParsedKey, KeyError> {
     let (label, der) = pem::first_private_key(text)?;
     match label {
         pem::PKCS8 => parse_pkcs8(&der),
         pem::PKCS1 => Ok(ParsedKey::Rsa { pkcs1: der }),
-        _ => parse_sec1(&der),
+        _ => parse_sec1(&der, None),
     }
 }
 
 /// PKCS#8 `PrivateKeyInfo` (RFC 5208, RFC 5958): sorts the key by its algorithm identifier.
+#[inline(never)]
 fn parse_pkcs8(der: &[u8]) -> Result<ParsedKey, KeyError> {
     let info = PrivateKeyInfo::try_from(der).map_err(|_| KeyError::MalformedKey { format: "PKCS#8" })?;
     match info.algorithm.oid {
         // The private key of rsaEncryption is a PKCS#1 RSAPrivateKey.
-        oid::RSA => Ok(ParsedKey::Rsa { pkcs1: info.private_key.to_vec() }),
+        oid::RSA => Ok(ParsedKey::Rsa { pkcs1: Zeroizing::new(info.private_key.to_vec()) }),
+        // The private key of id-ecPublicKey is a SEC1 ECPrivateKey (RFC 5915 §3).
         oid::EC => {
             let curve = info.algorithm.parameters_oid().map_err(|_| NO_NAMED_CURVE)?;
-            Ok(ParsedKey::Ec { curve: EcCurve::from_oid(curve)?, pkcs8: der.to_vec() })
+            parse_sec1(info.private_key, Some(EcCurve::from_oid(curve)?))
         }
-        oid::ED25519 => Ok(ParsedKey::Ed25519 { pkcs8: der.to_vec() }),
+        oid::ED25519 => {
+            let seed = OctetStringRef::from_der(info.private_key)
+                .map_err(|_| KeyError::MalformedKey { format: "PKCS#8 Ed25519" })?;
+            Ok(ParsedKey::Ed25519 { seed: Zeroizing::new(seed.as_bytes().to_vec()) })
+        }
         oid::ED448 => Err(KeyError::UnsupportedKey { what: "an Ed448 key" }),
         oid::RSA_PSS => Err(KeyError::UnsupportedKey { what: "an RSA-PSS-only key (id-RSASSA-PSS)" }),
         _ => Err(KeyError::UnsupportedKey { what: "a key of an unknown algorithm" }),
     }
 }
 
-/// SEC1 `ECPrivateKey` (RFC 5915), rewrapped as PKCS#8 since that is what the signer reads:
-/// `SEQUENCE { INTEGER 0, SEQUENCE { id-ecPublicKey, curve }, OCTET STRING sec1 }` (RFC 5958 §2).
-fn parse_sec1(der: &[u8]) -> Result<ParsedKey, KeyError> {
+/// SEC1 `ECPrivateKey` (RFC 5915): its private scalar and curve. `curve` is the one a PKCS#8
+/// wrapper named, which takes precedence over the optional parameters inside.
+#[inline(never)]
+fn parse_sec1(der: &[u8], curve: Option<EcCurve>) -> Result<ParsedKey, KeyError> {
     let key = sec1::EcPrivateKey::try_from(der).map_err(|_| KeyError::MalformedKey { format: "SEC1 EC" })?;
-    let curve = EcCurve::from_oid(key.parameters.and_then(|p| p.named_curve()).ok_or(NO_NAMED_CURVE)?)?;
-    let algorithm = [tlv(OID, oid::EC.as_bytes()), tlv(OID, curve.oid().as_bytes())].concat();
-    let info = [tlv(INTEGER, &[0]), tlv(SEQUENCE, &algorithm), tlv(OCTET_STRING, der)].concat();
-    Ok(ParsedKey::Ec { curve, pkcs8: tlv(SEQUENCE, &info) })
-}
-
-const INTEGER: u8 = 0x02;
-const OCTET_STRING: u8 = 0x04;
-const OID: u8 = 0x06;
-const SEQUENCE: u8 = 0x30;
-
-/// One DER element: tag, definite length (short form below 128, else long form), contents.
-fn tlv(tag: u8, contents: &[u8]) -> Vec<u8> {
-    let len = contents.len().to_be_bytes();
-    let significant = len.iter().position(|byte| *byte != 0).and_then(|first| len.get(first..)).unwrap_or_default();
-    let mut out = Vec::with_capacity(contents.len().saturating_add(10));
-    out.push(tag);
-    match significant {
-        [] => out.push(0),
-        [short] if *short < 0x80 => out.push(*short),
-        // At most 8 length bytes (a usize), so the count fits the low 7 bits.
-        long => {
-            out.push(0x80 | long.len() as u8);
-            out.extend_from_slice(long);
-        }
-    }
-    out.extend_from_slice(contents);
-    out
-}
-
-/// Bit length of the modulus of a PKCS#1 `RSAPrivateKey` (RFC 8017 §A.1.2); `None` if malformed.
-pub(super) fn rsa_modulus_bits(pkcs1: &[u8]) -> Option<usize> {
-    let key = pkcs1::RsaPrivateKey::try_from(pkcs1).ok()?;
-    // `as_bytes` has no leading zero bytes.
-    let modulus = key.modulus.as_bytes();
-    let first = modulus.first()?;
-    Some((modulus.len() - 1) * 8 + (8 - first.leading_zeros() as usize))
+    let curve = match curve {
+        Some(curve) => curve,
+        None => EcCurve::from_oid(key.parameters.and_then(|p| p.named_curve()).ok_or(NO_NAMED_CURVE)?)?,
+    };
+    Ok(ParsedKey::Ec { curve, scalar: Zeroizing::new(key.private_key.to_vec()) })
 }
 
 /// PEM armor (RFC 7468). People paste keys with CRLF, odd line widths, literal `\n` (a PEM
@@ -157,14 +130,14 @@ pub(super) fn rsa_modulus_bits(pkcs1: &[u8]) -> Option<usize> {
 /// `openssl ecparam -genkey`, a certificate): the first private key block is read, any white space
 /// in its body ignored.
 mod pem {
-    use super::{Engine, KeyError};
+    use super::{Engine, KeyError, Zeroizing};
 
     pub const PKCS8: &str = "PRIVATE KEY";
     pub const PKCS1: &str = "RSA PRIVATE KEY";
     pub const SEC1: &str = "EC PRIVATE KEY";
 
     /// The label (one of the three above) and DER of the first private key block in `text`.
-    pub fn first_private_key(text: &str) -> Result<(&'static str, Vec<u8>), KeyError> {
+    pub fn first_private_key(text: &str) -> Result<(&'static str, Zeroizing<Vec<u8>>), KeyError> {
         let mut refused = None;
         let mut rest = text;
         while let Some((_, after_begin)) = rest.split_once("-----BEGIN ") {
@@ -193,32 +166,11 @@ mod pem {
     }
 
     /// Decodes the base64 body, whatever its line breaks.
-    fn decode(label: &'static str, body: &str) -> Result<(&'static str, Vec<u8>), KeyError> {
-        let base64: String =
-            body.replace("\\n", "").replace("\\r", "").chars().filter(|c| !c.is_ascii_whitespace()).collect();
-        let der = super::STANDARD.decode(base64).map_err(|_| KeyError::NotPem)?;
-        Ok((label, der))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tlv_writes_short_and_long_lengths() {
-        let cases: [(usize, &[u8]); 6] = [
-            (0, &[0x04, 0x00]),
-            (127, &[0x04, 0x7f]),
-            (128, &[0x04, 0x81, 0x80]),
-            (255, &[0x04, 0x81, 0xff]),
-            (256, &[0x04, 0x82, 0x01, 0x00]),
-            (65_536, &[0x04, 0x83, 0x01, 0x00, 0x00]),
-        ];
-        for (len, header) in cases {
-            let encoded = tlv(OCTET_STRING, &vec![7; len]);
-            assert_eq!(&encoded[..header.len()], header, "{len}");
-            assert_eq!(encoded.len(), header.len() + len, "{len}");
-        }
+    fn decode(label: &'static str, body: &str) -> Result<(&'static str, Zeroizing<Vec<u8>>), KeyError> {
+        let base64: Zeroizing<String> = Zeroizing::new(
+            body.replace("\\n", "").replace("\\r", "").chars().filter(|c| !c.is_ascii_whitespace()).collect(),
+        );
+        let der = super::STANDARD.decode(base64.as_bytes()).map_err(|_| KeyError::NotPem)?;
+        Ok((label, Zeroizing::new(der)))
     }
 }

@@ -23,6 +23,7 @@ struct CompiledJwt {
 type At<'a> = &'a dyn Fn(&str) -> String;
 type Env<'a> = SecretSources<'a>;
 
+#[inline(never)]
 pub(super) fn compile_auth(
     raw: &mut RawProfile,
     grant_type: &str,
@@ -88,6 +89,7 @@ fn check_method(method: TokenMethod, auth: AuthMethod, jwt_bearer_grant: bool, a
     }
 }
 
+#[inline(never)]
 fn client_auth(
     method: AuthMethod,
     secret: Option<Secret>,
@@ -120,6 +122,7 @@ fn client_auth(
     })
 }
 
+#[inline(never)]
 fn compile_jwt(
     raw: RawJwt,
     profile: &RawProfile,

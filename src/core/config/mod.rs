@@ -9,6 +9,11 @@
 //! The parts: `raw` is the JSON as written (serde, and the JSON Schema generated from it);
 //! `profile`, `auth` and `routes` compile one section each, with the checks shared in `checks`;
 //! `runtime` holds the compiled types, including the lifetime and backoff policies `cache` applies.
+//!
+//! `parse_with` and every compile step are `#[inline(never)]`: each runs once, from one caller, so the
+//! optimiser would fold them all into one large function, and in the proxy-wasm build a large
+//! function costs Envoy far more memory to compile than its parts (docs/memory.md, "Function
+//! shape").
 
 mod auth;
 mod checks;
@@ -51,6 +56,7 @@ pub fn parse(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Confi
 }
 
 /// [`parse`] on a host that may also read secret files.
+#[inline(never)]
 pub fn parse_with(bytes: &[u8], sources: SecretSources) -> Result<Config, ConfigError> {
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
     let raw: RawConfig = serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
@@ -114,6 +120,7 @@ fn strip_position(message: &str) -> String {
     }
 }
 
+#[inline(never)]
 fn compile(raw: RawConfig, sources: SecretSources) -> Result<Config, ConfigError> {
     if raw.profiles.is_empty() {
         return Err(ConfigError::new("profiles", "at least one profile is required"));

@@ -18,6 +18,7 @@ struct RequestParts {
     request_headers: Vec<(String, String)>,
 }
 
+#[inline(never)]
 pub(super) fn compile_profile(name: String, mut raw: RawProfile, env: SecretSources) -> Result<Profile, ConfigError> {
     let at = |field: &str| format!("profiles.{name}.{field}");
     if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
@@ -82,6 +83,7 @@ pub(super) fn compile_profile(name: String, mut raw: RawProfile, env: SecretSour
     })
 }
 
+#[inline(never)]
 fn compile_endpoint(raw: &RawProfile, at: At) -> Result<TokenEndpoint, ConfigError> {
     match (raw.token_url.as_deref(), raw.issuer.as_deref()) {
         (Some(url), None) => {
@@ -100,6 +102,7 @@ fn compile_endpoint(raw: &RawProfile, at: At) -> Result<TokenEndpoint, ConfigErr
 }
 
 /// Scopes, resources, extra parameters and extra headers of the token request.
+#[inline(never)]
 fn compile_request_parts(raw: &mut RawProfile, at: At) -> Result<RequestParts, ConfigError> {
     for (index, scope) in raw.scopes.iter().enumerate() {
         if scope.is_empty() || scope.contains(' ') {
@@ -138,6 +141,7 @@ fn compile_request_parts(raw: &mut RawProfile, at: At) -> Result<RequestParts, C
     Ok(RequestParts { resources, params, request_headers })
 }
 
+#[inline(never)]
 fn compile_inject(raw: RawInject, at: At) -> Result<Injection, ConfigError> {
     let header = raw.header.unwrap_or_else(|| "authorization".to_string());
     let header = valid_header_name(&header)
@@ -150,6 +154,7 @@ fn compile_inject(raw: RawInject, at: At) -> Result<Injection, ConfigError> {
     Ok(Injection { header, prefix, keep_existing: raw.keep_existing })
 }
 
+#[inline(never)]
 fn compile_lifetime(raw: &RawRefresh, at: At) -> Result<LifetimePolicy, ConfigError> {
     let lifetime = LifetimePolicy {
         ahead_ratio: raw.ahead_ratio.unwrap_or(DEFAULT_AHEAD_RATIO),
@@ -168,6 +173,7 @@ fn compile_lifetime(raw: &RawRefresh, at: At) -> Result<LifetimePolicy, ConfigEr
     Ok(lifetime)
 }
 
+#[inline(never)]
 fn compile_backoff(raw: &RawBackoff, at: At) -> Result<BackoffPolicy, ConfigError> {
     let backoff = BackoffPolicy {
         base_ms: duration(raw.base_ms, DEFAULT_BACKOFF_BASE_MS, &at("backoff.base_ms"))?,
@@ -180,6 +186,7 @@ fn compile_backoff(raw: &RawBackoff, at: At) -> Result<BackoffPolicy, ConfigErro
 }
 
 /// The largest response body read; also checks `max_fetches_per_hour`.
+#[inline(never)]
 fn compile_limits(raw: &RawProfile, at: At) -> Result<usize, ConfigError> {
     let max_response_bytes = raw.max_response_bytes.unwrap_or(DEFAULT_MAX_RESPONSE_BYTES);
     if !(256..=MAX_RESPONSE_BYTES_LIMIT).contains(&max_response_bytes) {
@@ -193,6 +200,7 @@ fn compile_limits(raw: &RawProfile, at: At) -> Result<usize, ConfigError> {
 
 /// Everything the token depends on goes into the key; where it goes (`inject`) and when it is
 /// refreshed do not, so such changes keep the cached token across a reload.
+#[inline(never)]
 fn profile_cache_key(
     name: &str,
     raw: &RawProfile,

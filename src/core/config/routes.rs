@@ -6,6 +6,7 @@ use super::raw::{RawMatch, RawRoute};
 use super::runtime::Profile;
 use crate::route::{AuthorityPattern, HeaderCondition, PathMatch, RouteMatcher};
 
+#[inline(never)]
 pub(super) fn compile_route(index: usize, raw: RawRoute, profiles: &[Profile]) -> Result<RouteMatcher, ConfigError> {
     let at = |field: &str| format!("routes[{index}].{field}");
     let profile = match raw.profile {
@@ -43,6 +44,7 @@ pub(super) fn compile_route(index: usize, raw: RawRoute, profiles: &[Profile]) -
     Ok(RouteMatcher { authority, path, method, headers, route_name: m.route_name, profile })
 }
 
+#[inline(never)]
 fn path_match(m: &RawMatch, at: &dyn Fn(&str) -> String) -> Result<PathMatch, ConfigError> {
     match (&m.path_prefix, &m.path_exact) {
         (Some(_), Some(_)) => Err(ConfigError::new(at("match"), "give path_prefix or path_exact, not both")),

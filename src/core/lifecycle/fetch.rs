@@ -294,6 +294,8 @@ impl Driver {
         actions
     }
 
+    // Out of line: one caller must not absorb it into a large wasm function (docs/memory.md, "Function shape").
+    #[inline(never)]
     #[allow(clippy::too_many_arguments)]
     fn token_answer(
         &mut self,
@@ -368,6 +370,8 @@ impl Driver {
         actions.push(Action::BroadcastWake);
     }
 
+    // Out of line: one caller must not absorb it into a large wasm function (docs/memory.md, "Function shape").
+    #[inline(never)]
     #[allow(clippy::too_many_arguments)]
     fn discovery_answer(
         &mut self,
