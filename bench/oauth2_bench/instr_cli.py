@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import memory, where
 from .callgrind import tools_missing
-from .common import (DEFAULT_DYNMOD, DEFAULT_FLOOR_NATIVE, DEFAULT_FLOOR_NATIVE_FDM, DEFAULT_FLOOR_WASM, DEFAULT_MD,
+from .common import (DEFAULT_DYNMOD, DEFAULT_FLOOR_NATIVE, DEFAULT_FLOOR_NATIVE_FDM, DEFAULT_FLOOR_WASM,
                      FLOOR_WASM_VARIANTS, LABEL, ROOT, ROUTES, BenchError)
 from .instr import INSTR_CELLS, CellRunner, Params, Shared
 from .instr_report import summarize, write_report
@@ -35,6 +35,7 @@ at 1, 2, 4 and 8 workers. Writes BENCHMARKS.md and bench/chart.png from the run.
     .venv/bin/python bench/run.py --render build/bench/instr.json   # redraw BENCHMARKS.md + chart
 """
 DEFAULT_OUT = ROOT / "build" / "bench" / "instr.json"
+DEFAULT_MD = ROOT / "BENCHMARKS.md"
 DEFAULT_CHART = ROOT / "bench" / "chart.png"
 DEFAULT_SYMBOLS = ROOT / "target" / "bench-symbols" / "native" / "liboauth2_cc.so"
 # Two runs of a cell whose counts differ by more than this are flagged in the report.

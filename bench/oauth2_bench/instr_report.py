@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .callgrind import TICK_ENTRY_MIN_IR
 from .common import DESC, LABEL, ROOT, ROUTES
 from .instr import KIND_FLOOR, MATCHED_FLOOR
 from .instr_goals import goals_markdown
@@ -98,16 +99,22 @@ def _agreement(res: dict) -> list[str]:
         L.append("| " + " | ".join(row) + " |")
     L += ["", "Timers (the filter's 100 ms tick, Envoy's own) run during a window whatever the requests do, and "
           "under Callgrind a request takes milliseconds, so their instructions would count as the requests' and "
-          "vary with the machine's speed. Each cell also counts an idle window "
-          f"({p['idle_s']:.0f} s, no request) and takes its rate times each window's duration off that window; "
-          "Envoy's stats flush timer is off (`stats_flush_on_admin`). The timers' rate, and what it took off each "
-          "direct-route figure:", "",
-          "| cell | background Ir/s | taken off per request (direct, run 1) |", "| --- | ---: | ---: |"]
+          f"vary with the machine's speed. Each cell also counts an idle window ({p['idle_s']:.0f} s, no request). "
+          "In it, the calls into the filter's timer code are found (a dynamic module's scheduled-event hook; for "
+          "proxy-wasm, Envoy's calls into V8-generated code of at least "
+          f"{TICK_ENTRY_MIN_IR:,} instructions: the tick), and in each counted window the instructions of the "
+          "calls to those functions are taken off, exactly; what else the idle window counted (Envoy's own "
+          "timers) is taken off as a rate times the window's duration. Envoy's stats flush timer is off "
+          "(`stats_flush_on_admin`).", "",
+          "| cell | timer calls (idle window) | Ir per timer call | other Ir/s | taken off per request, direct run 1: "
+          "timer calls | other |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in res["runs"]:
         if r["run"] == 1 and "direct" in r:
-            d = r["direct"]
-            L.append(f"| {LABEL[r['config']]} {r['config']} | {r['background']['ir_per_s']:,.0f} | "
-                     f"{d['raw_ir_per_request'] - d['ir_per_request']:,.0f} |")
+            d, b = r["direct"], r["background"]
+            per_call = f"{b['timer_ir'] / b['timer_calls']:,.0f}" if b["timer_calls"] else ""
+            L.append(f"| {LABEL[r['config']]} {r['config']} | {b['timer_calls'] or ''} | {per_call} | "
+                     f"{b['rest_ir_per_s']:,.0f} | {d['timer_ir'] / d['requests']:,.0f} ({d['timer_calls']} calls) | "
+                     f"{d['rest_ir'] / d['requests']:,.0f} |")
     return L + [""]
 
 
