@@ -47,7 +47,7 @@ NO_TOKEN_ON_ECHO = ("none",)
 
 @dataclass
 class Params:
-    requests: int = 500  # counted requests per route and cell
+    requests: int = 300  # counted requests per route and cell
     warmup: int = 50  # requests per route before counting
     idle_s: float = 2.0  # the idle window: the timers' rate
     runs: int = 2

@@ -52,6 +52,6 @@ def measure_all(runner: CellRunner, cells: list[str], requests: int = 1000) -> d
         for w in WORKERS:
             r = measure_rss(runner, key, w, requests)
             out[key][str(w)] = r
-            print(f"  RSS {LABEL[key]:5} {key:14} {w} worker(s): {r['rss_kib'] / 1024:6.1f} MiB"
+            print(f"  RSS of {LABEL[key]} {key}, {w} worker(s): {r['rss_kib'] / 1024:.1f} MiB"
                   + (f"  ({r['failed']} requests failed)" if r["failed"] else ""), flush=True)
     return out
