@@ -12,7 +12,8 @@ own). Their cost grows with the window's wall time, which does depend on the loa
 also counts an idle window (instrumentation on, no request) and ``Background`` takes them off:
 
 * the filter's timer calls are counted, not guessed from time: in the idle window, the entries
-  into the filter's timer code (a dynamic module's scheduled-event hook; for proxy-wasm, calls
+  into the filter's timer code (a dynamic module's scheduled-event hook and the callback that
+  posts the event; for proxy-wasm, calls
   from Envoy into code V8 generated that cost at least ``TICK_ENTRY_MIN_IR`` each: a tick, not a
   buffer allocation) name the functions; in each counted window, the inclusive cost of the calls
   to those functions is taken off exactly;
@@ -181,8 +182,10 @@ def measure_idle(e: CallgrindEnvoy, seconds: float, label: str) -> Window:
 # timer entry (the filter's tick: ~30,000 instructions with oauth2-cc); Envoy's other calls into a
 # VM while idle allocate a buffer for a host call's answer (~1,000-3,000), inside a tick.
 TICK_ENTRY_MIN_IR = 8_000
-# A dynamic module's timer: Envoy calls this hook for events the module posted (its tick).
-MODULE_TIMER_HOOKS = ("envoy_dynamic_module_on_http_filter_config_scheduled",)
+# A dynamic module's timer: the module's own thread posts an event (the callback) and Envoy's main
+# thread calls the hook for it (the tick).
+MODULE_TIMER_CALLS = ("envoy_dynamic_module_callback_http_filter_config_scheduler_commit",
+                      "envoy_dynamic_module_on_http_filter_config_scheduled")
 
 
 def generated_code(ob: str, fn: str, maps: list[tuple[int, int, str]]) -> bool:
@@ -212,7 +215,7 @@ class Background:
         for (caller_ob, ob, fn), _ in prof.calls_from.items():
             per_call = prof.call_ir[(ob, fn)] / max(1, prof.calls[(ob, fn)])
             from_envoy = not generated_code(caller_ob, "", maps) if caller_ob not in ("", "???") else False
-            if fn in MODULE_TIMER_HOOKS or (generated_code(ob, fn, maps) and from_envoy and per_call >= TICK_ENTRY_MIN_IR):
+            if fn in MODULE_TIMER_CALLS or (generated_code(ob, fn, maps) and from_envoy and per_call >= TICK_ENTRY_MIN_IR):
                 entries.add((ob, fn))
         tick_ir = sum(prof.call_ir[k] for k in entries)
         return cls(sorted(entries), sum(prof.calls[k] for k in entries), tick_ir,

@@ -20,8 +20,8 @@ from . import memory, where
 from .callgrind import tools_missing
 from .common import (DEFAULT_DYNMOD, DEFAULT_FLOOR_NATIVE, DEFAULT_FLOOR_NATIVE_FDM, DEFAULT_FLOOR_WASM,
                      FLOOR_WASM_VARIANTS, LABEL, ROOT, ROUTES, BenchError)
-from .instr import INSTR_CELLS, CellRunner, Params, Shared
-from .instr_report import summarize, write_report
+from .instr import DYNAMIC_MODULE_CELLS, INSTR_CELLS, CellRunner, Params, Shared
+from .instr_report import compare_markdown, summarize, write_report
 from .processes import Processes
 
 from envoy import EnvoyExited, envoy_bin  # noqa: E402
@@ -34,6 +34,7 @@ at 1, 2, 4 and 8 workers. Writes BENCHMARKS.md and bench/chart.png from the run.
     .venv/bin/python bench/run.py                         # everything (make bench)
     .venv/bin/python bench/run.py --cells none,dynmod --runs 1 --no-memory --no-report
     .venv/bin/python bench/run.py --render build/bench/instr.json   # redraw BENCHMARKS.md + chart
+    .venv/bin/python bench/run.py --compare a.json b.json          # two runs side by side
 """
 DEFAULT_OUT = ROOT / "build" / "bench" / "instr.json"
 DEFAULT_MD = ROOT / "BENCHMARKS.md"
@@ -62,6 +63,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--chart", type=Path, default=DEFAULT_CHART)
     ap.add_argument("--no-report", action="store_true", help="write the JSON only")
     ap.add_argument("--render", type=Path, metavar="RESULTS_JSON", help="only redraw the report from a JSON")
+    ap.add_argument("--compare", type=Path, nargs=2, metavar="RESULTS_JSON",
+                    help="print how far apart two runs' figures are, per cell (markdown)")
     a = ap.parse_args(argv)
     a.cells = [c for c in a.cells.split(",") if c]
     unknown = [c for c in a.cells if c not in INSTR_CELLS]
@@ -170,7 +173,10 @@ def run(a: argparse.Namespace) -> dict:
 def measure_cell(runner: CellRunner, key: str, rnd: int) -> dict:
     r = runner.measure(key, rnd)
     if rnd == 1 and "direct" in r:
-        r["objects_direct"] = where.objects_per_request(r["direct"]["dump"], r["direct"]["requests"], r.get("maps", []))
+        d = r["direct"]
+        r["objects_direct"] = where.objects_per_request(d["dump"], d["requests"], r.get("maps", []))
+        if key in DYNAMIC_MODULE_CELLS:
+            r["module_direct"] = where.module_summary(d["dump"], d["requests"], os.path.realpath(runner.files[key]))
     print(f"  {LABEL[key]:6} {key:17} " + "  ".join(f"{rk} {r[rk]['ir_per_request']:9,.0f} Ir/req" for rk in ROUTES if rk in r)
           + f"  (start {r['start_s']:.0f} s, cell {r['elapsed_s']:.0f} s)", flush=True)
     return r
@@ -203,6 +209,9 @@ def dynmod_profile(a: argparse.Namespace, runner: CellRunner, files: dict[str, s
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    if a.compare:
+        print(compare_markdown(*(json.loads(p.read_text()) for p in a.compare)))
+        return 0
     if a.render:
         res = json.loads(a.render.read_text())
         write_report(res, a.markdown, a.chart)

@@ -53,4 +53,6 @@ def goals_markdown(res: dict) -> list[str]:
     for bound, text in SIZE_GOALS:
         v = judge(wasm["bytes"] / 1024, bound / 1024, False, " KiB", ",.1f") if wasm else "not measured"
         L.append(f"| {text} | {v} | |")
-    return L + [""]
+    return L + ["", "Where the differences come from: \"Where the instructions go\" below (the hooks and callbacks of "
+                 "the dynamic modules, the calls into the VM and host calls of the wasm cells); the memory goal: "
+                 "\"Memory and size\".", ""]

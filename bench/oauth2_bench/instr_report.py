@@ -100,7 +100,8 @@ def _agreement(res: dict) -> list[str]:
     L += ["", "Timers (the filter's 100 ms tick, Envoy's own) run during a window whatever the requests do, and "
           "under Callgrind a request takes milliseconds, so their instructions would count as the requests' and "
           f"vary with the machine's speed. Each cell also counts an idle window ({p['idle_s']:.0f} s, no request). "
-          "In it, the calls into the filter's timer code are found (a dynamic module's scheduled-event hook; for "
+          "In it, the calls into the filter's timer code are found (a dynamic module's scheduled-event hook and the "
+          "callback that posts the event; for "
           "proxy-wasm, Envoy's calls into V8-generated code of at least "
           f"{TICK_ENTRY_MIN_IR:,} instructions: the tick), and in each counted window the instructions of the "
           "calls to those functions are taken off, exactly; what else the idle window counted (Envoy's own "
@@ -135,6 +136,53 @@ def _objects(res: dict) -> list[str]:
     return L + [""]
 
 
+# Calls made by a module's timer (its scheduled-event hook, the callbacks it makes from the main
+# thread): taken off with the timers, so not part of a request.
+TIMER_CALLS = ("envoy_dynamic_module_on_http_filter_config_scheduled", "envoy_dynamic_module_callback_http_filter_config_")
+
+
+def _per_request(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if not r["function"].startswith(TIMER_CALLS)]
+
+
+def _short(fn: str) -> str:
+    return fn.replace("envoy_dynamic_module_on_http_filter_", "on_").replace("envoy_dynamic_module_callback_http_", "")
+
+
+def _modules(res: dict) -> list[str]:
+    cells = [r for r in res["runs"] if r["run"] == 1 and r.get("module_direct")]
+    if not cells:
+        return []
+    L = ["### Dynamic modules: the hooks Envoy calls and the callbacks they make (direct route, run 1)", "",
+         "From the counted window's call graph (Envoy exports its callbacks and a module its hooks, so Callgrind "
+         "names both even in a stripped build); calls made by a module's timer are left out. \"Inside the hooks\" "
+         "is everything the module's hooks cost Envoy, callbacks included: the part of a cell that differs between "
+         "modules. The floors' do-nothing hooks compile to one function, which Callgrind shows under one of their "
+         "names.", "",
+         "| per request | " + " | ".join(f"{LABEL[r['config']]} {r['config']}" for r in cells) + " |",
+         "| --- |" + " ---: |" * len(cells)]
+    L.append("| the module's own code (Ir) | " + " | ".join(f"{r['module_direct']['self_ir_per_request']:,.0f}"
+                                                         for r in cells) + " |")
+    inside = [sum(h["calls_per_request"] * h["inclusive_ir_per_call"] for h in _per_request(r["module_direct"]["hooks"]))
+              for r in cells]
+    L.append("| inside the hooks, callbacks included (Ir) | " + " | ".join(f"**{x:,.0f}**" for x in inside) + " |")
+    names = sorted({c["function"] for r in cells for c in _per_request(r["module_direct"]["callbacks"])})
+    for n in names:
+        vals = []
+        for r in cells:
+            c = next((c for c in r["module_direct"]["callbacks"] if c["function"] == n), None)
+            vals.append(f"{c['calls_per_request']:.2f} × {c['inclusive_ir_per_call']:,.0f}" if c else "")
+        L.append(f"| callback `{_short(n)}` (calls × Ir) | " + " | ".join(vals) + " |")
+    hooks = sorted({h["function"] for r in cells for h in _per_request(r["module_direct"]["hooks"])})
+    for n in hooks:
+        vals = []
+        for r in cells:
+            h = next((h for h in r["module_direct"]["hooks"] if h["function"] == n), None)
+            vals.append(f"{h['calls_per_request']:.2f} × {h['inclusive_ir_per_call']:,.0f}" if h else "")
+        L.append(f"| hook `{_short(n)}` (calls × Ir, inclusive) | " + " | ".join(vals) + " |")
+    return L + [""]
+
+
 def _dynmod(res: dict) -> list[str]:
     d = res.get("profiles", {}).get("dynmod")
     if not d:
@@ -146,7 +194,9 @@ def _dynmod(res: dict) -> list[str]:
          f"Cell (d) again with `{so}` (`make bench-symbols`: profile `native` with symbols and line tables kept, "
          f"the same code): {d['ir_per_request']:,.0f} instructions per request"
          + (f" (the shipped build: {d['shipped_ir_per_request']:,.0f})" if d.get("shipped_ir_per_request") else "")
-         + ". `callgrind_annotate`, self cost of our object's functions:", "",
+         + ". Self cost of our object's functions (what `callgrind_annotate` lists for our object, each "
+         "function's inlined code summed over its source files), including the module's timer (`on_tick`, "
+         "the ticker thread), which the cell's figure leaves out:", "",
          "| function (ours) | Ir/request |", "| --- | ---: |"]
     L += [f"| `{f['function']}` | {f['ir_per_request']:,.1f} |" for f in d["functions"]]
     L += [f"| **all of our object** | **{d['object_ir_per_request']:,.0f}** |", "",
@@ -233,12 +283,30 @@ def _method(res: dict) -> list[str]:
             "```", ""]
 
 
+def compare_markdown(a: dict, b: dict) -> str:
+    """Two `make bench` runs (each with its own runs of every cell) side by side: the means and
+    how far apart they are."""
+    L = ["| cell | direct A | direct B | apart | upstream A | upstream B | apart |",
+         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for key in a["cells"]:
+        row = [f"{LABEL[key]} {key}"]
+        for rk in ROUTES:
+            x, y = a["summary"][rk].get(key, {}).get("mean"), b["summary"][rk].get(key, {}).get("mean")
+            if x is None or y is None:
+                row += ["", "", ""]
+                continue
+            row += [f"{x:,.0f}", f"{y:,.0f}", f"{100 * abs(x - y) / ((x + y) / 2):.2f} %"]
+        L.append("| " + " | ".join(row) + " |")
+    return "\n".join(L)
+
+
 def render_markdown(res: dict, chart_rel: str | None) -> str:
     L = _head(res) + goals_markdown(res) + _cells_table(res)
     if chart_rel:
         L += [f"![Instructions per request by cell]({chart_rel})", ""]
     L += _agreement(res)
-    L += ["## Where the instructions go", ""] + _objects(res) + _dynmod(res) + _wasm_calls(res) + _wasm_functions()
+    L += ["## Where the instructions go", ""] + _objects(res) + _modules(res) + _dynmod(res) + _wasm_calls(res)
+    L += _wasm_functions()
     L += _memory(res) + _method(res)
     return "\n".join(L)
 

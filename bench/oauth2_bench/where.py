@@ -7,8 +7,9 @@ dynamic module, and the VM entries and host calls per request for the proxy-wasm
   Callgrind shows both the last and code of a binary's sections it could not read as an address
   in object ``???``; the process's executable mappings, read while it ran, tell them apart.
 * The dynamic module: the cell (d) again, with a build of the same code whose symbols are kept
-  (``make bench-symbols``), so that Callgrind names our functions; ``callgrind_annotate``'s
-  self cost restricted to our object, and the calls between Envoy and the module by callee.
+  (``make bench-symbols``), so that Callgrind names our functions: the self cost of each of our
+  functions (what ``callgrind_annotate`` shows for our object, summed over the files inlined code
+  came from), and the calls between Envoy and the module by callee.
 * proxy-wasm: Envoy's own wasm tracing (proxy-wasm-cpp-host logs every call into the VM and
   every host call at trace level, ``--component-log-level wasm:trace``), on a native Envoy
   with one worker: the calls of N requests, counted by name, apart from the ticks' calls.
@@ -17,7 +18,6 @@ dynamic module, and the VM entries and host calls per request for the proxy-wasm
 from __future__ import annotations
 
 import re
-import subprocess
 import time
 from pathlib import Path
 
@@ -62,19 +62,15 @@ def objects_per_request(dump: str, requests: int, maps: list[tuple[int, int, str
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
-def annotate_object(dump: str, requests: int, obj_path: str, top: int = 30) -> list[dict]:
-    """``callgrind_annotate`` self cost per function, restricted to ``obj_path``'s object."""
-    p = subprocess.run(["callgrind_annotate", "--threshold=100", dump], stdout=subprocess.PIPE,
-                       stderr=subprocess.DEVNULL, text=True, timeout=300)
-    rows = []
-    for line in p.stdout.splitlines():
-        m = re.match(r"^\s*([\d,]+)\s+\([^)]*\)\s+(.*?)\s+\[(.+)\]\s*$", line)
-        if not m or m.group(3) != obj_path:
-            continue
-        fn = m.group(2)
-        fn = fn.split(":", 1)[1] if ":" in fn and not fn.startswith("<") else fn
-        rows.append({"function": fn, "ir_per_request": int(m.group(1).replace(",", "")) / requests})
-    return rows[:top]
+def object_functions(prof, requests: int, obj_path: str, top: int = 30) -> list[dict]:
+    """Self cost per function of ``obj_path``'s object, summed over the source files its inlined
+    code came from (``callgrind_annotate`` lists each file:function pair apart)."""
+    rows: dict[str, int] = {}
+    for (ob, fn), ir in prof.self_ir.items():
+        if ob == obj_path:
+            rows[fn] = rows.get(fn, 0) + ir
+    ranked = sorted(rows.items(), key=lambda kv: -kv[1])[:top]
+    return [{"function": fn, "ir_per_request": ir / requests} for fn, ir in ranked]
 
 
 def module_calls(dump: str, requests: int, obj_path: str) -> dict[str, list[dict]]:
@@ -93,6 +89,14 @@ def module_calls(dump: str, requests: int, obj_path: str) -> dict[str, list[dict
     return {"hooks": sorted(into, key=lambda r: r["function"]), "callbacks": sorted(out_of, key=lambda r: r["function"])}
 
 
+def module_summary(dump: str, requests: int, so: str) -> dict:
+    """A dynamic module's own instructions per request (its object's self cost) and its calls
+    across the boundary; the hooks and callbacks are named even in a stripped build (exported)."""
+    prof = parse(Path(dump))
+    own = sum(ir for (ob, _), ir in prof.self_ir.items() if ob == so)
+    return {"self_ir_per_request": own / requests, **module_calls(dump, requests, so)}
+
+
 def dynmod_profile(runner: CellRunner, so_symbols: str, shipped_ir: float | None) -> dict:
     """Cell (d) with the symbol build, direct route only."""
     r = runner.measure("dynmod", 0, routes=["direct"])
@@ -100,7 +104,7 @@ def dynmod_profile(runner: CellRunner, so_symbols: str, shipped_ir: float | None
     prof = parse(Path(w["dump"]))
     ours = sum(ir for (ob, _), ir in prof.self_ir.items() if ob == so_symbols)
     return {"so": so_symbols, "ir_per_request": w["ir_per_request"], "shipped_ir_per_request": shipped_ir,
-            "problems": r["problems"], "functions": annotate_object(w["dump"], w["requests"], so_symbols),
+            "problems": r["problems"], "functions": object_functions(prof, w["requests"], so_symbols),
             "object_ir_per_request": ours / w["requests"],
             "calls": module_calls(w["dump"], w["requests"], so_symbols),
             "objects": objects_per_request(w["dump"], w["requests"], r.get("maps", []))}
