@@ -32,7 +32,7 @@ export E2E_REQUIRE_WASM := 1
 export OAUTH2_CC_WASM := $(CURDIR)/$(WASM)
 export OAUTH2_CC_NATIVE := $(CURDIR)/$(NATIVE)
 
-.PHONY: all help run test unit unit-wasm e2e lint fmt build size tools wasm-target wasm-opt clean bench bench-floor bench-floor-native bench-smoke bench-memory schema wrk fuzz rules compat simulate dist dist-check dist-tools validate
+.PHONY: all help run test unit unit-wasm e2e lint fmt build size tools wasm-target wasm-opt clean bench bench-time cost bench-floor bench-floor-native bench-symbols bench-smoke bench-memory valgrind schema wrk fuzz rules compat simulate dist dist-check dist-tools validate
 
 ## all: the default target: build
 all: build
@@ -83,8 +83,8 @@ size: build
 run: tools build
 	$(PY) demo/run.py
 
-## test: lint, native and wasm unit tests, end-to-end tests on real Envoy (shipped configs validated there)
-test: lint unit unit-wasm e2e size rules
+## test: lint, native and wasm unit tests, end-to-end tests on real Envoy (shipped configs validated there), the cost test
+test: lint unit unit-wasm e2e cost size rules
 
 ## unit: the native unit tests of the core and the dynamic module (cargo test --all-targets), the proxy-wasm host against a fake Envoy (natively), and the dynamic module model-checked under shuttle (about 10 s)
 unit:
@@ -117,9 +117,9 @@ fuzz:
 # pytest-xdist workers for the e2e tests: tests mostly wait on Envoy and timers, so more workers
 # than cores pay (tests/e2e/README.md, "Parallel runs"). E2E_WORKERS=0: one process, in order.
 E2E_WORKERS ?= 4
-## e2e: the end-to-end tests (tests/e2e) on the pinned Envoy, each with build/oauth2_cc.wasm and build/liboauth2_cc.so, on E2E_WORKERS (4) xdist workers
+## e2e: the end-to-end tests (tests/e2e) on the pinned Envoy, each with build/oauth2_cc.wasm and build/liboauth2_cc.so, on E2E_WORKERS (4) xdist workers (the cost test is `make cost`)
 e2e: tools build bench-floor-native validate
-	$(PY) -m pytest tests/e2e -q -n $(E2E_WORKERS) --dist loadgroup
+	$(PY) -m pytest tests/e2e -q -n $(E2E_WORKERS) --dist loadgroup --ignore=tests/e2e/test_cost.py
 
 ## lint: pyflakes on the Python, cargo fmt --check, clippy -D warnings (native and wasm, filter and bench floor)
 lint: wasm-target $(VENV)/.installed
@@ -131,8 +131,10 @@ lint: wasm-target $(VENV)/.installed
 	cargo clippy -p oauth2-cc-wasm --all-targets -- -D warnings
 	cargo clippy --release --target $(WASM_TARGET) -p oauth2-cc-core -p oauth2-cc-wasm -- -D warnings
 	cargo clippy --release --target $(WASM_TARGET) --manifest-path bench/floor/Cargo.toml -- -D warnings
+	cargo clippy --release --target $(WASM_TARGET) --manifest-path bench/floor/Cargo.toml --features read-status --target-dir bench/floor/target/fm -- -D warnings
 	cargo fmt --check --manifest-path bench/floor-native/Cargo.toml
 	cargo clippy --release --manifest-path bench/floor-native/Cargo.toml -- -D warnings
+	cargo clippy --release --manifest-path bench/floor-native/Cargo.toml --features read-headers --target-dir bench/floor-native/target/fdm -- -D warnings
 
 ## fmt: cargo fmt
 fmt:
@@ -155,21 +157,44 @@ validate:
 
 BENCH_ARGS ?=
 
-## bench: no filter vs Envoy's credential_injector vs oauth2-cc (wasm, dynamic module) and the module floors, pinned cores; writes BENCHMARKS.md and bench/chart.png only from a run it judged quiet (BENCH_ARGS=--force: with a banner), build/bench/results.json always
-bench: tools build bench-floor bench-floor-native wrk $(VENV)/.bench-installed
+## bench: instructions per request under Callgrind for every cell (no filter, credential_injector, the floors, oauth2-cc wasm and dynamic module), each twice, where they go, and Envoy RSS at 1-8 workers; writes BENCHMARKS.md and bench/chart.png (~10 min)
+bench: tools build bench-floor bench-floor-native bench-symbols valgrind $(VENV)/.bench-installed
 	$(PY) bench/run.py $(BENCH_ARGS)
 
-## bench-floor: the floor module of the bench (bench/floor: the cheapest proxy-wasm header writer)
-bench-floor: wasm-target
-	cargo build --release --target $(WASM_TARGET) --manifest-path bench/floor/Cargo.toml
+## bench-time: the wall-clock view: wrk against pinned Envoys; writes docs/benchmarks-time.md only from a run it judged quiet (BENCH_ARGS=--force: with a banner)
+bench-time: tools build bench-floor bench-floor-native wrk $(VENV)/.bench-installed
+	$(PY) bench/run_time.py $(BENCH_ARGS)
 
-## bench-floor-native: the bench's native floor, cell (fd): bench/floor-native/target/release/libfloor_native.so (also loaded by the e2e suite)
+## cost: the cost test: instruction budgets of oauth2-cc above the floors that make the same reads, from a Callgrind run (tests/e2e/test_cost.py)
+cost: tools build bench-floor bench-floor-native valgrind
+	$(PY) -m pytest tests/e2e/test_cost.py -q
+
+# The floor variants: each feature set in its own target dir, so that switching does not rebuild.
+FLOOR_CARGO := cargo build --release --target $(WASM_TARGET) --manifest-path bench/floor/Cargo.toml
+## bench-floor: the proxy-wasm floors of the bench (bench/floor: the cheapest header writer (f), and with reads (fm0), (fm))
+bench-floor: wasm-target
+	$(FLOOR_CARGO)
+	$(FLOOR_CARGO) --features read-authority --target-dir bench/floor/target/fm0
+	$(FLOOR_CARGO) --features read-status --target-dir bench/floor/target/fm
+
+## bench-floor-native: the bench's native floors: (fd) bench/floor-native/target/release/libfloor_native.so (also loaded by the e2e suite), and (fdm) with header reads
 bench-floor-native:
 	cargo build --release --manifest-path bench/floor-native/Cargo.toml
+	cargo build --release --manifest-path bench/floor-native/Cargo.toml --features read-headers --target-dir bench/floor-native/target/fdm
 
-## bench-smoke: every benchmark cell once for 2 s; fails if one fails or a token is not injected
+## bench-symbols: the dynamic module as shipped (profile native) with its symbols and line tables kept, for the bench's per-symbol profile: target/bench-symbols/native/liboauth2_cc.so
+bench-symbols:
+	CARGO_PROFILE_NATIVE_STRIP=false CARGO_PROFILE_NATIVE_DEBUG=line-tables-only \
+	  cargo build --profile native --target-dir target/bench-symbols
+
+## bench-smoke: every cell of the wall-clock view once for 2 s; fails if one fails or a token is not injected
 bench-smoke: tools build bench-floor bench-floor-native wrk
-	$(PY) bench/run.py --smoke
+	$(PY) bench/run_time.py --smoke
+
+## valgrind: Callgrind for the bench and the cost test, from apt-get when missing
+valgrind:
+	@command -v valgrind >/dev/null && command -v vgdb >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind >/dev/null; } || \
+	  { echo "valgrind is needed: apt-get install valgrind"; exit 1; }
 
 MEMORY_ARGS ?=
 ## bench-memory: Envoy VmRSS at 1, 2, 4, 8 workers with no filter, the proxy-wasm floor and oauth2-cc wasm (bench/memory.py; MEMORY_ARGS=--help for cells and details; about 6 minutes)

@@ -20,17 +20,18 @@ from .report import fmt, ratio_txt, write_report
 
 from envoy import EnvoyExited, envoy_bin  # noqa: E402
 
-DOC = """`make bench`: Envoy with no filter, with Envoy's own credential_injector (oauth2), with
+DOC = """`make bench-time`: Envoy with no filter, with Envoy's own credential_injector (oauth2), with
 oauth2-cc (proxy-wasm and dynamic module) and the floors of both module kinds, measured in one
-invocation on the same Envoy binary with the same load generator (wrk).
+invocation on the same Envoy binary with the same load generator (wrk): the wall-clock view.
+`make bench` counts instructions instead (bench/run.py), which a busy machine does not change.
 
-    .venv/bin/python bench/run.py                      # 5 interleaved rounds of 10 s per cell
-    .venv/bin/python bench/run.py --rounds 9 --duration 20
-    .venv/bin/python bench/run.py --smoke              # each cell once for 2 s; exit 1 on any failure
-    .venv/bin/python bench/run.py --force              # write BENCHMARKS.md even from a noisy run (with a banner)
-    .venv/bin/python bench/run.py --render build/bench/results.json   # redraw BENCHMARKS.md + chart
+    .venv/bin/python bench/run_time.py                      # 5 interleaved rounds of 10 s per cell
+    .venv/bin/python bench/run_time.py --rounds 9 --duration 20
+    .venv/bin/python bench/run_time.py --smoke              # each cell once for 2 s; exit 1 on any failure
+    .venv/bin/python bench/run_time.py --force              # write the report even from a noisy run (with a banner)
+    .venv/bin/python bench/run_time.py --render build/bench/results.json   # redraw the report + chart
 
-BENCHMARKS.md is written only when the machine was quiet (bench/oauth2_bench/machine.py judges it);
+docs/benchmarks-time.md is written only when the machine was quiet (bench/oauth2_bench/machine.py judges it);
 otherwise the run prints why and exits 1.
 """
 
@@ -74,8 +75,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--force", action="store_true",
                     help="run and write the report even when the machine is not quiet (the report says so)")
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default build/bench/results.json)")
-    ap.add_argument("--markdown", type=Path, default=DEFAULT_MD, help="report (default BENCHMARKS.md)")
-    ap.add_argument("--chart", type=Path, default=DEFAULT_CHART, help="chart (default bench/chart.png)")
+    ap.add_argument("--markdown", type=Path, default=DEFAULT_MD, help="report (default docs/benchmarks-time.md)")
+    ap.add_argument("--chart", type=Path, default=DEFAULT_CHART, help="chart (default bench/time-chart.png)")
     ap.add_argument("--no-report", action="store_true", help="write the JSON only")
     ap.add_argument("--render", type=Path, metavar="RESULTS_JSON", help="only redraw the report from a JSON")
     a = ap.parse_args(argv)
@@ -208,7 +209,7 @@ def report(a: argparse.Namespace, res: dict) -> int:
         print("smoke run: no report (figures of a smoke run are not to be quoted)")
         return 0
     if not m["quiet"] and not a.force:
-        print("the machine was not quiet: BENCHMARKS.md not written (the results are in "
+        print(f"the machine was not quiet: {a.markdown} not written (the results are in "
               f"{a.out}); why: " + "; ".join(v["text"] for v in m["verdicts"] if not v["ok"]), file=sys.stderr)
         return 1
     if not a.no_report:

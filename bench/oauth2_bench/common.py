@@ -14,12 +14,21 @@ if str(ROOT / "tests" / "e2e") not in sys.path:
 
 WRK_LUA = BENCH / "wrk_report.lua"
 DEFAULT_OUT = ROOT / "build" / "bench" / "results.json"
-DEFAULT_MD = ROOT / "BENCHMARKS.md"
-DEFAULT_CHART = BENCH / "chart.png"
+# The wall-clock view (`make bench-time`) writes its own page; BENCHMARKS.md is `make bench`'s.
+DEFAULT_MD = ROOT / "docs" / "benchmarks-time.md"
+DEFAULT_CHART = BENCH / "time-chart.png"
 DEFAULT_FLOOR_WASM = BENCH / "floor" / "target" / "wasm32-wasip1" / "release" / "floor_injector.wasm"
+# The floor's build-time variants (`make bench-floor` builds each into its own target dir).
+FLOOR_WASM_VARIANTS = {
+    "floor_fm0": BENCH / "floor" / "target" / "fm0" / "wasm32-wasip1" / "release" / "floor_injector.wasm",
+    "floor_fm": BENCH / "floor" / "target" / "fm" / "wasm32-wasip1" / "release" / "floor_injector.wasm",
+}
 # The native floor module (bench/floor-native, built by its own cargo project) and the oauth2-cc
 # dynamic module (`make build`). Cells using them are skipped, with the reason printed, when absent.
 FLOOR_NATIVE_DIR = BENCH / "floor-native"
+DEFAULT_FLOOR_NATIVE = FLOOR_NATIVE_DIR / "target" / "release" / "libfloor_native.so"
+# The native floor's `read-headers` build, cell (fdm) (`make bench-floor-native`).
+DEFAULT_FLOOR_NATIVE_FDM = FLOOR_NATIVE_DIR / "target" / "fdm" / "release" / "libfloor_native.so"
 DEFAULT_DYNMOD = ROOT / "build" / "liboauth2_cc.so"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -49,8 +58,18 @@ CONFIGS = [
     # measured route does not enable it, so Envoy never calls the filter there.
     ("perroute", "(p)", "oauth2-cc disabled on the HCM, measured route without the per-route enable"),
 ]
-LABEL = {k: lab for k, lab, _ in CONFIGS}
-DESC = {k: d for k, _, d in CONFIGS}
+# Cells of the instruction-count bench only (`make bench`): the floors with the reads a token
+# filter makes, the cheapest way each ABI allows.
+FLOOR_VARIANT_CONFIGS = [
+    ("floor_native_fdm", "(fdm)", "native floor reading `:authority` and `:status`, setting one header "
+     "(bench/floor-native, feature read-headers)"),
+    ("floor_fm", "(fm)", "proxy-wasm floor reading `:authority` and `:status`, writing one header "
+     "(bench/floor, feature read-status)"),
+    ("floor_fm0", "(fm0)", "proxy-wasm floor reading `:authority`, writing one header (bench/floor, feature "
+     "read-authority)"),
+]
+LABEL = {k: lab for k, lab, _ in CONFIGS + FLOOR_VARIANT_CONFIGS}
+DESC = {k: d for k, _, d in CONFIGS + FLOOR_VARIANT_CONFIGS}
 ROUTES = ["direct", "upstream"]
 RQ_STAT = "http.ingress_http.downstream_rq_total"
 WASM_INJECTED = "wasmcustom.oauth2_cc.default.injected"
@@ -71,7 +90,7 @@ NO_TOKEN = ("none", "oauth2cc_nomatch", "perroute")
 # Cells that must make no token request while measured (a cache hit throughout).
 CACHE_HIT = ("native", "oauth2cc", "oauth2cc_nopurge", "dynmod")
 FLOOR_TOKEN = "Bearer tok-0"  # what bench/floor and bench/floor-native write
-FLOORS = ("floor", "floor_native")
+FLOORS = ("floor", "floor_native", "floor_native_fdm", "floor_fm", "floor_fm0")
 
 
 def path_of(config: str, route_kind: str) -> str:

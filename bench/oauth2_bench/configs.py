@@ -88,8 +88,9 @@ def _routes(config: str) -> list[dict]:
 
 
 def under_test_bootstrap(config: str, *, token_server: Any, upstream_port: int, echo_port: int,
-                         wasm_file: str, floor_wasm_file: str, modules: dict[str, str]) -> dict:
-    """``modules``: dynamic-module cell key -> the module name (``lib<name>.so``)."""
+                         wasm_file: str, floor_wasm_files: dict[str, str], modules: dict[str, str]) -> dict:
+    """``floor_wasm_files``: proxy-wasm floor cell key -> its module file; ``modules``:
+    dynamic-module cell key -> the module name (``lib<name>.so``)."""
     common: dict[str, Any] = dict(
         listener_port=0,
         admin_port=0,
@@ -104,9 +105,9 @@ def under_test_bootstrap(config: str, *, token_server: Any, upstream_port: int, 
         b = bootstrap_dict(None, wasm=False, extra_http_filters=[native_filter()], **common)
         b["static_resources"]["secrets"] = [NATIVE_SECRET]
         return b
-    if config == "floor":
-        return bootstrap_dict("", wasm=True, wasm_file=floor_wasm_file, **common)
-    if config == "floor_native":
+    if config in floor_wasm_files:
+        return bootstrap_dict("", wasm=True, wasm_file=floor_wasm_files[config], **common)
+    if config in ("floor_native", "floor_native_fdm"):
         f = dynamic_module_filter(modules[config], "floor", "")
         return bootstrap_dict(None, wasm=False, extra_http_filters=[f], **common)
     if config == "dynmod":

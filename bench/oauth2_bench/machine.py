@@ -9,7 +9,7 @@
   used by anything but the Envoy under test.
 
 ``judge`` turns these into verdicts against the thresholds below; a run is quiet when every verdict
-passes. Only a quiet run writes BENCHMARKS.md (``--force`` writes a noisy one with a banner)."""
+passes. Only a quiet run writes docs/benchmarks-time.md (``--force`` writes a noisy one with a banner)."""
 
 from __future__ import annotations
 

@@ -86,7 +86,7 @@ class Bench:
         names = {k: module_name(so) for k, so in self.modules.items()}
         for key in self.cells:
             b = under_test_bootstrap(key, token_server=self.token_servers[key], upstream_port=up_port,
-                                     echo_port=self.echo.port, wasm_file=a.wasm, floor_wasm_file=a.floor_wasm,
+                                     echo_port=self.echo.port, wasm_file=a.wasm, floor_wasm_files={"floor": a.floor_wasm},
                                      modules=names)
             env = None
             if key in self.modules:

@@ -70,7 +70,8 @@ class Processes:
     def resume_all(self):
         for e in self.envoys:
             try:
-                e.resume()
+                if isinstance(e, PinnedEnvoy):
+                    e.resume()
             except ProcessLookupError:
                 pass
 

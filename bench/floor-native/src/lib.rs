@@ -6,6 +6,10 @@
 //! a module that lacks one, even a hook this filter never needs). Configuration and per-stream
 //! objects are statics: creating a stream allocates nothing, so the per-request cost is Envoy's
 //! dynamic-module filter plus one `set_header` call. oauth2-cc's native build cannot be cheaper.
+//!
+//! The `read-headers` build (cell (fdm)) also reads the request's `:authority` before writing the
+//! header and the response's `:status` in the response-headers hook: the reads a token filter
+//! with a 401 purge makes, each one `get_header` call whose value Envoy lends without a copy.
 
 #![allow(clippy::missing_safety_doc)]
 
@@ -33,6 +37,9 @@ impl Buffer {
 
 /// `envoy_dynamic_module_type_http_header_type_RequestHeader`.
 const REQUEST_HEADER: u32 = 0;
+/// `envoy_dynamic_module_type_http_header_type_ResponseHeader`.
+#[cfg(feature = "read-headers")]
+const RESPONSE_HEADER: u32 = 2;
 /// Every `*_status_Continue` of the hook status enums.
 const CONTINUE: u32 = 0;
 
@@ -44,6 +51,40 @@ unsafe extern "C" {
         value: Buffer,
     ) -> bool;
     fn envoy_dynamic_module_callback_log(level: u32, message: Buffer);
+    #[cfg(feature = "read-headers")]
+    fn envoy_dynamic_module_callback_http_get_header(
+        filter_envoy: *mut c_void,
+        header_type: u32,
+        key: Buffer,
+        result: *mut Buffer,
+        index: usize,
+        total_count: *mut usize,
+    ) -> bool;
+}
+
+/// Reads the first value of header `key` and looks at its bytes; its length (0 when absent).
+#[cfg(feature = "read-headers")]
+fn header_len(filter_envoy: *mut c_void, header_type: u32, key: &'static [u8]) -> usize {
+    let mut value = Buffer { ptr: std::ptr::null(), len: 0 };
+    let mut count = 0usize;
+    // SAFETY: `filter_envoy` is Envoy's live stream for the calling hook; the out-parameters are
+    // live locals; the value Envoy lends stays valid during the hook.
+    let found = unsafe {
+        envoy_dynamic_module_callback_http_get_header(
+            filter_envoy,
+            header_type,
+            Buffer::of(key),
+            &mut value,
+            0,
+            &mut count,
+        )
+    };
+    if !found || value.ptr.is_null() {
+        return 0;
+    }
+    // SAFETY: as above: `len` readable bytes at `ptr` for the duration of the hook.
+    let bytes = unsafe { std::slice::from_raw_parts(value.ptr.cast::<u8>(), value.len) };
+    std::hint::black_box(bytes).len()
 }
 
 /// Non-null identity for the configuration and every stream: nothing is allocated per stream.
@@ -97,6 +138,8 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     _filter: *const c_void,
     _end_of_stream: bool,
 ) -> u32 {
+    #[cfg(feature = "read-headers")]
+    header_len(filter_envoy, REQUEST_HEADER, b":authority");
     // SAFETY: `filter_envoy` is Envoy's live stream for this hook; constant buffers are copied.
     unsafe {
         envoy_dynamic_module_callback_http_set_header(
@@ -106,6 +149,18 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
             Buffer::of(VALUE),
         )
     };
+    CONTINUE
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
+    filter_envoy: *mut c_void,
+    _filter: *const c_void,
+    _end_of_stream: bool,
+) -> u32 {
+    #[cfg(feature = "read-headers")]
+    header_len(filter_envoy, RESPONSE_HEADER, b":status");
+    let _ = filter_envoy;
     CONTINUE
 }
 
@@ -132,7 +187,6 @@ macro_rules! void_hooks {
 continue_hooks! {
     envoy_dynamic_module_on_http_filter_request_body(end_of_stream: bool);
     envoy_dynamic_module_on_http_filter_request_trailers();
-    envoy_dynamic_module_on_http_filter_response_headers(end_of_stream: bool);
     envoy_dynamic_module_on_http_filter_response_body(end_of_stream: bool);
     envoy_dynamic_module_on_http_filter_response_trailers();
     envoy_dynamic_module_on_http_filter_local_reply(code: u32, details: Buffer, reset_imminent: bool);
