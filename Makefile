@@ -157,7 +157,7 @@ validate:
 
 BENCH_ARGS ?=
 
-## bench: instructions per request under Callgrind for every cell (no filter, credential_injector, the floors, oauth2-cc wasm and dynamic module), each twice, where they go, and Envoy RSS at 1-8 workers; writes BENCHMARKS.md and bench/chart.png (~10 min)
+## bench: instructions per request under Callgrind for every cell (no filter, credential_injector, the floors, oauth2-cc wasm and dynamic module), each twice, where they go, and Envoy RSS at 1-8 workers; writes BENCHMARKS.md and bench/chart.png (10-13 min on a busy 2-CPU VM)
 bench: tools build bench-floor bench-floor-native bench-symbols valgrind $(VENV)/.bench-installed
 	$(PY) bench/run.py $(BENCH_ARGS)
 

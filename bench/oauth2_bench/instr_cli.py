@@ -174,7 +174,7 @@ def measure_cell(runner: CellRunner, key: str, rnd: int) -> dict:
     r = runner.measure(key, rnd)
     if rnd == 1 and "direct" in r:
         d = r["direct"]
-        r["objects_direct"] = where.objects_per_request(d["dump"], d["requests"], r.get("maps", []))
+        r["objects_direct"] = where.objects_per_request(d, r["background"], r.get("maps", []))
         if key in DYNAMIC_MODULE_CELLS:
             r["module_direct"] = where.module_summary(d["dump"], d["requests"], os.path.realpath(runner.files[key]))
     print(f"  {LABEL[key]:6} {key:17} " + "  ".join(f"{rk} {r[rk]['ir_per_request']:9,.0f} Ir/req" for rk in ROUTES if rk in r)

@@ -128,11 +128,13 @@ def _objects(res: dict) -> list[str]:
         objs += [n for n in o if n not in objs]
     objs = sorted(objs, key=lambda n: -max(o.get(n, 0) for _, o in rows))[:5]
     L = ["### By object (direct route, run 1)", "",
-         "Instructions per request by the object they ran in. Envoy and V8 are one stripped binary; the code V8 "
-         "compiles at run time (the wasm module's functions, V8's wasm stubs) is in no file.", "",
+         "Instructions per request by the object they ran in, the timers' share taken off in proportion to the "
+         "idle window's split by object (so the columns add up to the cell's figure). Envoy and V8 are one stripped "
+         "binary; the code V8 compiles at run time (the wasm module's functions, V8's wasm stubs) is in no file, "
+         "like the kernel's vDSO (a clock read).", "",
          "| cell | " + " | ".join(objs) + " |", "| --- |" + " ---: |" * len(objs)]
     for key, o in rows:
-        L.append(f"| {LABEL[key]} {key} | " + " | ".join(k(o.get(n)) if o.get(n) else "" for n in objs) + " |")
+        L.append(f"| {LABEL[key]} {key} | " + " | ".join(k(o[n]) if abs(o.get(n, 0)) >= 50 else "" for n in objs) + " |")
     return L + [""]
 
 
@@ -161,7 +163,7 @@ def _modules(res: dict) -> list[str]:
          "names.", "",
          "| per request | " + " | ".join(f"{LABEL[r['config']]} {r['config']}" for r in cells) + " |",
          "| --- |" + " ---: |" * len(cells)]
-    L.append("| the module's own code (Ir) | " + " | ".join(f"{r['module_direct']['self_ir_per_request']:,.0f}"
+    L.append("| the module's own code, its timer included (Ir) | " + " | ".join(f"{r['module_direct']['self_ir_per_request']:,.0f}"
                                                          for r in cells) + " |")
     inside = [sum(h["calls_per_request"] * h["inclusive_ir_per_call"] for h in _per_request(r["module_direct"]["hooks"]))
               for r in cells]
@@ -277,7 +279,7 @@ def _method(res: dict) -> list[str]:
             "- The floors (`bench/floor`, `bench/floor-native`) are the cheapest code that does the job through the "
             "same ABI: no SDK, no per-stream state; a read variant reads the value and frees it.",
             "", "## Reproduce", "", "```sh",
-            "make bench        # builds what it needs, ~10 min on a 2-CPU VM; writes this file and bench/chart.png",
+            "make bench        # builds what it needs, 10-13 min on a busy 2-CPU VM; writes this file and bench/chart.png",
             "make cost         # the cost test alone (also part of make test)",
             "make bench-time   # the wall-clock view (wrk, pinned cores); refuses a noisy machine",
             "```", ""]

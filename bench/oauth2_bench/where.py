@@ -32,7 +32,7 @@ _TRACE = re.compile(r"^\[[^\]]+\]\[(?P<tid>\d+)\]\[trace\]\[wasm\] \[[^\]]+\] \[
                     r"(?:env\.)?(?P<name>[A-Za-z0-9_]+)")
 
 
-JIT = "code generated at run time (V8: wasm functions, stubs)"
+JIT = "code in no file (V8's generated code: wasm functions, stubs; the vDSO)"
 
 
 def object_name(ob: str, fn: str, maps: list[tuple[int, int, str]]) -> str:
@@ -53,12 +53,20 @@ def object_name(ob: str, fn: str, maps: list[tuple[int, int, str]]) -> str:
     return name
 
 
-def objects_per_request(dump: str, requests: int, maps: list[tuple[int, int, str]]) -> dict[str, float]:
-    prof = parse(Path(dump))
-    out: dict[str, float] = {}
-    for (ob, fn), ir in prof.self_ir.items():
+def objects(dump: str, maps: list[tuple[int, int, str]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for (ob, fn), ir in parse(Path(dump)).self_ir.items():
         k = object_name(ob, fn, maps)
-        out[k] = out.get(k, 0.0) + ir / requests
+        out[k] = out.get(k, 0) + ir
+    return out
+
+
+def objects_per_request(window: dict, idle: dict, maps: list[tuple[int, int, str]]) -> dict[str, float]:
+    """A counted window's instructions per request by object, with the timers' share taken off
+    in proportion to the idle window's split by object (what the timers ran is what ran idle)."""
+    scale = window["background_ir"] / idle["ir"] if idle["ir"] else 0.0
+    idle_objects = objects(idle["dump"], maps)
+    out = {k: (v - scale * idle_objects.get(k, 0)) / window["requests"] for k, v in objects(window["dump"], maps).items()}
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
@@ -107,7 +115,7 @@ def dynmod_profile(runner: CellRunner, so_symbols: str, shipped_ir: float | None
             "problems": r["problems"], "functions": object_functions(prof, w["requests"], so_symbols),
             "object_ir_per_request": ours / w["requests"],
             "calls": module_calls(w["dump"], w["requests"], so_symbols),
-            "objects": objects_per_request(w["dump"], w["requests"], r.get("maps", []))}
+            "objects": objects_per_request(w, r["background"], r.get("maps", []))}
 
 
 def count_trace(text: str) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
