@@ -96,8 +96,9 @@ test: tools
 test-builds: build validate bench-floor-native
 
 ## test-beside-e2e: lint, unit, unit-wasm one after another at nice 19 (make test runs this beside e2e-prebuilt)
+# Outside make's jobserver (MAKEFLAGS cleared): one step at a time, and cargo on every core.
 test-beside-e2e:
-	nice -n 19 $(MAKE) --no-print-directory lint unit unit-wasm
+	MAKEFLAGS= nice -n 19 $(MAKE) --no-print-directory lint unit unit-wasm
 
 ## unit: the native unit tests of the workspace (cargo test --workspace --all-targets: the core, the dynamic module, validate, and the proxy-wasm host against a fake Envoy), and the dynamic module model-checked under shuttle (about 10 s)
 # One feature set for the whole workspace in lint and unit (--workspace, dev-dependencies included), so
