@@ -29,18 +29,25 @@ pub enum RequestDecision<'a> {
     Fail,
 }
 
-/// How long before the cached expiry a VM stops keeping its own copy of a token.
+/// How long before the cached expiry a VM's copy of a token stops being valid.
 ///
-/// The request path reads the copy without reading the clock (that is a host call per request);
-/// the copy is checked only at each tick (100 ms) and wake. So a copy can be used up to one tick
-/// interval plus the tick's lateness after its last check; this margin covers ~0.9 s of lateness,
-/// and the cached expiry already lies `refresh.skew_s` before the IdP's. In the last second the
-/// request path reads shared data and the clock, as on any miss.
+/// The request path reads the copy without reading the clock (that is a host call per request),
+/// so the copy carries its own end ([`vm_copy_valid_until`]) and the driver asks its host to wake
+/// it then ([`crate::lifecycle::Driver::next_wake`]), when it drops the copy. What this margin
+/// covers is how late that wake may come (a busy main thread or worker, timer slack): up to a
+/// second, and the cached expiry already lies `refresh.skew_s` before the IdP's. In the last
+/// second the request path reads shared data and the clock, as on any miss.
 pub const VM_COPY_MARGIN_MS: u64 = 1_000;
 
-/// Whether a VM may keep a copy of this entry's token for its request path until the next check.
+/// Until when a VM may serve this entry's token from its own copy, without looking at the store
+/// or the clock again (`None`: no token to copy).
+pub fn vm_copy_valid_until(entry: &EntryView<'_>) -> Option<u64> {
+    (!entry.token.is_empty()).then(|| entry.expires_at_ms.saturating_sub(VM_COPY_MARGIN_MS))
+}
+
+/// Whether a VM may keep a copy of this entry's token for its request path.
 pub fn keep_vm_copy(entry: &EntryView<'_>, now_ms: u64) -> bool {
-    !entry.token.is_empty() && now_ms.saturating_add(VM_COPY_MARGIN_MS) < entry.expires_at_ms
+    vm_copy_valid_until(entry).is_some_and(|until| now_ms < until)
 }
 
 /// The request path's decision from the cached entry (`None`: nothing cached yet).
@@ -119,6 +126,26 @@ pub fn claim_fetch(entry: &Entry, now_ms: u64, rules: &FetchRules) -> Claim {
         budget_used: used.saturating_add(1),
         ..entry.clone()
     })
+}
+
+/// The earliest time [`claim_fetch`] may claim this entry for a VM that follows `defer_refresh`:
+/// when a fetch comes due (no token: at once; a token: its refresh time, after a worker's grace,
+/// or its expiry), but not before a backoff or another VM's lease ends. A time at or before now
+/// means a fetch is due now. The hourly budget is not looked at: when it refuses a claim, it moves
+/// `retry_at_ms` to the end of its window.
+pub fn next_claim_ms(entry: &EntryView<'_>, defer_refresh: bool) -> u64 {
+    let due_at = if entry.token.is_empty() {
+        0
+    } else {
+        let grace = if defer_refresh {
+            WORKER_REFRESH_GRACE_MS.min(entry.expires_at_ms.saturating_sub(entry.refresh_at_ms) / 2)
+        } else {
+            0
+        };
+        entry.refresh_at_ms.saturating_add(grace).min(entry.expires_at_ms)
+    };
+    let leased_until = if entry.lease_holder != 0 { entry.lease_until_ms } else { 0 };
+    due_at.max(entry.retry_at_ms).max(leased_until)
 }
 
 /// The least margin taken off a lifetime, where it leaves a usable token: IdPs that stamp `exp` in
@@ -305,6 +332,7 @@ mod tests {
         let bytes = entry.encode();
         let Some(view) = EntryView::decode(&bytes) else { panic!("entry does not decode") };
         let last_ms = entry.expires_at_ms - VM_COPY_MARGIN_MS;
+        assert_eq!(vm_copy_valid_until(&view), Some(last_ms));
         assert!(keep_vm_copy(&view, 1_000));
         assert!(keep_vm_copy(&view, last_ms - 1));
         assert!(!keep_vm_copy(&view, last_ms));
@@ -312,6 +340,38 @@ mod tests {
         let purged = purge(&entry, entry.generation).map(|e| e.encode()).unwrap_or_default();
         let Some(view) = EntryView::decode(&purged) else { panic!("purged entry does not decode") };
         assert!(!keep_vm_copy(&view, 1_000), "a purged entry has no token to copy");
+    }
+
+    #[test]
+    fn next_claim_is_the_first_moment_claim_fetch_claims() {
+        let fresh = with_token(0); // refresh at 80 s, expiry at 95 s
+        let failed = after_failure(&fresh, 7, FailureClass::Transient, 80_000, Some(3_000), &BACKOFF, 0.0);
+        let leased = claim(&Entry::default(), 1_000, 8).expect("due");
+        let expired_in_backoff = after_failure(&fresh, 7, FailureClass::Transient, 94_000, Some(9_000), &BACKOFF, 0.0);
+        let purged = purge(&fresh, fresh.generation).expect("purged");
+        let cases = [
+            ("empty", Entry::default(), 0),
+            ("fresh", fresh.clone(), 80_000),
+            ("backing off while usable", failed, 83_000),
+            ("another VM's lease", leased, 7_000),
+            ("backoff past expiry", expired_in_backoff, 103_000),
+            ("purged", purged, 0),
+        ];
+        for defer_refresh in [false, true] {
+            let rules = FetchRules { holder: 9, lease_ms: 6_000, defer_refresh, max_fetches_per_hour: None };
+            for (name, entry, main_at) in &cases {
+                let at = next_claim_ms(&entry.view(), defer_refresh);
+                if !defer_refresh {
+                    assert_eq!(at, *main_at, "{name}");
+                }
+                assert!(matches!(claim_fetch(entry, at, &rules), Claim::Claimed(_)), "{name}: claims at {at}");
+                if at > 0 {
+                    assert_eq!(claim_fetch(entry, at - 1, &rules), Claim::NotNeeded, "{name}: not before {at}");
+                }
+            }
+        }
+        let worker_at = next_claim_ms(&fresh.view(), true);
+        assert_eq!(worker_at, 81_000, "a worker after its grace");
     }
 
     #[test]

@@ -60,7 +60,7 @@ fn plain() -> Config {
 }
 
 fn snapshot(generation: u64) -> Snapshot {
-    Snapshot { generation, header_value: "Bearer tok".into() }
+    Snapshot { generation, header_value: "Bearer tok".into(), valid_until_ms: u64::MAX }
 }
 
 fn failure(config: &Config) -> Step<'static> {
