@@ -73,6 +73,11 @@ pub enum Rotation {
 }
 
 impl SecretFiles {
+    /// When [`SecretFiles::poll`] next looks at the files.
+    pub fn next_poll_ms(&self) -> u64 {
+        self.next_poll_ms
+    }
+
     /// At most once a second: whether a file changed, and the configuration compiled again if so.
     pub fn poll(&mut self, now_ms: u64) -> Option<Rotation> {
         if now_ms < self.next_poll_ms {
