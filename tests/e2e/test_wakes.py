@@ -80,5 +80,5 @@ def test_a_paused_request_is_settled_by_its_deadline_while_the_filter_sleeps(
     assert r.status == 503, r.text
     # The deadline is 1.5 s after it paused; a host that only woke at its ceiling could answer up
     # to 1 s later. Slack for a loaded machine: 0.6 s.
-    assert 1.5 <= took < 1.95, f"answered after {took:.3f} s"
+    assert 1.5 <= took < 1.85, f"answered after {took:.3f} s"
     assert wait_until(lambda: e.filter_stat("default.failed_requests", 0) >= 1, 3.0)
