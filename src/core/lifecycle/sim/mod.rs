@@ -7,9 +7,10 @@
 //! Native only: `make test` runs `SIM_SCHEDULES` (default 10,000) schedules, `make simulate` a
 //! million in release mode. Under wasm32 (`make unit-wasm`) a short run of 100 schedules.
 //!
-//! What the model assumes, as the code does: a VM's tick comes every 100 ms and is at most 900 ms
-//! late (`cache::VM_COPY_MARGIN_MS` covers one interval plus that lateness); the IdP's clock is the
-//! proxy's; Envoy always ends a callout (an answer or its timeout reply) unless the VM is gone.
+//! What the model assumes, as the code does: a VM's tick comes when its driver's `next_wake` says
+//! (never more than `MAX_WAKE_INTERVAL_MS` apart) and is at most 900 ms late
+//! (`cache::VM_COPY_MARGIN_MS` covers that lateness); the IdP's clock is the proxy's; Envoy always
+//! ends a callout (an answer or its timeout reply) unless the VM is gone.
 
 mod idp;
 mod world;
