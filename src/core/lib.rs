@@ -8,20 +8,23 @@
 
 #![forbid(unsafe_code)]
 
-pub mod assertion;
-pub mod cache;
 pub mod config;
-pub mod discovery;
-pub mod entry;
+pub mod lifecycle;
 pub mod metrics;
 pub mod request;
 pub mod route;
-pub mod secret;
-pub mod token_request;
-pub mod token_response;
-pub mod url;
-
-pub mod lifecycle;
-pub mod retry_after;
-pub mod token_expiry;
 pub mod wake_registry;
+
+mod assertion;
+mod cache;
+mod discovery;
+mod entry;
+mod retry_after;
+mod secret;
+mod token_expiry;
+mod token_request;
+mod token_response;
+mod url;
+
+#[cfg(test)]
+mod capacity_rule;

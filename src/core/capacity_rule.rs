@@ -2,8 +2,8 @@
 //! this runs the core's `token_times` on every case the script wrote to
 //! `tools/capacity_cases.json` and fails when the script's copy of the rule has drifted.
 
-use oauth2_cc_core::cache::token_times;
-use oauth2_cc_core::config::LifetimePolicy;
+use crate::cache::token_times;
+use crate::config::LifetimePolicy;
 use serde::Deserialize;
 
 #[derive(Deserialize)]
