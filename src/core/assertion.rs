@@ -248,6 +248,7 @@ impl AssertionSigner {
         Self::checked(alg, SigningKey::Hmac(Zeroizing::new(bytes.to_vec())))
     }
 
+    #[cfg(test)]
     pub fn algorithm(&self) -> JwtAlgorithm {
         self.alg
     }

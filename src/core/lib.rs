@@ -12,7 +12,6 @@ pub mod config;
 pub mod lifecycle;
 pub mod metrics;
 pub mod request;
-pub mod route;
 pub mod wake_registry;
 
 mod assertion;
@@ -20,11 +19,15 @@ mod cache;
 mod discovery;
 mod entry;
 mod retry_after;
+mod route;
 mod secret;
 mod token_expiry;
 mod token_request;
 mod token_response;
 mod url;
+
+#[cfg(feature = "test-support")]
+pub mod test_support;
 
 #[cfg(test)]
 mod capacity_rule;

@@ -30,6 +30,7 @@ impl std::fmt::Debug for TokenRequest {
     }
 }
 
+#[cfg(test)]
 impl TokenRequest {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())

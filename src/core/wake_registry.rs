@@ -10,7 +10,7 @@
 /// A VM refreshes its line this often.
 pub const HEARTBEAT_MS: u64 = 15_000;
 /// A line older than this is dropped.
-pub const STALE_AFTER_MS: u64 = 4 * HEARTBEAT_MS;
+pub(crate) const STALE_AFTER_MS: u64 = 4 * HEARTBEAT_MS;
 
 /// The registry with `name` marked alive at `now_ms` and stale lines dropped.
 pub fn refresh(registry: &[u8], name: &str, now_ms: u64) -> Vec<u8> {

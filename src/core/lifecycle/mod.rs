@@ -23,7 +23,8 @@ use std::sync::Arc;
 use crate::config::Config;
 pub use crate::metrics::Metric;
 use crate::url::HttpUrl;
-pub use requests::{FailureReply, RequestOutcome, Snapshot, failure_reply, unknown_profile_reply};
+pub use requests::{FailureReply, RequestOutcome, Snapshot};
+pub(crate) use requests::{failure_reply, unknown_profile_reply};
 pub use store::{Environment, Update, Written};
 
 /// Identifies a callout this driver asked for; the host maps its own handle to it.

@@ -13,7 +13,7 @@ use crate::config::Config;
 /// [`cache::keep_vm_copy`] says so, so the request path can use it without reading the clock.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Snapshot {
-    pub generation: u64,
+    pub(crate) generation: u64,
     /// Prefix and token, ready for the header.
     pub header_value: String,
 }
@@ -48,9 +48,9 @@ impl std::fmt::Debug for RequestOutcome {
 /// A request paused until its profile has a token.
 #[derive(Debug, Clone)]
 pub(super) struct Waiter {
-    pub request: RequestId,
-    pub profile: usize,
-    pub deadline_ms: u64,
+    pub(crate) request: RequestId,
+    pub(crate) profile: usize,
+    pub(crate) deadline_ms: u64,
 }
 
 /// The local reply for a request that gets no token: never the IdP's body, never a secret.
@@ -63,7 +63,7 @@ pub struct FailureReply {
 }
 
 /// The failure reply for `profile`: the configured status and a small JSON body naming it.
-pub fn failure_reply(config: &Config, profile: usize) -> FailureReply {
+pub(crate) fn failure_reply(config: &Config, profile: usize) -> FailureReply {
     let name = config.profiles.get(profile).map_or("", |p| p.name.as_str());
     // Profile names are restricted to [A-Za-z0-9._-] at configuration time: safe inside JSON.
     FailureReply {
@@ -74,7 +74,7 @@ pub fn failure_reply(config: &Config, profile: usize) -> FailureReply {
 }
 
 /// The reply for a route whose metadata names a profile that is not configured.
-pub fn unknown_profile_reply(config: &Config) -> FailureReply {
+pub(crate) fn unknown_profile_reply(config: &Config) -> FailureReply {
     FailureReply {
         status: config.failure_status,
         details: "oauth2_cc_unknown_profile",
@@ -159,7 +159,8 @@ impl Driver {
     }
 
     /// Requests paused on this VM.
-    pub fn waiting(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn waiting(&self) -> usize {
         self.waiters.len()
     }
 
