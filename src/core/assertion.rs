@@ -22,23 +22,23 @@ use keys::{EcCurve, ParsedKey};
 use signing::SigningKey;
 
 /// `client_assertion_type` of a token request authenticated with a JWT (RFC 7523 §2.2).
-pub const CLIENT_ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+pub(crate) const CLIENT_ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
 /// `grant_type` of the JWT-bearer grant (RFC 7523 §2.1).
-pub const JWT_BEARER_GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+pub(crate) const JWT_BEARER_GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 
 /// Shortest RSA modulus accepted, in bits (RFC 7518 §3.3 and §3.5: "2048 bits or larger MUST").
-pub const MIN_RSA_BITS: usize = 2048;
+pub(crate) const MIN_RSA_BITS: usize = 2048;
 
 /// `typ` of the JOSE header unless the template's `extra_header` sets another.
-pub const DEFAULT_TYP: &str = "JWT";
+pub(crate) const DEFAULT_TYP: &str = "JWT";
 
 /// Claims this module sets and `extra_claims` may not override: they must stay correct for
 /// every assertion (a fixed `exp` or `jti` would be replayed or expired).
-pub const RESERVED_CLAIMS: [&str; 4] = ["exp", "iat", "nbf", "jti"];
+pub(crate) const RESERVED_CLAIMS: [&str; 4] = ["exp", "iat", "nbf", "jti"];
 
 /// Header fields `extra_header` may not set: `alg` is always the signer's.
-pub const RESERVED_HEADERS: [&str; 1] = ["alg"];
+pub(crate) const RESERVED_HEADERS: [&str; 1] = ["alg"];
 
 /// A JWS signing algorithm (RFC 7518 §3.1, RFC 8037 for `EdDSA`) that an assertion can use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -138,7 +138,7 @@ impl fmt::Display for JwtAlgorithm {
 
 /// Why a key was refused. Messages name the problem, never the key material.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum KeyError {
+pub(crate) enum KeyError {
     /// No PEM block, a block without its END line, or a body that is not base64.
     #[error(
         "the private key is not PEM (expected -----BEGIN PRIVATE KEY----- ... -----END PRIVATE KEY----- with a base64 body)"
@@ -182,7 +182,7 @@ pub enum KeyError {
 ///
 /// `Debug` prints the algorithm only; the key types zeroize their bytes on drop.
 #[derive(Clone)]
-pub struct AssertionSigner {
+pub(crate) struct AssertionSigner {
     alg: JwtAlgorithm,
     key: SigningKey,
 }
@@ -195,7 +195,7 @@ impl AssertionSigner {
     ///
     /// The key must fit `alg`: RSA of [`MIN_RSA_BITS`] or more for RS*/PS*, P-256 for ES256,
     /// P-384 for ES384, Ed25519 for EdDSA. A test signature proves it can sign.
-    pub fn from_private_key_pem(alg: JwtAlgorithm, pem: &Secret) -> Result<Self, KeyError> {
+    pub(crate) fn from_private_key_pem(alg: JwtAlgorithm, pem: &Secret) -> Result<Self, KeyError> {
         if alg.is_hmac() {
             return Err(KeyError::AlgorithmNotForMethod { alg, method: "private_key_jwt" });
         }
@@ -237,7 +237,7 @@ impl AssertionSigner {
     /// `client_secret_jwt`: HMAC keyed with the octets of the client secret (RFC 7523 §2.2,
     /// OIDC Core §9). A secret shorter than the hash output (32, 48, 64 bytes for HS256, HS384,
     /// HS512) is refused, as RFC 7518 §3.2 and OIDC Core §16.19 require.
-    pub fn from_client_secret(alg: JwtAlgorithm, secret: &Secret) -> Result<Self, KeyError> {
+    pub(crate) fn from_client_secret(alg: JwtAlgorithm, secret: &Secret) -> Result<Self, KeyError> {
         let Some(min_bytes) = alg.hmac_min_secret_bytes() else {
             return Err(KeyError::AlgorithmNotForMethod { alg, method: "client_secret_jwt" });
         };
@@ -249,7 +249,7 @@ impl AssertionSigner {
     }
 
     #[cfg(test)]
-    pub fn algorithm(&self) -> JwtAlgorithm {
+    pub(crate) fn algorithm(&self) -> JwtAlgorithm {
         self.alg
     }
 
@@ -274,7 +274,7 @@ impl fmt::Debug for AssertionSigner {
 
 /// The `aud` claim: one string, or an array of strings.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AssertionAudience {
+pub(crate) enum AssertionAudience {
     One(String),
     Many(Vec<String>),
 }
@@ -303,7 +303,7 @@ impl AssertionAudience {
 /// Header: `alg` (always the signer's, [`RESERVED_HEADERS`]), `typ` = [`DEFAULT_TYP`], then
 /// `extra_header` (`kid`, `x5t`, or another `typ` such as `client-authentication+jwt`).
 #[derive(Debug, Clone, PartialEq)]
-pub struct AssertionTemplate {
+pub(crate) struct AssertionTemplate {
     /// `iss`: the client_id for client authentication.
     pub issuer: String,
     /// `sub`: the client_id for client authentication.
@@ -320,7 +320,7 @@ pub struct AssertionTemplate {
 impl AssertionTemplate {
     /// Checks what does not depend on the time: call it when loading the configuration, so that
     /// [`sign_assertion`] only fails on a clock overflow or a crypto failure.
-    pub fn validate(&self) -> Result<(), AssertionError> {
+    pub(crate) fn validate(&self) -> Result<(), AssertionError> {
         if self.issuer.is_empty() {
             return Err(AssertionError::MissingClaim { claim: "iss" });
         }
@@ -374,7 +374,7 @@ pub enum AssertionError {
 ///
 /// `now_unix_s` becomes `iat` (and `nbf`); `jti` must be unique per assertion (see
 /// [`jti_from_random`]), since authorization servers may refuse a replayed one.
-pub fn sign_assertion(
+pub(crate) fn sign_assertion(
     signer: &AssertionSigner,
     template: &AssertionTemplate,
     now_unix_s: u64,
@@ -419,7 +419,7 @@ pub fn sign_assertion(
 }
 
 /// A `jti` from 128 random bits: their base64url encoding without padding (22 characters).
-pub fn jti_from_random(bytes: &[u8; 16]) -> String {
+pub(crate) fn jti_from_random(bytes: &[u8; 16]) -> String {
     URL_SAFE_NO_PAD.encode(bytes)
 }
 

@@ -7,6 +7,9 @@
 //! `cargo test`, under wasm with `make unit-wasm`, and fuzzable, and keeps the host glue thin.
 
 #![forbid(unsafe_code)]
+// An item only the crate uses is `pub(crate)`, so the dead-code lint sees it. Checked with
+// `test-support` on (every `--all-targets` build), which makes its re-exports reachable.
+#![cfg_attr(feature = "test-support", warn(unreachable_pub))]
 
 pub mod config;
 pub mod lifecycle;

@@ -395,8 +395,8 @@ impl AuthMethod {
 #[cfg_attr(test, derive(schemars::JsonSchema))]
 pub(crate) enum TokenMethod {
     #[default]
-    #[serde(alias = "post")]
-    POST,
-    #[serde(alias = "get")]
-    GET,
+    #[serde(rename = "POST", alias = "post")]
+    Post,
+    #[serde(rename = "GET", alias = "get")]
+    Get,
 }
