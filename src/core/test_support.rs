@@ -5,7 +5,9 @@
 pub use crate::config::runtime::FieldPath;
 pub use crate::entry::{Entry, EntryView};
 pub use crate::route::{AuthorityPattern, Selection};
-pub use crate::token_response::{MAX_LIFETIME_S, MAX_TOKEN_BYTES, TokenError, TokenGrant, parse as parse_token_response};
+pub use crate::token_response::{
+    MAX_LIFETIME_S, MAX_TOKEN_BYTES, TokenError, TokenGrant, parse as parse_token_response,
+};
 
 use crate::config::runtime::ClientAuth;
 use crate::config::{Config, Profile};

@@ -29,8 +29,8 @@ mod tests;
 use serde_json::error::Category;
 
 pub use checks::SecretSources;
-pub use runtime::{Config, Profile};
 pub(crate) use runtime::*;
+pub use runtime::{Config, Profile};
 
 use crate::route::RouteTable;
 use raw::RawConfig;

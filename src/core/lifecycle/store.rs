@@ -74,7 +74,11 @@ pub fn update_bytes(
 }
 
 /// Applies `change` to the entry at `key` with compare-and-swap (see [`update_bytes`]).
-pub(crate) fn update_entry(env: &mut dyn Environment, key: &str, mut change: impl FnMut(&Entry) -> Option<Entry>) -> Update {
+pub(crate) fn update_entry(
+    env: &mut dyn Environment,
+    key: &str,
+    mut change: impl FnMut(&Entry) -> Option<Entry>,
+) -> Update {
     let mut written = None;
     let outcome = update_bytes(env, key, |bytes| {
         let current = bytes.and_then(Entry::decode).unwrap_or_default();
