@@ -159,8 +159,7 @@ impl Driver {
     }
 
     /// Requests paused on this VM.
-    #[cfg(test)]
-    pub(crate) fn waiting(&self) -> usize {
+    pub fn waiting(&self) -> usize {
         self.waiters.len()
     }
 
