@@ -12,7 +12,7 @@
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Metric {
     FetchOk,
-    /// A failed token request by reason, one of [`FETCH_FAILED_REASONS`] (`TokenError::label`,
+    /// A failed token request by reason, one of `FETCH_FAILED_REASONS` (`TokenError::label`,
     /// `discovery`, `no_cluster`).
     FetchFailed(String),
     Injected,

@@ -3,7 +3,7 @@
 //! Each VM's root context registers a shared queue of its own and lists its name here with the
 //! time it last said it was alive. A VM that stored a token enqueues a wake on every listed queue,
 //! so requests paused on other workers resume at once. Names not refreshed for
-//! [`STALE_AFTER_MS`] are dropped (their VM is gone, e.g. after a configuration reload).
+//! `STALE_AFTER_MS` are dropped (their VM is gone, e.g. after a configuration reload).
 //!
 //! Encoding: one `name<TAB>last_seen_ms` line per queue.
 

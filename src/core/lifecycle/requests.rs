@@ -10,7 +10,7 @@ use crate::config::Config;
 ///
 /// The store stays the source of truth: the copy is refreshed on every tick and wake, and every
 /// write that changes the token (a fetch, a purge) wakes all VMs. A copy is kept only while
-/// [`cache::keep_vm_copy`] says so, so the request path can use it without reading the clock.
+/// `cache::keep_vm_copy` says so, so the request path can use it without reading the clock.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Snapshot {
     pub(crate) generation: u64,

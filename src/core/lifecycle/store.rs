@@ -38,7 +38,7 @@ pub(crate) const CREATE_VERSION: u32 = u32::MAX;
 /// How many times a compare-and-swap write is retried after losing to another VM.
 pub(crate) const CAS_ATTEMPTS: usize = 8;
 
-/// The outcome of [`update_entry`].
+/// The outcome of `update_entry`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Update {
     /// This entry was written.
