@@ -19,7 +19,8 @@
 use crate::config::Config;
 use crate::lifecycle::{FailureReply, RequestOutcome, Snapshot, failure_reply, unknown_profile_reply};
 use crate::metrics::Metric;
-use crate::route::{RequestFacts, Selection};
+pub use crate::route::RequestFacts;
+use crate::route::Selection;
 
 /// Where a request is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -270,7 +271,7 @@ impl RequestPath {
 }
 
 /// A `:status` value: three ASCII digits; anything else is no status.
-pub fn parse_status(bytes: &[u8]) -> Option<u32> {
+pub(crate) fn parse_status(bytes: &[u8]) -> Option<u32> {
     match bytes {
         [a, b, c] if bytes.iter().all(u8::is_ascii_digit) => {
             Some(u32::from(a - b'0') * 100 + u32::from(b - b'0') * 10 + u32::from(c - b'0'))

@@ -336,8 +336,17 @@ fn envoy() {
         }
     }
     assert!(update.join().unwrap(), "the listener update got no configuration");
+    assert_every_request_told(workers.into_iter().chain(new_request));
+    // Module unload: every configuration is gone, so the tick thread is stopped and joined.
+    drop(plugins);
+    *FAKE.lock().unwrap_or_else(|p| p.into_inner()) = None;
+}
+
+/// Every request that kept its client was told to continue exactly once; one that hung up may
+/// have been told nothing.
+fn assert_every_request_told(requests: impl Iterator<Item = (Client, thread::JoinHandle<usize>)>) {
     let mut outcomes = Vec::new();
-    for (client, worker) in workers.into_iter().chain(new_request) {
+    for (client, worker) in requests {
         let stream = worker.join().unwrap();
         let told = fake(|f| f.told.remove(&stream).unwrap_or_default());
         outcomes.push((client.hangs_up, told));
@@ -349,9 +358,6 @@ fn envoy() {
             other => panic!("a request was told {other:?} (hung up: {hangs_up}); the token endpoint always answers"),
         }
     }
-    // Module unload: every configuration is gone, so the tick thread is stopped and joined.
-    drop(plugins);
-    *FAKE.lock().unwrap_or_else(|p| p.into_inner()) = None;
 }
 
 /// Envoy destroys a configuration once its last stream is gone, token requests in flight or not

@@ -14,8 +14,8 @@ use proxy_wasm::types::{Action, MapType};
 
 use crate::adapter;
 use crate::vm::{RequestState, VmState};
+use oauth2_cc_core::request::RequestFacts;
 use oauth2_cc_core::request::{Next, RequestPath, Step};
-use oauth2_cc_core::route::RequestFacts;
 
 /// The context of a VM that has no accepted configuration: requests pass untouched.
 pub struct PassThrough;

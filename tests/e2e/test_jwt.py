@@ -47,7 +47,7 @@ JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 HS_SECRET = "hs-secret-0123456789abcdefghijklmnopqrstuvwxyz-ABCDEFGHIJKLMNOPQ"
 assert len(HS_SECRET) == 64
 
-# the filter's jti: 128 random bits, base64url without padding (src/core/assertion.rs)
+# the filter's jti: 128 random bits, base64url without padding (src/core/assertion/mod.rs)
 JTI_RE = re.compile(r"^[A-Za-z0-9_-]{22}$")
 FETCHED_RE = re.compile(FILTER_LOG + r'profile \\?"(?P<profile>[\w.-]+)\\?": token fetched in (?P<ms>\d+) ms')
 MAX_SKEW_S = 3  # iat vs. the test's clock (same machine)

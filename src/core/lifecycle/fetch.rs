@@ -20,11 +20,11 @@ const LEASE_SLACK_MS: u64 = 2_000;
 
 #[derive(Debug, Clone)]
 pub(super) struct Pending {
-    pub cache_key: String,
-    pub sent_at_ms: u64,
+    pub(crate) cache_key: String,
+    pub(crate) sent_at_ms: u64,
     /// The lease this fetch holds (with this VM's holder): a VM can hold a newer lease while an
     /// older fetch of its own answers late, and only the fetch that holds the lease releases it.
-    pub lease_until_ms: u64,
+    pub(crate) lease_until_ms: u64,
     step: Step,
 }
 
@@ -52,7 +52,7 @@ impl From<&TokenError> for Failure {
 }
 
 /// How long a lease lasts for a fetch of `chain` requests of `timeout_ms` each.
-pub fn lease_ms(timeout_ms: u64, chain: u64) -> u64 {
+pub(crate) fn lease_ms(timeout_ms: u64, chain: u64) -> u64 {
     timeout_ms.saturating_mul(chain).saturating_add(LEASE_SLACK_MS)
 }
 

@@ -23,7 +23,8 @@ use std::sync::Arc;
 use crate::config::Config;
 pub use crate::metrics::Metric;
 use crate::url::HttpUrl;
-pub use requests::{FailureReply, RequestOutcome, Snapshot, failure_reply, unknown_profile_reply};
+pub use requests::{FailureReply, RequestOutcome, Snapshot};
+pub(crate) use requests::{failure_reply, unknown_profile_reply};
 pub use store::{Environment, Update, Written};
 
 /// Identifies a callout this driver asked for; the host maps its own handle to it.
@@ -270,7 +271,7 @@ impl Driver {
     /// means now; `None`: nothing is timed), quinn-proto's `poll_timeout`: the earliest of each
     /// profile's next possible fetch (refresh time, a worker's grace, expiry, the end of a backoff
     /// or of another VM's lease, or at once with no token; not for keys a newer configuration
-    /// owns), the end of each token copy ([`Snapshot::valid_until_ms`]), each paused request's
+    /// owns), the end of each token copy (`Snapshot::valid_until_ms`), each paused request's
     /// deadline, and the next gauge report on a VM that sets gauges. Every change another VM makes
     /// that brings one of these closer comes with a broadcast wake, so the host need not ask
     /// sooner; it asks again after every event (any event may move it) and sleeps at most

@@ -10,15 +10,15 @@ use crate::config::Config;
 ///
 /// The store stays the source of truth: the copy is refreshed on every tick and wake, and every
 /// write that changes the token (a fetch, a purge) wakes all VMs. A copy is valid until
-/// `valid_until_ms` ([`cache::vm_copy_valid_until`]); the driver's [`Driver::next_wake`] asks its
+/// `valid_until_ms` (`cache::vm_copy_valid_until`); the driver's [`Driver::next_wake`] asks its
 /// host for a tick by then, which drops it, so the request path uses it without reading the clock.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Snapshot {
-    pub generation: u64,
+    pub(crate) generation: u64,
     /// Prefix and token, ready for the header.
     pub header_value: String,
     /// The copy may be served until then (milliseconds since the epoch), and not after.
-    pub valid_until_ms: u64,
+    pub(crate) valid_until_ms: u64,
 }
 
 impl std::fmt::Debug for Snapshot {
@@ -51,9 +51,9 @@ impl std::fmt::Debug for RequestOutcome {
 /// A request paused until its profile has a token.
 #[derive(Debug, Clone)]
 pub(super) struct Waiter {
-    pub request: RequestId,
-    pub profile: usize,
-    pub deadline_ms: u64,
+    pub(crate) request: RequestId,
+    pub(crate) profile: usize,
+    pub(crate) deadline_ms: u64,
 }
 
 /// The local reply for a request that gets no token: never the IdP's body, never a secret.
@@ -66,7 +66,7 @@ pub struct FailureReply {
 }
 
 /// The failure reply for `profile`: the configured status and a small JSON body naming it.
-pub fn failure_reply(config: &Config, profile: usize) -> FailureReply {
+pub(crate) fn failure_reply(config: &Config, profile: usize) -> FailureReply {
     let name = config.profiles.get(profile).map_or("", |p| p.name.as_str());
     // Profile names are restricted to [A-Za-z0-9._-] at configuration time: safe inside JSON.
     FailureReply {
@@ -77,7 +77,7 @@ pub fn failure_reply(config: &Config, profile: usize) -> FailureReply {
 }
 
 /// The reply for a route whose metadata names a profile that is not configured.
-pub fn unknown_profile_reply(config: &Config) -> FailureReply {
+pub(crate) fn unknown_profile_reply(config: &Config) -> FailureReply {
     FailureReply {
         status: config.failure_status,
         details: "oauth2_cc_unknown_profile",

@@ -51,7 +51,7 @@ pub(super) struct Params {
 }
 
 impl Params {
-    pub fn random(rng: &mut Rng) -> Params {
+    pub(crate) fn random(rng: &mut Rng) -> Params {
         let vms = match rng.below(10) {
             0..=5 => rng.range(1, 4),
             6..=8 => rng.range(5, 8),
@@ -109,20 +109,20 @@ impl Params {
 
 #[derive(Debug, Default, Clone)]
 pub(super) struct Stats {
-    pub steps: u64,
-    pub fetches: u64,
-    pub takeovers: u64,
-    pub served: u64,
-    pub resumed: u64,
-    pub failed: u64,
-    pub budget_refusals: u64,
-    pub restarts: u64,
-    pub lost_requests: u64,
-    pub ticks: u64,
+    pub(crate) steps: u64,
+    pub(crate) fetches: u64,
+    pub(crate) takeovers: u64,
+    pub(crate) served: u64,
+    pub(crate) resumed: u64,
+    pub(crate) failed: u64,
+    pub(crate) budget_refusals: u64,
+    pub(crate) restarts: u64,
+    pub(crate) lost_requests: u64,
+    pub(crate) ticks: u64,
 }
 
 impl Stats {
-    pub fn add(&mut self, other: &Stats) {
+    pub(crate) fn add(&mut self, other: &Stats) {
         self.steps += other.steps;
         self.fetches += other.fetches;
         self.takeovers += other.takeovers;
@@ -228,7 +228,7 @@ enum Origin {
 }
 
 pub(super) struct World {
-    pub params: Params,
+    pub(crate) params: Params,
     rng: Rng,
     now: u64,
     store: MemoryStore,
@@ -247,9 +247,9 @@ pub(super) struct World {
     budgets: HashMap<String, (u64, u32)>,
     /// Driver calls under way (2: another VM's wake runs inside a CAS write).
     depth: u32,
-    pub trace: Option<Vec<String>>,
-    pub violation: Option<String>,
-    pub stats: Stats,
+    pub(crate) trace: Option<Vec<String>>,
+    pub(crate) violation: Option<String>,
+    pub(crate) stats: Stats,
 }
 
 /// The store as one VM sees it during a driver call. Between reading and writing (at a CAS
@@ -278,7 +278,7 @@ impl Environment for Env<'_> {
 }
 
 impl World {
-    pub fn new(seed: u64, mut rng: Rng, params: Params, trace: bool) -> World {
+    pub(crate) fn new(seed: u64, mut rng: Rng, params: Params, trace: bool) -> World {
         let configs: Vec<Arc<Config>> = (0..4).map(|v| params.config(v)).collect();
         let mut world = World {
             now: START_MS + rng.below(1_000),
@@ -349,7 +349,7 @@ impl World {
         }
     }
 
-    pub fn run(&mut self) {
+    pub(crate) fn run(&mut self) {
         let end = START_MS + self.params.horizon_ms;
         // After the horizon only ticks, wakes and answers run, until every paused request is due.
         let drain_until = end + 2 * (self.params.timeout_ms + 1_000) + 2 * (MAX_WAKE_INTERVAL_MS + MAX_LATENESS_MS);
