@@ -19,7 +19,7 @@ pub(crate) const WORKER_REFRESH_GRACE_MS: u64 = 1_000;
 pub(crate) use crate::entry::{Entry, EntryView};
 
 /// What to do with a request that needs a token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum RequestDecision<'a> {
     /// Inject this token now.
     Inject { token: &'a str, generation: u64 },
@@ -27,6 +27,17 @@ pub(crate) enum RequestDecision<'a> {
     Wait,
     /// No usable token and the last fetch failed recently: reply with the failure now.
     Fail,
+}
+
+impl std::fmt::Debug for RequestDecision<'_> {
+    /// The token is a credential: never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RequestDecision::Inject { generation, .. } => write!(f, "Inject(generation {generation}, [redacted])"),
+            RequestDecision::Wait => f.write_str("Wait"),
+            RequestDecision::Fail => f.write_str("Fail"),
+        }
+    }
 }
 
 /// How long before the cached expiry a VM's copy of a token stops being valid.

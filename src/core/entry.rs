@@ -135,7 +135,7 @@ impl Entry {
 
 /// The fields the driver reads on every event (the request decision, the VM's copy, when it next
 /// needs its host), borrowed from the stored bytes (no allocation).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct EntryView<'a> {
     pub generation: u64,
     pub refresh_at_ms: u64,
@@ -144,6 +144,21 @@ pub struct EntryView<'a> {
     pub lease_until_ms: u64,
     pub retry_at_ms: u64,
     pub token: &'a str,
+}
+
+impl std::fmt::Debug for EntryView<'_> {
+    /// The token is a credential: only whether there is one.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EntryView")
+            .field("generation", &self.generation)
+            .field("token", &if self.token.is_empty() { "" } else { "[redacted]" })
+            .field("refresh_at_ms", &self.refresh_at_ms)
+            .field("expires_at_ms", &self.expires_at_ms)
+            .field("lease_holder", &self.lease_holder)
+            .field("lease_until_ms", &self.lease_until_ms)
+            .field("retry_at_ms", &self.retry_at_ms)
+            .finish()
+    }
 }
 
 impl<'a> EntryView<'a> {
@@ -209,6 +224,18 @@ impl Reader<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_output_never_prints_the_token() {
+        let entry = Entry { generation: 1, token: "tok-secret".into(), ..Entry::default() };
+        let bytes = entry.encode();
+        let view = EntryView::decode(&bytes).expect("decodes");
+        for printed in [format!("{entry:?}"), format!("{view:?}")] {
+            assert!(!printed.contains("tok-secret") && printed.contains("[redacted]"), "{printed}");
+        }
+        let decision = crate::cache::RequestDecision::Inject { token: view.token, generation: 1 };
+        assert!(!format!("{decision:?}").contains("tok-secret"), "{decision:?}");
+    }
 
     #[test]
     fn round_trip_and_view_agree() {

@@ -53,7 +53,7 @@ pub struct RequestPath {
 }
 
 /// What the host does next.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(PartialEq, Eq)]
 pub enum Step<'a> {
     /// Let the request go on (it was never paused).
     Continue,
@@ -74,6 +74,23 @@ pub enum Step<'a> {
     ReportStatus { profile: usize, generation: u64 },
     /// Nothing to do.
     Nothing,
+}
+
+impl std::fmt::Debug for Step<'_> {
+    /// The header value carries the token, a credential: never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Step::Continue => f.write_str("Continue"),
+            Step::LookUpCopy { profile } => write!(f, "LookUpCopy({profile})"),
+            Step::AskDriver { profile } => write!(f, "AskDriver({profile})"),
+            Step::WriteHeader { name, .. } => write!(f, "WriteHeader({name}: [redacted])"),
+            Step::Pause => f.write_str("Pause"),
+            Step::Resume => f.write_str("Resume"),
+            Step::Reply { reply, error } => write!(f, "Reply({reply:?}, {error:?})"),
+            Step::ReportStatus { profile, generation } => write!(f, "ReportStatus({profile}, generation {generation})"),
+            Step::Nothing => f.write_str("Nothing"),
+        }
+    }
 }
 
 /// A step and the counter this request's event adds to, if any.

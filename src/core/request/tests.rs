@@ -357,3 +357,10 @@ fn load_gives_the_log_line_or_the_rejection() {
         Err(error) => assert_eq!(error, "configuration rejected: profiles: at least one profile is required"),
     }
 }
+
+#[test]
+fn debug_output_never_prints_a_token() {
+    let step = Step::WriteHeader { name: "authorization", value: "Bearer tok-secret" };
+    let printed = format!("{step:?}");
+    assert!(!printed.contains("tok-secret") && printed.contains("authorization"), "{printed}");
+}
