@@ -11,8 +11,8 @@ use crate::abi::{self, Level, RESPONSE_HEADER, Stream};
 use crate::parked::{Outcome, Parked};
 use crate::plugin::{Plugin, Thread};
 use oauth2_cc_core::lifecycle::{Metric, RequestId, RequestOutcome, Snapshot};
+use oauth2_cc_core::request::RequestFacts;
 use oauth2_cc_core::request::{Delivered, Next, RequestPath, Step};
-use oauth2_cc_core::route::RequestFacts;
 
 /// What a request-headers or body hook tells Envoy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

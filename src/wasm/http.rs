@@ -14,8 +14,8 @@ use proxy_wasm::types::{Action, MapType};
 
 use crate::adapter;
 use crate::vm::{RequestState, VmState};
+use oauth2_cc_core::request::RequestFacts;
 use oauth2_cc_core::request::{Next, RequestPath, Step};
-use oauth2_cc_core::route::RequestFacts;
 
 /// The context of a VM that has no accepted configuration: requests pass untouched.
 pub struct PassThrough;
@@ -68,7 +68,7 @@ impl TokenInjector {
             paused.insert(request, Rc::clone(&state));
         }
         let mut decided = None;
-        self.vm.drive(|driver, env| {
+        self.vm.drive(now_ms, |driver, env| {
             let (outcome, actions) = driver.on_request(profile, request, now_ms, env);
             decided = Some(outcome);
             actions
@@ -144,7 +144,9 @@ impl HttpContext for TokenInjector {
         };
         if let Step::ReportStatus { profile, generation } = report {
             let now_ms = adapter::now_ms();
-            self.vm.drive(|driver, env| driver.on_response_status(profile, generation, status.as_deref(), now_ms, env));
+            self.vm.drive(now_ms, |driver, env| {
+                driver.on_response_status(profile, generation, status.as_deref(), now_ms, env)
+            });
         }
         Action::Continue
     }

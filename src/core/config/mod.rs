@@ -20,7 +20,7 @@ mod checks;
 mod profile;
 mod raw;
 mod routes;
-mod runtime;
+pub(crate) mod runtime;
 #[cfg(test)]
 mod schema;
 #[cfg(test)]
@@ -28,9 +28,9 @@ mod tests;
 
 use serde_json::error::Category;
 
-pub use checks::{SecretSources, valid_header_name, valid_header_value};
-pub use raw::SecretSource;
-pub use runtime::*;
+pub use checks::SecretSources;
+pub(crate) use runtime::*;
+pub use runtime::{Config, Profile};
 
 use crate::route::RouteTable;
 use raw::RawConfig;
