@@ -43,6 +43,7 @@ STRING_VALUE_TYPE = "type.googleapis.com/google.protobuf.StringValue"
 TLS_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 JWT_AUTHN_TYPE = "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication"
 JWT_AUTHN_FILTER = "envoy.filters.http.jwt_authn"  # also the dynamic metadata namespace it writes
+JWT_PAYLOAD_KEY = "jwt_payload"  # jwt_authn_filter's payload_in_metadata (docs/token-exchange.md's example)
 LUA_TYPE = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
 
 # A record the filter itself wrote, from either build, up to the message: proxy-wasm's
@@ -295,7 +296,7 @@ def jwt_authn_filter(
     provider: str = "subjects",
     issuer: str | None = None,
     audiences: Iterable[str] | None = None,
-    payload_in_metadata: str = "subject",
+    payload_in_metadata: str = JWT_PAYLOAD_KEY,
     forward: bool = True,
     from_header: tuple[str, str] | None = None,
     allow_missing: bool = False,

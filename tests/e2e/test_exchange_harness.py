@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from envoy import JWT_AUTHN_FILTER, jwt_authn_filter, lua_filter
+from envoy import JWT_AUTHN_FILTER, JWT_PAYLOAD_KEY, jwt_authn_filter, lua_filter
 from exchange_server import ISSUER, SUBJECT_AUDIENCE, ExchangeServer
 from isolation import drive_isolation
 
@@ -17,8 +17,8 @@ pytestmark = pytest.mark.host_agnostic
 SHOW_VERIFIED_SUB = f"""
 function envoy_on_request(handle)
   local md = handle:streamInfo():dynamicMetadata():get("{JWT_AUTHN_FILTER}")
-  if md ~= nil and md["subject"] ~= nil then
-    handle:headers():replace("x-verified-sub", md["subject"]["sub"])
+  if md ~= nil and md["{JWT_PAYLOAD_KEY}"] ~= nil then
+    handle:headers():replace("x-verified-sub", md["{JWT_PAYLOAD_KEY}"]["sub"])
   end
 end
 """
