@@ -16,6 +16,12 @@ It returns an ``IsolationReport``: the counts by status, every wrong answer desc
 exchange requests per subject (``ExchangeServer.exchange_counts()`` for the driver's subjects).
 ``report.assert_isolated()`` fails with the first wrong answers; the test then judges the counts
 (for instance at most one exchange per subject with a cache and single flight).
+
+For oauth2-cc's exchange profile, size the profile for the run, or the counts judge the limits
+instead of the isolation: ``limits`` well above ``subjects`` exchanges in a burst (the default 20
+per second refuses most first requests with 429), and ``cache.max_subjects`` several times
+``subjects`` (the cache is set-associative, 8 ways: at 1,000 subjects in 1,024 slots some sets
+overflow and evict, and those subjects are exchanged again).
 """
 
 from __future__ import annotations
