@@ -13,6 +13,7 @@ pub mod cache;
 pub mod config;
 pub mod discovery;
 pub mod entry;
+pub mod exchange;
 pub mod metrics;
 pub mod request;
 pub mod route;

@@ -20,6 +20,8 @@ pub enum Metric {
     FailedRequest,
     Purged,
     BudgetRefused,
+    /// A token-exchange profile refused a request (`Refusal::counter` names the counter).
+    Refused(crate::exchange::Refusal),
 }
 
 /// Every `fetch_failed.<reason>` label: `TokenError::label` (RFC 6749 §5.2 codes kept by name,
@@ -62,6 +64,8 @@ const TOKEN_LIFETIME: &str = "token_lifetime_s";
 pub struct MetricIds<Id> {
     counters: [Option<Id>; COUNTERS.len()],
     fetch_failed: Vec<Option<Id>>,
+    /// `Refusal::ALL`'s counters, in order.
+    refused: [Option<Id>; 4],
     token_remaining_s: Option<Id>,
     token_lifetime_s: Option<Id>,
 }
@@ -81,6 +85,7 @@ impl<Id: Copy> MetricIds<Id> {
                 .iter()
                 .map(|reason| counter(&format!("{prefix}.fetch_failed.{reason}")))
                 .collect(),
+            refused: crate::exchange::Refusal::ALL.map(|r| counter(&format!("{prefix}.{}", r.counter()))),
             token_remaining_s: gauge(&format!("{prefix}.{TOKEN_REMAINING}")),
             token_lifetime_s: gauge(&format!("{prefix}.{TOKEN_LIFETIME}")),
         }
@@ -96,6 +101,10 @@ impl<Id: Copy> MetricIds<Id> {
             Metric::FailedRequest => 3,
             Metric::Purged => 4,
             Metric::BudgetRefused => 5,
+            Metric::Refused(refusal) => {
+                let index = crate::exchange::Refusal::ALL.iter().position(|r| r == refusal);
+                return index.and_then(|i| self.refused.get(i).copied().flatten());
+            }
             Metric::FetchFailed(reason) => {
                 let index = reason_index(reason).or_else(|| reason_index("other_error"));
                 return index.and_then(|i| self.fetch_failed.get(i).copied().flatten());
@@ -151,7 +160,10 @@ mod tests {
         for reason in FETCH_FAILED_REASONS {
             expect(Metric::FetchFailed(reason.to_string()), &format!("oauth2_cc.billing.fetch_failed.{reason}"));
         }
-        assert_eq!(names.len(), 6 + FETCH_FAILED_REASONS.len(), "{names:?}");
+        for refusal in crate::exchange::Refusal::ALL {
+            expect(Metric::Refused(refusal), &format!("oauth2_cc.billing.{}", refusal.counter()));
+        }
+        assert_eq!(names.len(), 6 + FETCH_FAILED_REASONS.len() + 4, "{names:?}");
         assert!(ids.token_remaining_s().is_some());
     }
 

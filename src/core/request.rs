@@ -16,7 +16,8 @@
 //! ([`RequestPath::wants_status`]); whether a status matters is decided here, so only a status in
 //! the list reaches the driver (and its lock, in a host that has one).
 
-use crate::config::Config;
+use crate::config::{Config, MissingSubject};
+use crate::exchange::{Refusal, Subject, SubjectFact, SubjectKey};
 use crate::lifecycle::{FailureReply, RequestOutcome, Snapshot, failure_reply, unknown_profile_reply};
 use crate::metrics::Metric;
 use crate::route::{RequestFacts, Selection};
@@ -49,6 +50,8 @@ pub struct RequestPath {
     phase: Phase,
     profile: Option<usize>,
     injected: Option<u64>,
+    /// The subject of a token-exchange profile's request.
+    subject: Option<SubjectKey>,
 }
 
 /// What the host does next.
@@ -58,6 +61,10 @@ pub enum Step<'a> {
     Continue,
     /// Look up this worker's copy of `profile`'s token and give it to [`RequestPath::on_copy`].
     LookUpCopy { profile: usize },
+    /// A token-exchange profile: look up this worker's copy of the token exchanged for `subject`
+    /// (by `subject.key()`) and give it to [`RequestPath::on_copy`]; on `AskDriver`, ask
+    /// `Driver::on_subject_request` with `subject`.
+    LookUpSubjectCopy { profile: usize, subject: Subject },
     /// Ask the driver (`Driver::on_request`) and give its outcome to [`RequestPath::on_outcome`].
     AskDriver { profile: usize },
     /// Write `name: value` on the request and say whether Envoy took it
@@ -96,6 +103,8 @@ pub enum Delivered<'a> {
     Token { profile: usize, header: &'a str, value: &'a str, generation: u64 },
     /// The driver failed the request (and counted it).
     Fail { profile: usize },
+    /// The driver refused the request (and counted it).
+    Refused { profile: usize, refusal: Refusal },
 }
 
 impl RequestPath {
@@ -118,6 +127,19 @@ impl RequestPath {
             }
         };
         let Some(profile) = config.profiles.get(index) else { return self.untouched() };
+        if let Some(te) = &profile.exchange {
+            return match crate::exchange::read_subject(te, facts) {
+                SubjectFact::Present(subject) => {
+                    self.profile = Some(index);
+                    self.subject = Some(subject.key());
+                    self.phase = Phase::LookingUp;
+                    Next::step(Step::LookUpSubjectCopy { profile: index, subject })
+                }
+                SubjectFact::Missing if te.missing_subject == MissingSubject::Pass => self.untouched(),
+                SubjectFact::Missing => self.refuse(config, index, Refusal::SubjectMissing, true),
+                SubjectFact::Unverified => self.refuse(config, index, Refusal::SubjectUnverified, true),
+            };
+        }
         // Any value counts as present, whatever its bytes.
         if profile.inject.keep_existing && facts.has_header(&profile.inject.header) {
             return self.untouched();
@@ -152,6 +174,7 @@ impl RequestPath {
             }
             // The driver counted its decision.
             RequestOutcome::Fail => self.fail(config, profile, None),
+            RequestOutcome::Refuse(refusal) => self.refuse(config, profile, *refusal, false),
         }
     }
 
@@ -178,6 +201,7 @@ impl RequestPath {
             }
             // The driver counted its decision.
             Some(Delivered::Fail { profile }) => self.fail(config, profile, None),
+            Some(Delivered::Refused { profile, refusal }) => self.refuse(config, profile, refusal, false),
             // Woken with nothing to carry out: never left stopped, never sent on without a token.
             None => {
                 let profile = self.profile.unwrap_or(0);
@@ -204,6 +228,12 @@ impl RequestPath {
         self.injected = Some(generation);
         let step = if resume { Step::Resume } else { Step::Continue };
         Next { step, count: Some((profile, Metric::Injected)) }
+    }
+
+    /// The subject of a token-exchange profile's request: the host reports a purge status with it
+    /// (`Driver::on_subject_status`).
+    pub fn subject_key(&self) -> Option<SubjectKey> {
+        self.subject
     }
 
     /// The profile whose token this request gets, once selected.
@@ -261,6 +291,16 @@ impl RequestPath {
         let Some(p) = config.profiles.get(profile) else { return self.fail(config, profile, None) };
         self.phase = Phase::Writing { generation, resume };
         Next::step(Step::WriteHeader { name: &p.inject.header, value })
+    }
+
+    /// A token-exchange profile's refusal; `count`: the path decided it (the driver counts its own).
+    fn refuse(&mut self, config: &Config, profile: usize, refusal: Refusal, count: bool) -> Next<'static> {
+        self.phase = Phase::Failed;
+        let name = config.profiles.get(profile).map_or("", |p| p.name.as_str());
+        Next {
+            step: Step::Reply { reply: refusal.reply(name), error: None },
+            count: count.then(|| (profile, refusal.metric())),
+        }
     }
 
     fn fail(&mut self, config: &Config, profile: usize, error: Option<String>) -> Next<'static> {

@@ -170,6 +170,7 @@ impl StreamFilter {
                 Delivered::Token { profile, header, value, generation: *generation }
             }
             Outcome::Fail => Delivered::Fail { profile },
+            Outcome::Refuse(refusal) => Delivered::Refused { profile, refusal: *refusal },
         };
         let mut next = self.path.on_delivered(config, Some(delivered));
         if let Step::WriteHeader { name, value } = next.step {

@@ -479,7 +479,7 @@ impl World {
                     self.schedule(delay, Ev::Gone { request });
                 }
             }
-            RequestOutcome::Fail => self.stats.failed += 1,
+            RequestOutcome::Fail | RequestOutcome::Refuse(_) => self.stats.failed += 1,
         }
         self.apply(vm, Origin::Claim, actions);
     }

@@ -42,7 +42,7 @@ impl World {
                         _ => self.violate(format!("request {request} resumed on vm{vm} but it is not paused there (settled, gone, or another VM's)")),
                     }
                 }
-                Action::Fail { request, .. } => {
+                Action::Fail { request, .. } | Action::Refuse { request, .. } => {
                     self.stats.failed += 1;
                     match self.requests.remove(&request) {
                         Some(paused) if paused.vm == vm && paused.incarnation == incarnation => {}
