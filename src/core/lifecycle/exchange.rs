@@ -44,7 +44,7 @@ impl Driver {
         let config = std::sync::Arc::clone(&self.config);
         let Some((p, te)) = exchange_profile(&config.profiles, profile) else { return (RequestOutcome::Fail, actions) };
         let subject_exp_ms = crate::token_expiry::jws_expiry_ms(subject.expose());
-        if subject_exp_ms.is_some_and(|exp| exp <= now_ms) {
+        if subject_exp_ms.is_some_and(|exp| crate::exchange::subject_usable_until_ms(exp) <= now_ms) {
             actions.push(Action::Count { profile, metric: Refusal::SubjectRejected.metric() });
             return (RequestOutcome::Refuse(Refusal::SubjectRejected), actions);
         }
@@ -157,7 +157,7 @@ impl Driver {
         let config = std::sync::Arc::clone(&self.config);
         let Some((profile, te)) = exchange_profile(&config.profiles, index) else { return };
         let Some(want) = self.wanted.get(&(index, key)).cloned() else { return };
-        if want.subject_exp_ms.is_some_and(|exp| exp <= now_ms) {
+        if want.subject_exp_ms.is_some_and(|exp| crate::exchange::subject_usable_until_ms(exp) <= now_ms) {
             // The subject token expired while its requests waited: never sent to the IdP.
             self.wanted.remove(&(index, key));
             return self.refuse_waiters(index, key, Refusal::SubjectRejected, actions);
