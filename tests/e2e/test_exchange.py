@@ -1,0 +1,171 @@
+"""RFC 8693 token exchange on real Envoy (2 workers), against ``ExchangeServer``: per-caller tokens.
+
+Each test judges what the upstream received (the echo) and what the token server was asked
+(``ExchangeServer.exchanges()``): the exchange itself, one exchange per subject and a cache hit
+after it, expiry capped by the subject token's own ``exp``, the limit refusal (429), the
+``jwt_authn``-verified mode (401 for a token jwt_authn did not verify), the refusal of a request
+with no subject token, and the isolation of callers (1,000 subjects interleaved at concurrency 64,
+every upstream request carrying the token exchanged for its own subject).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+import plugin_config as pc
+from envoy import JWT_PAYLOAD_KEY, jwt_authn_filter
+from exchange_server import ISSUER, SUBJECT_AUDIENCE, ExchangeServer
+from isolation import drive_isolation
+
+EXCHANGE_GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
+ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
+PROFILE = "ex"
+
+
+def exchange_config(**token_exchange: Any) -> dict:
+    """One exchange profile ``ex`` on every route, the ExchangeServer as its IdP (cluster ``idp``);
+    ``token_exchange`` adds or replaces fields of its ``token_exchange`` object."""
+    te: dict[str, Any] = {"limits": {"exchanges_per_second": 200, "burst": 400, "max_in_flight": 64}}
+    te.update(token_exchange)
+    profile = pc.profile(grant_type=EXCHANGE_GRANT, token_exchange=te)
+    return pc.config(profiles={PROFILE: profile})
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def seen_authorization(r) -> str | None:
+    assert r.status == 200, (r.status, r.text)
+    return r.json()["headers"].get("authorization")
+
+
+def reply_error(r) -> tuple[int, str | None]:
+    try:
+        return r.status, r.json().get("error")
+    except ValueError:
+        return r.status, None
+
+
+def test_exchange_then_a_cache_hit_per_subject(envoy_factory, exchange_server: ExchangeServer, upstream):
+    e = envoy_factory.start(exchange_config(), token_clusters={"idp": exchange_server})
+    alice, bob = exchange_server.mint_subject("alice"), exchange_server.mint_subject("bob")
+
+    assert seen_authorization(e.request("/a", bearer(alice))) == "Bearer ex-alice-1"
+    assert seen_authorization(e.request("/b", bearer(bob))) == "Bearer ex-bob-1"
+    (first, second) = exchange_server.exchanges()
+    assert first.form.get("grant_type") == EXCHANGE_GRANT, first.form
+    assert first.form.get("subject_token") == alice and first.form.get("subject_token_type") == ACCESS_TOKEN_TYPE
+    assert first.client_id == pc.DEFAULT_CLIENT_ID and first.status == 200, first
+    assert second.subject == "bob"
+
+    # Hits: each subject keeps its own token, on fresh connections (either worker), no new exchange.
+    got = [seen_authorization(e.request(f"/{n}", bearer(s))) for n in range(10) for s in (alice, bob)]
+    assert got == ["Bearer ex-alice-1", "Bearer ex-bob-1"] * 10, got
+    assert exchange_server.exchange_counts() == {"alice": 1, "bob": 1}
+    # The subject token never reaches the upstream: the exchanged one replaced it.
+    assert not any(alice in str(r.headers) or bob in str(r.headers) for r in upstream.requests)
+
+
+def test_a_request_with_no_subject_token_is_refused(envoy_factory, exchange_server: ExchangeServer, upstream):
+    e = envoy_factory.start(exchange_config(), token_clusters={"idp": exchange_server})
+    for headers in ({}, {"Authorization": "Basic c3ZjOng="}, {"Authorization": "Bearer "}):
+        r = e.request("/x", headers)
+        assert reply_error(r) == (401, "subject_token_missing"), (headers, r)
+    assert upstream.count() == 0 and exchange_server.exchanges() == []
+    assert e.filter_stat(f"{PROFILE}.subject_missing") == 3
+
+
+def test_expiry_is_capped_by_the_subject_tokens_exp(envoy_factory, exchange_server: ExchangeServer, upstream):
+    """The IdP's token lives an hour; the subject token expires in a few seconds: the exchanged
+    token is never sent at or after the subject's exp, and an expired subject gets 401 without
+    another exchange."""
+    e = envoy_factory.start(exchange_config(), token_clusters={"idp": exchange_server})
+    exp = int(time.time()) + 4
+    alice = exchange_server.mint_subject("alice", exp=exp)
+    sent_ok = 0
+    refused: list[tuple[int, str | None]] = []
+    deadline = exp + 3
+    while time.time() < deadline:
+        r = e.request("/x", bearer(alice))
+        if r.status == 200:
+            assert seen_authorization(r).startswith("Bearer ex-alice-"), r
+            sent_ok += 1
+        else:
+            refused.append(reply_error(r))
+        time.sleep(0.05)  # pacing the loop
+    # Upstream times are monotonic; compare the wall clock through one offset.
+    offset = time.time() - time.monotonic()
+    late = [r.time + offset - exp for r in upstream.requests if r.time + offset >= exp]
+    print(f"subject exp in 4 s: {sent_ok} requests sent with its token, {len(refused)} refused, "
+          f"exchanges {exchange_server.exchange_counts()}, late sends {late}")
+    assert sent_ok >= 3, "the exchanged token was used while the subject was valid"
+    assert late == [], "an exchanged token reached the upstream at or after the subject's exp"
+    assert refused and set(refused) == {(401, "subject_token_rejected")}, refused
+    exchanges = exchange_server.exchanges()
+    assert all(ex.status == 200 for ex in exchanges), [(ex.status, ex.error) for ex in exchanges]
+    assert len(exchanges) <= 2, "at most one exchange, and one more near the subject's expiry"
+
+
+def test_the_exchange_limit_refuses_with_429(envoy_factory, exchange_server: ExchangeServer, upstream):
+    config = exchange_config(limits={"exchanges_per_second": 1, "burst": 1, "max_in_flight": 1})
+    e = envoy_factory.start(config, token_clusters={"idp": exchange_server})
+    alice = exchange_server.mint_subject("alice")
+    assert seen_authorization(e.request("/x", bearer(alice))) == "Bearer ex-alice-1"
+    others = [exchange_server.mint_subject(f"other-{n}") for n in range(5)]
+    replies = [e.request("/x", bearer(t)) for t in others]
+    refused = [reply_error(r) for r in replies if r.status != 200]
+    print(f"burst 1, 1 per second: {len(refused)} of {len(others)} new subjects refused; "
+          f"exchanges {exchange_server.exchange_counts()}")
+    assert refused, "a burst beyond the bucket is refused"
+    assert set(refused) == {(429, "exchange_limited")}, refused
+    assert all(r.headers.get("content-type") == "application/json" for r in replies if r.status == 429)
+    # The cached subject is not limited, and the IdP saw no more than the bucket allowed.
+    assert seen_authorization(e.request("/x", bearer(alice))) == "Bearer ex-alice-1"
+    assert sum(exchange_server.exchange_counts().values()) == 1 + (len(others) - len(refused))
+    assert e.filter_stat(f"{PROFILE}.exchange_limited") == len(refused)
+
+
+def test_jwt_authn_verified_mode_exchanges_only_verified_tokens(envoy_factory, exchange_server: ExchangeServer,
+                                                                upstream):
+    """jwt_authn requires a token under /api only: a token elsewhere reaches the filter unverified
+    (no payload in the metadata) and is refused with 401, never exchanged."""
+    authn = jwt_authn_filter(exchange_server.jwks(), issuer=ISSUER, audiences=[SUBJECT_AUDIENCE], prefix="/api")
+    config = exchange_config(verified_by_jwt_authn=JWT_PAYLOAD_KEY)
+    e = envoy_factory.start(config, token_clusters={"idp": exchange_server}, before_http_filters=[authn])
+    alice = exchange_server.mint_subject("alice")
+    assert seen_authorization(e.request("/api/x", bearer(alice))) == "Bearer ex-alice-1"
+    assert seen_authorization(e.request("/api/y", bearer(alice))) == "Bearer ex-alice-1"
+
+    # Unverified: outside jwt_authn's rule, even a token the IdP would accept; and a forged one.
+    r = e.request("/open", bearer(exchange_server.mint_subject("mallory")))
+    assert reply_error(r) == (401, "subject_token_unverified"), r
+    # A cached subject is not served unverified either.
+    r = e.request("/open", bearer(alice))
+    assert reply_error(r) == (401, "subject_token_unverified"), r
+    # jwt_authn itself refuses a forged token before the filter.
+    assert e.request("/api/x", bearer(exchange_server.mint_foreign("alice"))).status == 401
+    assert exchange_server.exchange_counts() == {"alice": 1}
+    assert e.filter_stat(f"{PROFILE}.subject_unverified") == 2
+
+
+@pytest.mark.cpu_heavy
+def test_1000_interleaved_subjects_each_get_their_own_token(envoy_factory, exchange_server: ExchangeServer,
+                                                            upstream):
+    config = exchange_config(
+        cache={"max_subjects": 8192, "max_bytes": 64 * 1024 * 1024},
+        limits={"exchanges_per_second": 5000, "burst": 5000, "max_in_flight": 256},
+    )
+    e = envoy_factory.start(config, token_clusters={"idp": exchange_server})
+    report = drive_isolation(e.port, exchange_server, subjects=1000, per_subject=3, concurrency=64, timeout=60)
+    print(report.summary())
+    report.assert_isolated()
+    assert report.statuses == {200: 3000}, report.summary()
+    never = [s for s, n in report.exchange_counts.items() if n == 0]
+    assert never == [], f"{len(never)} subjects sent with no exchange"
+    # Single flight per subject across both workers; an 8-way set may still evict a few.
+    many = {s: n for s, n in report.exchange_counts.items() if n > 1}
+    assert len(many) <= 20, f"{len(many)} subjects exchanged more than once: {sorted(many.items())[:10]}"
