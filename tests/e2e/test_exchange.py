@@ -57,8 +57,8 @@ def test_exchange_then_a_cache_hit_per_subject(envoy_factory, exchange_server: E
     assert seen_authorization(e.request("/a", bearer(alice))) == "Bearer ex-alice-1"
     assert seen_authorization(e.request("/b", bearer(bob))) == "Bearer ex-bob-1"
     (first, second) = exchange_server.exchanges()
-    assert first.form.get("grant_type") == EXCHANGE_GRANT, first.form
-    assert first.form.get("subject_token") == alice and first.form.get("subject_token_type") == ACCESS_TOKEN_TYPE
+    assert first.form.get("grant_type") == [EXCHANGE_GRANT], first.form
+    assert first.subject_token == alice and first.subject_token_type == ACCESS_TOKEN_TYPE
     assert first.client_id == pc.DEFAULT_CLIENT_ID and first.status == 200, first
     assert second.subject == "bob"
 

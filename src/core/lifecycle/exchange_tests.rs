@@ -163,9 +163,13 @@ fn the_subject_tokens_expiry_caps_the_exchanged_one_and_an_expired_subject_is_re
     assert_eq!(stored.expires_at_ms, 18_000, "20 s less a 2 s margin, not an hour: {stored:?}");
     let (outcome, _) = vm.on_subject_request(0, 2, &subject, 18_000, &mut store);
     assert_eq!(outcome, RequestOutcome::Wait, "past the capped expiry: never injected");
-    let (outcome, actions) = vm.on_subject_request(0, 3, &subject, 20_000, &mut store);
-    assert_eq!(outcome, RequestOutcome::Refuse(Refusal::SubjectRejected));
+    let (outcome, actions) = vm.on_subject_request(0, 3, &subject, 19_000, &mut store);
+    assert_eq!(outcome, RequestOutcome::Refuse(Refusal::SubjectRejected), "a second from its end: not exchanged again");
     assert!(actions.contains(&Action::Count { profile: 0, metric: Refusal::SubjectRejected.metric() }));
+    assert_eq!(
+        vm.on_subject_request(0, 4, &subject, 20_000, &mut store).0,
+        RequestOutcome::Refuse(Refusal::SubjectRejected)
+    );
     let later = vm.on_wake(&[0], 20_001, &mut store);
     assert!(
         sends(&later).iter().all(|c| body_param(c, "subject_token") != Some(jws_expiring(20))),
