@@ -86,6 +86,15 @@ impl Subject {
     }
 }
 
+/// Until when a subject token whose JWS `exp` is `exp_ms` may be exchanged, and the token
+/// exchanged for it used: `exp` less [`crate::cache::MIN_MARGIN_MS`] (IdPs stamp and check `exp`
+/// in whole seconds). One bound for both: a margin that shrank with the time left would let the
+/// cap pass while the subject may still be exchanged, and each exchange after it would buy less
+/// time than the one before, or be refused by the IdP as expired.
+pub fn subject_usable_until_ms(exp_ms: u64) -> u64 {
+    exp_ms.saturating_sub(crate::cache::MIN_MARGIN_MS)
+}
+
 /// What a request says about its subject.
 #[derive(Debug, PartialEq, Eq)]
 pub enum SubjectFact {

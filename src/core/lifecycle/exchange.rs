@@ -44,7 +44,7 @@ impl Driver {
         let config = std::sync::Arc::clone(&self.config);
         let Some((p, te)) = exchange_profile(&config.profiles, profile) else { return (RequestOutcome::Fail, actions) };
         let subject_exp_ms = crate::token_expiry::jws_expiry_ms(subject.expose());
-        if subject_ending(subject_exp_ms, now_ms) {
+        if subject_exp_ms.is_some_and(|exp| crate::exchange::subject_usable_until_ms(exp) <= now_ms) {
             actions.push(Action::Count { profile, metric: Refusal::SubjectRejected.metric() });
             return (RequestOutcome::Refuse(Refusal::SubjectRejected), actions);
         }
@@ -165,8 +165,8 @@ impl Driver {
         let config = std::sync::Arc::clone(&self.config);
         let Some((profile, te)) = exchange_profile(&config.profiles, index) else { return };
         let Some(want) = self.wanted.get(&(index, key)).cloned() else { return };
-        if subject_ending(want.subject_exp_ms, now_ms) {
-            // The subject token ran out while its requests waited: never sent to the IdP.
+        if want.subject_exp_ms.is_some_and(|exp| crate::exchange::subject_usable_until_ms(exp) <= now_ms) {
+            // The subject token expired while its requests waited: never sent to the IdP.
             self.wanted.remove(&(index, key));
             return self.refuse_waiters(index, key, Refusal::SubjectRejected, actions);
         }
@@ -384,13 +384,6 @@ impl Driver {
             }
         }
     }
-}
-
-/// Whether a subject token whose JWS `exp` is `exp_ms` is past use: expired, or within the least
-/// margin of it (an exchanged token would be capped to less than nothing, and the IdP asked again
-/// and again as the end nears).
-fn subject_ending(exp_ms: Option<u64>, now_ms: u64) -> bool {
-    exp_ms.is_some_and(|exp| exp <= now_ms.saturating_add(cache::MIN_MARGIN_MS))
 }
 
 /// The profile at `index` and its exchange settings, if it is a token-exchange profile.

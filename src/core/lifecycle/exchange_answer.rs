@@ -101,7 +101,7 @@ impl Driver {
             let lease_holder = super::fetch::lease_of(&subject_entry.entry, holder, pending.lease_until_ms);
             let mut next =
                 cache::after_success(&subject_entry.entry, lease_holder, grant, pending.sent_at_ms, &profile.lifetime);
-            cap_by_subject(&mut next, exchange.subject_exp_ms, pending.sent_at_ms, &profile.lifetime);
+            cap_by_subject(&mut next, exchange.subject_exp_ms, pending.sent_at_ms);
             subject_entry.entry = next.clone();
             subject_entry.rejected = false;
             subject_entry.last_used_ms = now_ms;
@@ -216,18 +216,13 @@ impl Driver {
     }
 }
 
-/// Caps a stored exchanged token's times by the subject token's JWS `exp` (less its margin).
-fn cap_by_subject(
-    entry: &mut Entry,
-    subject_exp_ms: Option<u64>,
-    sent_at_ms: u64,
-    policy: &crate::config::LifetimePolicy,
-) {
+/// Caps a stored exchanged token's times by the subject token's JWS `exp`
+/// ([`crate::exchange::subject_usable_until_ms`]).
+fn cap_by_subject(entry: &mut Entry, subject_exp_ms: Option<u64>, sent_at_ms: u64) {
     let Some(exp_ms) = subject_exp_ms else { return };
     if entry.token.is_empty() || entry.token_sent_at_ms != sent_at_ms {
         return; // a newer token was kept: its own request capped it
     }
-    let margin = cache::expiry_margin_ms(exp_ms.saturating_sub(sent_at_ms), policy);
-    entry.expires_at_ms = entry.expires_at_ms.min(exp_ms.saturating_sub(margin));
+    entry.expires_at_ms = entry.expires_at_ms.min(crate::exchange::subject_usable_until_ms(exp_ms));
     entry.refresh_at_ms = entry.refresh_at_ms.min(entry.expires_at_ms);
 }

@@ -155,21 +155,23 @@ fn the_subject_tokens_expiry_caps_the_exchanged_one_and_an_expired_subject_is_re
     let _ = vm.on_subject_request(0, 1, &subject, 0, &mut store);
     let sent = vm.on_wake(&[0], 0, &mut store);
     let call = sends(&sent)[0].clone();
-    let _ = vm.on_answer(call.id, answer(b"200", &exchanged_for(&call, 3_600)), 10, &mut store);
+    // An opaque token (no `exp` of its own) that the IdP says lives an hour.
+    let opaque = br#"{"access_token":"opaque-x","token_type":"Bearer","expires_in":3600}"#;
+    let _ = vm.on_answer(call.id, answer(b"200", opaque), 10, &mut store);
     let set = SubjectSet::decode(
         store.get(&set_key(&config.profiles[0].cache_key, subject.key().set_index(128))).0.as_deref(),
     );
     let stored = set.find(&subject.key()).map(|e| e.entry.clone()).unwrap_or_default();
-    assert_eq!(stored.expires_at_ms, 18_000, "20 s less a 2 s margin, not an hour: {stored:?}");
-    let (outcome, _) = vm.on_subject_request(0, 2, &subject, 18_000, &mut store);
-    assert_eq!(outcome, RequestOutcome::Wait, "past the capped expiry: never injected");
-    let (outcome, actions) = vm.on_subject_request(0, 3, &subject, 19_000, &mut store);
-    assert_eq!(outcome, RequestOutcome::Refuse(Refusal::SubjectRejected), "a second from its end: not exchanged again");
-    assert!(actions.contains(&Action::Count { profile: 0, metric: Refusal::SubjectRejected.metric() }));
-    assert_eq!(
-        vm.on_subject_request(0, 4, &subject, 20_000, &mut store).0,
-        RequestOutcome::Refuse(Refusal::SubjectRejected)
-    );
+    assert_eq!(stored.expires_at_ms, 19_000, "20 s less the 1 s margin, not an hour: {stored:?}");
+    let (outcome, _) = vm.on_subject_request(0, 2, &subject, 18_999, &mut store);
+    assert!(matches!(outcome, RequestOutcome::Inject { .. }), "usable until its cap: {outcome:?}");
+    // From the cap on, never injected and never exchanged again: a new token could not outlive it.
+    for (request, now_ms) in [(3, 19_000), (4, 19_500), (5, 20_000)] {
+        let (outcome, actions) = vm.on_subject_request(0, request, &subject, now_ms, &mut store);
+        assert_eq!(outcome, RequestOutcome::Refuse(Refusal::SubjectRejected), "at {now_ms} ms");
+        assert!(actions.contains(&Action::Count { profile: 0, metric: Refusal::SubjectRejected.metric() }));
+        assert!(!actions.iter().any(|a| matches!(a, Action::Kick { .. })), "at {now_ms} ms: {actions:?}");
+    }
     let later = vm.on_wake(&[0], 20_001, &mut store);
     assert!(
         sends(&later).iter().all(|c| body_param(c, "subject_token") != Some(jws_expiring(20))),
