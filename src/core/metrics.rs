@@ -71,10 +71,29 @@ pub struct MetricIds<Id> {
 }
 
 impl<Id: Copy> MetricIds<Id> {
-    /// Defines every metric of `profile` through the host's `counter` and `gauge` definers, which
-    /// receive the full name.
+    /// Defines every metric of a client-credentials profile named `profile` through the host's
+    /// `counter` and `gauge` definers, which receive the full name.
     pub fn define(
         profile: &str,
+        counter: impl FnMut(&str) -> Option<Id>,
+        gauge: impl FnMut(&str) -> Option<Id>,
+    ) -> MetricIds<Id> {
+        Self::define_with(profile, false, counter, gauge)
+    }
+
+    /// Defines every metric of `profile`: a token-exchange profile also has the counters of its
+    /// refusals (`Refusal::counter`), which no other profile shows.
+    pub fn define_profile(
+        profile: &crate::config::Profile,
+        counter: impl FnMut(&str) -> Option<Id>,
+        gauge: impl FnMut(&str) -> Option<Id>,
+    ) -> MetricIds<Id> {
+        Self::define_with(&profile.name, profile.exchange.is_some(), counter, gauge)
+    }
+
+    fn define_with(
+        profile: &str,
+        exchange: bool,
         mut counter: impl FnMut(&str) -> Option<Id>,
         mut gauge: impl FnMut(&str) -> Option<Id>,
     ) -> MetricIds<Id> {
@@ -85,7 +104,8 @@ impl<Id: Copy> MetricIds<Id> {
                 .iter()
                 .map(|reason| counter(&format!("{prefix}.fetch_failed.{reason}")))
                 .collect(),
-            refused: crate::exchange::Refusal::ALL.map(|r| counter(&format!("{prefix}.{}", r.counter()))),
+            refused: crate::exchange::Refusal::ALL
+                .map(|r| if exchange { counter(&format!("{prefix}.{}", r.counter())) } else { None }),
             token_remaining_s: gauge(&format!("{prefix}.{TOKEN_REMAINING}")),
             token_lifetime_s: gauge(&format!("{prefix}.{TOKEN_LIFETIME}")),
         }
@@ -160,11 +180,33 @@ mod tests {
         for reason in FETCH_FAILED_REASONS {
             expect(Metric::FetchFailed(reason.to_string()), &format!("oauth2_cc.billing.fetch_failed.{reason}"));
         }
+        assert_eq!(names.len(), 6 + FETCH_FAILED_REASONS.len(), "{names:?}");
+        assert_eq!(ids.counter(&Metric::Refused(crate::exchange::Refusal::SubjectMissing)), None);
+        assert!(ids.token_remaining_s().is_some());
+    }
+
+    #[test]
+    fn an_exchange_profile_also_counts_its_refusals() {
+        let json = r#"{"profiles": {"tools": {"cluster": "idp", "token_url": "http://idp/t", "client_id": "c",
+            "client_secret": "s", "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange", "token_exchange": {}}}}"#;
+        let config = crate::config::parse(json.as_bytes(), &|_| None).expect("valid");
+        let mut names = Vec::new();
+        let ids = MetricIds::define_profile(
+            &config.profiles[0],
+            |name| {
+                names.push(name.to_string());
+                Some(names.len() - 1)
+            },
+            |_| None,
+        );
         for refusal in crate::exchange::Refusal::ALL {
-            expect(Metric::Refused(refusal), &format!("oauth2_cc.billing.{}", refusal.counter()));
+            let id = ids.counter(&Metric::Refused(refusal)).unwrap_or(usize::MAX);
+            assert_eq!(
+                names.get(id).map(String::as_str),
+                Some(format!("oauth2_cc.tools.{}", refusal.counter()).as_str())
+            );
         }
         assert_eq!(names.len(), 6 + FETCH_FAILED_REASONS.len() + 4, "{names:?}");
-        assert!(ids.token_remaining_s().is_some());
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //! the list reaches the driver (and its lock, in a host that has one).
 
 use crate::config::{Config, MissingSubject};
+use crate::exchange::copies::SubjectCopy;
 use crate::exchange::{Refusal, Subject, SubjectFact, SubjectKey};
 use crate::lifecycle::{FailureReply, RequestOutcome, Snapshot, failure_reply, unknown_profile_reply};
 use crate::metrics::Metric;
@@ -62,8 +63,8 @@ pub enum Step<'a> {
     /// Look up this worker's copy of `profile`'s token and give it to [`RequestPath::on_copy`].
     LookUpCopy { profile: usize },
     /// A token-exchange profile: look up this worker's copy of the token exchanged for `subject`
-    /// (by `subject.key()`) and give it to [`RequestPath::on_copy`]; on `AskDriver`, ask
-    /// `Driver::on_subject_request` with `subject`.
+    /// (by the subject token's bytes) and give it to [`RequestPath::on_subject_copy`]; on
+    /// `AskDriver`, ask `Driver::on_subject_request` with `subject`.
     LookUpSubjectCopy { profile: usize, subject: Subject },
     /// Ask the driver (`Driver::on_request`) and give its outcome to [`RequestPath::on_outcome`].
     AskDriver { profile: usize },
@@ -131,7 +132,6 @@ impl RequestPath {
             return match crate::exchange::read_subject(te, facts) {
                 SubjectFact::Present(subject) => {
                     self.profile = Some(index);
-                    self.subject = Some(subject.key());
                     self.phase = Phase::LookingUp;
                     Next::step(Step::LookUpSubjectCopy { profile: index, subject })
                 }
@@ -158,6 +158,27 @@ impl RequestPath {
             None => {
                 self.phase = Phase::Asking;
                 Next::step(Step::AskDriver { profile })
+            }
+        }
+    }
+
+    /// A token-exchange profile's copy for the request's subject (`None`: the host has none). A hit
+    /// is written as any copy; a miss takes the subject's key (the only SHA-256 of the request)
+    /// and asks the driver.
+    pub fn on_subject_copy<'a>(
+        &mut self,
+        config: &'a Config,
+        subject: &Subject,
+        copy: Option<&'a SubjectCopy>,
+    ) -> Next<'a> {
+        match copy {
+            Some(copy) => {
+                self.subject = Some(copy.subject);
+                self.on_copy(config, Some(&copy.snapshot))
+            }
+            None => {
+                self.subject = Some(subject.key());
+                self.on_copy(config, None)
             }
         }
     }

@@ -76,6 +76,12 @@ unsafe extern "C" fn attribute(_: Ptr, _: u32, _: *mut Buffer) -> bool {
 unsafe extern "C" fn metadata_string(_: Ptr, _: u32, _: Buffer, _: Buffer, _: *mut Buffer) -> bool {
     false
 }
+unsafe extern "C" fn metadata_keys_count(_: Ptr, _: u32, _: Buffer) -> usize {
+    0
+}
+unsafe extern "C" fn metadata_keys(_: Ptr, _: u32, _: Buffer, _: *mut Buffer) -> bool {
+    false
+}
 unsafe extern "C" fn metadata_bool(_: Ptr, _: u32, _: Buffer, _: Buffer, _: *mut bool) -> bool {
     false
 }
@@ -163,6 +169,8 @@ fn fake_envoy() -> MutexGuard<'static, ()> {
         get_attribute_string: attribute,
         get_metadata_string: metadata_string,
         get_metadata_bool: metadata_bool,
+        get_metadata_keys_count: metadata_keys_count,
+        get_metadata_keys: metadata_keys,
         filter_scheduler_new: stream_scheduler_new,
         filter_scheduler_commit: stream_commit,
         filter_scheduler_delete: scheduler_delete,

@@ -65,7 +65,8 @@ impl TokenInjector {
         match next.step {
             Step::LookUpCopy { profile } => next = self.path.on_copy(config, configured.driver.cached(profile)),
             Step::LookUpSubjectCopy { profile, subject } => {
-                next = self.path.on_copy(config, configured.driver.cached_subject(profile, &subject.key()));
+                let copy = configured.driver.cached_subject(profile, subject.expose());
+                next = self.path.on_subject_copy(config, &subject, copy);
                 if matches!(next.step, Step::AskDriver { .. }) {
                     self.subject = Some(subject);
                 }

@@ -195,3 +195,37 @@ def test_1000_interleaved_subjects_each_get_their_own_token(envoy_factory, excha
     # Single flight per subject across both workers; an 8-way set may still evict a few.
     many = {s: n for s, n in report.exchange_counts.items() if n > 1}
     assert len(many) <= 20, f"{len(many)} subjects exchanged more than once: {sorted(many.items())[:10]}"
+
+
+def test_no_subject_token_digest_or_claim_in_the_filters_logs_stats_or_replies(envoy_factory,
+                                                                            exchange_server: ExchangeServer,
+                                                                            upstream):
+    """With the filter's log at debug: exchanges, hits, a refusal by the IdP (invalid_grant) and the
+    429 limit; no line the filter wrote, no stat name and no reply body holds a subject token, its
+    SHA-256 (hex or base64url) or its subject claim."""
+    import base64
+    import hashlib
+
+    config = exchange_config(limits={"exchanges_per_second": 1, "burst": 2, "max_in_flight": 2})
+    e = envoy_factory.start(config, token_clusters={"idp": exchange_server})
+    e.set_log_level("debug")
+    names = ["alice-7f3c", "bob-91d2"]
+    tokens = [exchange_server.mint_subject(n) for n in names]
+    forged = exchange_server.mint_foreign("carol-5e6b")
+    bodies = [e.request("/x", bearer(t)).text for t in tokens * 3 + [forged] + tokens]
+    bodies += [e.request("/x", bearer(exchange_server.mint_subject(f"dave-{n}"))).text for n in range(3)]
+    statuses = {r for r in (e.request("/x", bearer(t)).status for t in tokens)}
+    assert statuses == {200}, statuses
+    needles = set(names) | {"carol-5e6b"}
+    for token in tokens + [forged]:
+        digest = hashlib.sha256(token.encode()).digest()
+        needles |= {token, token[-24:], digest.hex(), base64.urlsafe_b64encode(digest).decode().rstrip("=")}
+    lines = e.filter_lines()
+    stats = " ".join(e.stats(filter="oauth2_cc").keys())
+    print(f"{len(lines)} filter log lines, {len(bodies)} replies checked")
+    assert lines, "the filter logged at debug"
+    for needle in needles:
+        assert not any(needle in line for line in lines), needle
+        assert needle not in stats, needle
+        # Upstream echoes carry the exchanged token, which names its subject: only refusals count.
+        assert not any(needle in body for body in bodies if '"error"' in body), needle

@@ -12,8 +12,6 @@ use crate::token_response::MAX_TOKEN_BYTES;
 
 type At<'a> = &'a dyn Fn(&str) -> String;
 
-/// The least byte share of one set: one largest token and its entry's bookkeeping.
-pub const MIN_SET_BYTES: usize = MAX_TOKEN_BYTES + 256;
 const MAX_SUBJECTS_LIMIT: u32 = 1_000_000;
 const MAX_CACHE_BYTES: u64 = 1 << 30;
 
@@ -46,6 +44,15 @@ pub(super) fn compile_exchange(
         return Err(ConfigError::new(
             at("method"),
             "a token exchange is POSTed: GET would put the subject token in the URL",
+        ));
+    }
+    if raw.issuer.is_some() {
+        return Err(ConfigError::new(at("issuer"), "token exchange needs token_url: its endpoint is not discovered"));
+    }
+    if raw.max_fetches_per_hour.is_some() {
+        return Err(ConfigError::new(
+            at("max_fetches_per_hour"),
+            "is not used with token exchange: token_exchange.limits bounds its token requests",
         ));
     }
     if raw.inject.keep_existing {
@@ -156,7 +163,7 @@ fn compile_cache(raw: &RawSubjectCache, at: At) -> Result<SubjectCacheBounds, Co
     }
     let sets = (requested as usize).div_ceil(SUBJECT_SET_WAYS);
     let max_bytes = raw.max_bytes.unwrap_or(DEFAULT_SUBJECT_CACHE_BYTES);
-    let least = (sets * MIN_SET_BYTES) as u64;
+    let least = (sets * MIN_SUBJECT_SET_BYTES) as u64;
     if max_bytes < least || max_bytes > MAX_CACHE_BYTES {
         return Err(ConfigError::new(
             at("token_exchange.cache.max_bytes"),

@@ -169,6 +169,22 @@ fn the_grant_and_the_settings_come_together() {
         Err("profiles.tools.inject.keep_existing".to_string())
     );
     let mut config = exchange_config(json!({}));
+    config["profiles"]["tools"]["max_fetches_per_hour"] = json!(10);
+    assert_eq!(
+        parse_value(&config).map(|_| ()).map_err(|e| e.path),
+        Err("profiles.tools.max_fetches_per_hour".to_string())
+    );
+    let mut config = exchange_config(json!({}));
+    config["profiles"]["tools"].as_object_mut().map(|p| p.remove("token_url"));
+    config["profiles"]["tools"]["issuer"] = json!("https://idp.example.com");
+    assert_eq!(parse_value(&config).map(|_| ()).map_err(|e| e.path), Err("profiles.tools.issuer".to_string()));
+    let mut config = exchange_config(json!({}));
+    config["profiles"]["tools"]["max_fetches_per_hour"] = json!(10);
+    assert_eq!(
+        parse_value(&config).map(|_| ()).map_err(|e| e.path),
+        Err("profiles.tools.max_fetches_per_hour".to_string())
+    );
+    let mut config = exchange_config(json!({}));
     config["profiles"]["tools"]["params"] = json!({"subject_token": "x"});
     assert_eq!(
         parse_value(&config).map(|_| ()).map_err(|e| e.path),

@@ -107,13 +107,22 @@ fn json_error(mut path: String, err: &serde_json::Error) -> ConfigError {
 /// The line a host logs when it refuses a configuration at load (both hosts, and
 /// `oauth2-cc validate`, say exactly this).
 pub fn rejected_message(error: &ConfigError) -> String {
-    format!("configuration rejected: {error}")
+    one_line(&format!("configuration rejected: {error}"))
 }
 
 /// The line a host logs when a configuration loads: how many profiles, and their names.
 pub fn configured_message(config: &Config) -> String {
     let names: Vec<&str> = config.profiles.iter().map(|p| p.name.as_str()).collect();
-    format!("configured {} profile(s): {}", names.len(), names.join(", "))
+    one_line(&format!("configured {} profile(s): {}", names.len(), names.join(", ")))
+}
+
+/// A log line stays one line whatever a configuration holds: a profile name or a value echoed
+/// back with a line break or another control character in it could otherwise forge log lines.
+fn one_line(message: &str) -> String {
+    if !message.contains(char::is_control) {
+        return message.to_string();
+    }
+    message.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
 }
 
 /// serde_json appends " at line L column C" to its messages; the caller says where itself.

@@ -228,6 +228,8 @@ pub struct ExchangeLimits {
     pub max_in_flight: u32,
 }
 
+/// The least byte share of one set: one largest token and its entry's bookkeeping.
+pub const MIN_SUBJECT_SET_BYTES: usize = crate::token_response::MAX_TOKEN_BYTES + 256;
 pub const DEFAULT_MAX_SUBJECTS: u32 = 1024;
 pub const DEFAULT_SUBJECT_CACHE_BYTES: u64 = 8 * 1024 * 1024;
 pub const DEFAULT_EXCHANGES_PER_SECOND: u32 = 20;

@@ -111,7 +111,7 @@ pub(super) fn profile_rules() -> Value {
         // Token exchange: the grant and its settings come together; POST only; the subject's
         // header is replaced, never kept.
         {"if": token_exchange_grant(),
-         "then": {"allOf": [has("token_exchange"),
+         "then": {"allOf": [has("token_exchange"), lacks("max_fetches_per_hour"), lacks("issuer"),
              {"properties": {"method": {"not": {"enum": ["GET", "get"]}},
                              "params": {"propertyNames": {"not": {"enum": ["subject_token", "actor_token"]}}},
                              "inject": {"properties": {"keep_existing": {"not": {"const": true}}}}}}]},

@@ -447,3 +447,21 @@ fn get_is_refused_where_credentials_would_go_into_the_query() {
         }
     }
 }
+
+#[test]
+fn log_lines_stay_one_line_whatever_the_configuration_holds() {
+    // A name or a field a configuration gets wrong is echoed in the line that refuses it: a line
+    // break in it must not start a forged line in Envoy's log.
+    let forged = "a\nforged: line\r\u{1b}[2J";
+    let mut bad_name = minimal();
+    let profile = bad_name["profiles"]["billing"].take();
+    bad_name["profiles"] = json!({ forged: profile });
+    bad_name["routes"][0]["profile"] = json!(forged);
+    let mut unknown_field = minimal();
+    unknown_field["profiles"]["billing"][forged] = json!(1);
+    for config in [bad_name, unknown_field] {
+        let rejected = super::load(config.to_string().as_bytes(), &no_env).expect_err("refused");
+        assert!(!rejected.contains(char::is_control), "{rejected:?}");
+        assert!(rejected.contains("a\\nforged: line\\r\\u{1b}[2J"), "{rejected}");
+    }
+}

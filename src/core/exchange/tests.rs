@@ -109,8 +109,10 @@ fn the_request_path_refuses_passes_or_looks_up_the_subjects_copy() {
     let mut path = RequestPath::new();
     let next = path.on_request_headers(&reject, &mut authorization(b"Bearer alice"));
     assert_eq!(next.step, Step::LookUpSubjectCopy { profile: 0, subject: Subject::new("alice") });
+    assert_eq!(path.subject_key(), None, "no digest before a miss");
+    let subject = Subject::new("alice");
+    assert_eq!(path.on_subject_copy(&reject, &subject, None).step, Step::AskDriver { profile: 0 });
     assert_eq!(path.subject_key(), Some(SubjectKey::of(b"alice")));
-    assert_eq!(path.on_copy(&reject, None).step, Step::AskDriver { profile: 0 });
     let outcome = RequestOutcome::Refuse(Refusal::ExchangeLimited);
     let next = path.on_outcome(&reject, &outcome);
     let Step::Reply { reply, .. } = &next.step else { panic!("{next:?}") };

@@ -59,7 +59,7 @@ impl Driver {
             RequestDecision::Inject { token, generation } => {
                 let value = format!("{}{}", p.inject.prefix, token);
                 if let Some(entry) = entry {
-                    self.keep_subject_copy(profile, key, entry, now_ms);
+                    self.keep_subject_copy(profile, subject.expose(), key, entry, now_ms);
                     let leased = entry.lease_holder != 0 && now_ms < entry.lease_until_ms;
                     // Refresh on demand: this request's subject token starts it.
                     if now_ms >= entry.refresh_at_ms && !leased && self.wanted.len() < self.wants_limit() {
@@ -106,28 +106,36 @@ impl Driver {
         (outcome, actions)
     }
 
-    /// The hit path of a token-exchange profile: this VM's copy of `subject`'s token (no store
-    /// read, no clock: copies are pruned on ticks).
-    pub fn cached_subject(&self, profile: usize, subject: &SubjectKey) -> Option<&super::Snapshot> {
-        self.subject_copies.get(profile, subject, None).map(|c| &c.snapshot)
-    }
-
-    /// This VM's copy of `subject`'s token with until when it may be used, for a host that keeps
-    /// its own copies (the dynamic module's workers) after an `Inject`.
-    pub fn subject_copy(&self, profile: usize, subject: &SubjectKey) -> Option<&SubjectCopy> {
-        self.subject_copies.get(profile, subject, None)
+    /// The hit path of a token-exchange profile: this VM's copy of the token exchanged for the
+    /// subject token `subject_token` (found by its bytes: no SHA-256; no store read, no clock:
+    /// copies are pruned on ticks). A host that keeps its own copies (the dynamic module's
+    /// workers) takes this one after an `Inject`.
+    pub fn cached_subject(&self, profile: usize, subject_token: &str) -> Option<&SubjectCopy> {
+        self.subject_copies.get(profile, subject_token, None)
     }
 
     fn wants_limit(&self) -> usize {
         self.config.max_paused_requests.saturating_add(EXTRA_WANTS)
     }
 
-    pub(super) fn keep_subject_copy(&mut self, profile: usize, key: SubjectKey, entry: &Entry, now_ms: u64) {
+    pub(super) fn keep_subject_copy(
+        &mut self,
+        profile: usize,
+        token: &str,
+        key: SubjectKey,
+        entry: &Entry,
+        now_ms: u64,
+    ) {
         let config = std::sync::Arc::clone(&self.config);
         let Some((p, te)) = exchange_profile(&config.profiles, profile) else { return };
-        if let Some(copy) = SubjectCopy::of(entry, &p.inject.prefix, now_ms) {
-            self.subject_copies.insert(profile, key, copy, &te.cache);
+        if let Some(copy) = SubjectCopy::of(entry, &p.inject.prefix, key, now_ms) {
+            self.subject_copies.insert(profile, token, copy, &te.cache);
         }
+    }
+
+    /// The subject token of `key` this VM holds (it wants it exchanged), if any.
+    pub(super) fn wanted_token(&self, profile: usize, key: SubjectKey) -> Option<String> {
+        self.wanted.get(&(profile, key)).map(|w| w.subject.expose().to_string())
     }
 
     /// Tries every subject of `profile` this VM wants exchanged.
@@ -347,8 +355,8 @@ impl Driver {
                     value: format!("{}{}", p.inject.prefix, token),
                     generation,
                 });
-                if let Some(found) = found {
-                    self.keep_subject_copy(waiter.profile, key, &found.entry, now_ms);
+                if let (Some(found), Some(token)) = (found, self.wanted_token(waiter.profile, key)) {
+                    self.keep_subject_copy(waiter.profile, &token, key, &found.entry, now_ms);
                 }
             }
             RequestDecision::Wait if now_ms < waiter.deadline_ms => self.waiters.push(waiter),

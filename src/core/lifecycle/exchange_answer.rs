@@ -110,8 +110,11 @@ impl Driver {
         });
         match (written, stored) {
             (Ok(Some(_)), Some(entry)) => {
-                if let Some(index) = self.config.profiles.iter().position(|p| p.cache_key == profile.cache_key) {
-                    self.keep_subject_copy(index, key, &entry, now_ms);
+                let index = self.config.profiles.iter().position(|p| p.cache_key == profile.cache_key);
+                if let Some(index) = index
+                    && let Some(token) = self.wanted_token(index, key)
+                {
+                    self.keep_subject_copy(index, &token, key, &entry, now_ms);
                 }
                 Update::Written(entry)
             }
@@ -200,7 +203,7 @@ impl Driver {
                 let count = bytes.and_then(|b| b.first_chunk::<8>()).map_or(0, |b| u64::from_le_bytes(*b));
                 Some(count.wrapping_add(1).to_le_bytes().to_vec())
             });
-            self.subject_copies.remove(profile, &key);
+            self.subject_copies.remove_subject(profile, &key);
             actions.push(Action::Count { profile, metric: Metric::Purged });
             actions.push(Action::BroadcastWake);
             log(
