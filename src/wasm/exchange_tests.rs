@@ -142,12 +142,18 @@ fn the_jwt_authn_verified_mode_reads_its_metadata_and_refuses_without_it() {
 #[test]
 fn a_request_without_a_subject_gets_the_refusal_and_no_exchange() {
     assert!(start_root(ROOT, &config("{}")));
-    take_calls();
+    let defined: Vec<String> =
+        take_calls().into_iter().filter_map(|c| if let Call::DefineMetric(n) = c { Some(n) } else { None }).collect();
+    let Some(missing_id) = defined.iter().position(|n| n == "oauth2_cc.ex.subject_missing") else {
+        panic!("an exchange profile defines its refusal counters: {defined:?}")
+    };
     let headers = vec![(":path", b"/api".to_vec()), ("authorization", b"Basic c3ZjOng=".to_vec())];
     assert_eq!(send(10, &headers), Action::Pause);
     let calls = take_calls();
     assert_eq!(local_reply(&calls, 10), Some(401), "{calls:?}");
     assert!(!calls.iter().any(|c| matches!(c, Call::SetShared(_) | Call::Enqueue(_))), "{calls:?}");
+    // The fake numbers metrics from 1 in the order they are defined.
+    assert!(calls.contains(&Call::IncrementMetric(missing_id as u32 + 1, 1)), "counted: {calls:?}");
 }
 
 #[test]
