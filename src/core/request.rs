@@ -163,8 +163,8 @@ impl RequestPath {
     }
 
     /// A token-exchange profile's copy for the request's subject (`None`: the host has none). A hit
-    /// is written as any copy; a miss takes the subject's key (the only SHA-256 of the request)
-    /// and asks the driver.
+    /// is written as any copy; on a miss the subject token is checked (one that cannot be a token
+    /// counts as missing) and its key taken (the only SHA-256 of the request), and the driver asked.
     pub fn on_subject_copy<'a>(
         &mut self,
         config: &'a Config,
@@ -177,6 +177,20 @@ impl RequestPath {
                 self.on_copy(config, Some(&copy.snapshot))
             }
             None => {
+                let Some(profile) = self.profile else { return Next::step(Step::Nothing) };
+                if subject.token().is_none() {
+                    // Not a token (control bytes, too long): no subject, as the profile says.
+                    let pass = config
+                        .profiles
+                        .get(profile)
+                        .and_then(|p| p.exchange.as_ref())
+                        .is_some_and(|te| te.missing_subject == MissingSubject::Pass);
+                    return if pass {
+                        self.untouched()
+                    } else {
+                        self.refuse(config, profile, Refusal::SubjectMissing, true)
+                    };
+                }
                 self.subject = Some(subject.key());
                 self.on_copy(config, None)
             }

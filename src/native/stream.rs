@@ -110,7 +110,7 @@ impl StreamFilter {
                 exchanged.plugin = plugin.id;
                 exchanged.epoch = epoch;
             }
-            let copy = exchanged.copies.get(profile, subject.expose(), Some(crate::env::now_ms()))?;
+            let copy = exchanged.copies.get(profile, subject.bytes(), Some(crate::env::now_ms()))?;
             let next = path.on_subject_copy(&plugin.config, subject, Some(copy));
             match next.step {
                 Step::WriteHeader { name, value } => {
@@ -133,7 +133,7 @@ impl StreamFilter {
                 exchanged.plugin = plugin.id;
                 exchanged.epoch = epoch;
             }
-            exchanged.copies.insert(profile, subject.expose(), copy, bounds);
+            exchanged.copies.insert(profile, subject.bytes(), copy, bounds);
         });
     }
 
@@ -181,7 +181,7 @@ impl StreamFilter {
             }
             let copy = match (&outcome, subject) {
                 (RequestOutcome::Inject { .. }, Some(subject)) => {
-                    driver.cached_subject(profile, subject.expose()).cloned()
+                    driver.cached_subject(profile, subject.bytes()).cloned()
                 }
                 _ => None,
             };

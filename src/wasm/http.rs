@@ -65,7 +65,7 @@ impl TokenInjector {
         match next.step {
             Step::LookUpCopy { profile } => next = self.path.on_copy(config, configured.driver.cached(profile)),
             Step::LookUpSubjectCopy { profile, subject } => {
-                let copy = configured.driver.cached_subject(profile, subject.expose());
+                let copy = configured.driver.cached_subject(profile, subject.bytes());
                 next = self.path.on_subject_copy(config, &subject, copy);
                 if matches!(next.step, Step::AskDriver { .. }) {
                     self.subject = Some(subject);

@@ -1,11 +1,15 @@
 //! Copies of exchanged tokens for the hit path: per VM (the wasm driver's) or per worker (the
-//! dynamic module's thread-local copies), found by (profile, the subject token's bytes) with std's
-//! keyed SipHash and full-byte equality, so no SHA-256 is taken on a hit and no two callers can
-//! share a copy whatever a hash does. Bounded per profile by the cache's `max_subjects` and
-//! `max_bytes`. A copy is used until `use_until_ms`: its token's refresh time, and never within
+//! dynamic module's thread-local copies), found by (profile, the subject token's bytes): a keyed
+//! SipHash (std's `RandomState`, a key per map) of the token's length and last 32 bytes picks a
+//! bucket, and the whole token is compared within it, so no SHA-256 is taken on a hit and no two
+//! callers can share a copy whatever a hash does. The last bytes of a JWS are its signature, which
+//! only the issuer can choose; hashing them alone keeps a hit's cost flat in the token's length.
+//! Bounded per profile by the cache's `max_subjects` and `max_bytes`. A copy is used until `use_until_ms`: its token's refresh time, and never within
 //! [`crate::cache::VM_COPY_MARGIN_MS`] of its expiry.
 
 use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 
 use super::SubjectKey;
 use crate::cache::VM_COPY_MARGIN_MS;
@@ -35,30 +39,60 @@ impl SubjectCopy {
 }
 
 /// The bytes a copy holds: its key (the subject token), its header value, and bookkeeping.
-fn held_bytes(token: &str, copy: &SubjectCopy) -> usize {
+fn held_bytes(token: &[u8], copy: &SubjectCopy) -> usize {
     token.len() + copy.snapshot.header_value.len() + 96
 }
+
+/// The bucket keys are keyed hashes already: used as they are.
+#[derive(Default)]
+pub struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*byte);
+        }
+    }
+    fn write_u64(&mut self, value: u64) {
+        self.0 = value;
+    }
+}
+
+type Buckets = HashMap<u64, Vec<(Box<[u8]>, SubjectCopy)>, BuildHasherDefault<Prehashed>>;
 
 /// Bounded copies of exchanged tokens. See the module doc.
 #[derive(Default)]
 pub struct SubjectCopies {
-    /// Per profile: subject token to copy.
-    by_profile: Vec<HashMap<Box<str>, SubjectCopy>>,
-    /// Per profile: bytes held.
-    bytes: Vec<usize>,
+    keys: RandomState,
+    /// Per profile: bucket (keyed hash of the token's tail) to the copies whose token hashed there.
+    by_profile: Vec<Buckets>,
+    /// Per profile: copies and bytes held.
+    held: Vec<(usize, usize)>,
 }
 
 impl std::fmt::Debug for SubjectCopies {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SubjectCopies({} copies)", self.by_profile.iter().map(HashMap::len).sum::<usize>())
+        write!(f, "SubjectCopies({} copies)", self.held.iter().map(|h| h.0).sum::<usize>())
     }
 }
 
+/// How many trailing bytes of a token pick its bucket.
+const TAIL: usize = 32;
+
 impl SubjectCopies {
+    fn bucket(&self, token: &[u8]) -> u64 {
+        let tail = token.get(token.len().saturating_sub(TAIL)..).unwrap_or(token);
+        self.keys.hash_one((token.len(), tail))
+    }
+
     /// The copy for `(profile, subject token)`, if usable: `now_ms` is checked when given (a host
     /// that reads a clock on the hit path), otherwise the holder prunes with [`Self::prune`].
-    pub fn get(&self, profile: usize, token: &str, now_ms: Option<u64>) -> Option<&SubjectCopy> {
-        let copy = self.by_profile.get(profile)?.get(token)?;
+    pub fn get(&self, profile: usize, token: &[u8], now_ms: Option<u64>) -> Option<&SubjectCopy> {
+        let bucket = self.by_profile.get(profile)?.get(&self.bucket(token))?;
+        let (_, copy) = bucket.iter().find(|(t, _)| **t == *token)?;
         match now_ms {
             Some(now) if now >= copy.use_until_ms => None,
             _ => Some(copy),
@@ -67,68 +101,92 @@ impl SubjectCopies {
 
     /// Keeps `copy` for `token`, evicting the copies of the profile that end soonest while the
     /// profile's bounds (`max_subjects`, `max_bytes`) would be exceeded.
-    pub fn insert(&mut self, profile: usize, token: &str, copy: SubjectCopy, bounds: &SubjectCacheBounds) {
+    pub fn insert(&mut self, profile: usize, token: &[u8], copy: SubjectCopy, bounds: &SubjectCacheBounds) {
         if self.by_profile.len() <= profile {
-            self.by_profile.resize_with(profile + 1, HashMap::new);
-            self.bytes.resize(profile + 1, 0);
+            self.by_profile.resize_with(profile + 1, Buckets::default);
+            self.held.resize(profile + 1, (0, 0));
         }
-        let (Some(map), Some(bytes)) = (self.by_profile.get_mut(profile), self.bytes.get_mut(profile)) else { return };
-        if let Some(old) = map.remove(token) {
-            *bytes = bytes.saturating_sub(held_bytes(token, &old));
-        }
-        let adding = held_bytes(token, &copy);
-        while !map.is_empty() && (map.len() + 1 > bounds.max_subjects || (*bytes + adding) as u64 > bounds.max_bytes) {
-            let Some(victim) = map.iter().min_by_key(|(_, c)| c.use_until_ms).map(|(k, _)| k.clone()) else { break };
-            if let Some(old) = map.remove(&victim) {
-                *bytes = bytes.saturating_sub(held_bytes(&victim, &old));
+        let hash = self.bucket(token);
+        // The token's own old copy, if any, is in its bucket: no walk over the others.
+        if let (Some(map), Some(held)) = (self.by_profile.get_mut(profile), self.held.get_mut(profile))
+            && let Some(bucket) = map.get_mut(&hash)
+            && let Some(index) = bucket.iter().position(|(t, _)| **t == *token)
+        {
+            let (old_token, old) = bucket.swap_remove(index);
+            held.0 = held.0.saturating_sub(1);
+            held.1 = held.1.saturating_sub(held_bytes(&old_token, &old));
+            if bucket.is_empty() {
+                map.remove(&hash);
             }
         }
-        *bytes += adding;
-        map.insert(token.into(), copy);
+        let adding = held_bytes(token, &copy);
+        loop {
+            let Some(&(count, bytes)) = self.held.get(profile) else { return };
+            if count == 0 || (count < bounds.max_subjects && (bytes + adding) as u64 <= bounds.max_bytes) {
+                break;
+            }
+            let soonest =
+                self.by_profile.get(profile).and_then(|map| map.values().flatten().map(|(_, c)| c.use_until_ms).min());
+            let Some(soonest) = soonest else { break };
+            let mut evicted = false;
+            self.remove_where(profile, |_, c| {
+                let hit = !evicted && c.use_until_ms == soonest;
+                evicted |= hit;
+                hit
+            });
+        }
+        if let (Some(map), Some(held)) = (self.by_profile.get_mut(profile), self.held.get_mut(profile)) {
+            held.0 += 1;
+            held.1 += adding;
+            map.entry(hash).or_default().push((token.into(), copy));
+        }
+    }
+
+    /// Removes the copies of `profile` for which `remove(token, copy)` says so.
+    fn remove_where(&mut self, profile: usize, mut remove: impl FnMut(&[u8], &SubjectCopy) -> bool) {
+        let (Some(map), Some(held)) = (self.by_profile.get_mut(profile), self.held.get_mut(profile)) else { return };
+        map.retain(|_, bucket| {
+            bucket.retain(|(token, copy)| {
+                let gone = remove(token, copy);
+                if gone {
+                    held.0 = held.0.saturating_sub(1);
+                    held.1 = held.1.saturating_sub(held_bytes(token, copy));
+                }
+                !gone
+            });
+            !bucket.is_empty()
+        });
     }
 
     /// Drops every copy of `subject`'s token in `profile`.
     pub fn remove_subject(&mut self, profile: usize, subject: &SubjectKey) {
-        let (Some(map), Some(bytes)) = (self.by_profile.get_mut(profile), self.bytes.get_mut(profile)) else { return };
-        map.retain(|token, copy| {
-            let keep = copy.subject != *subject;
-            if !keep {
-                *bytes = bytes.saturating_sub(held_bytes(token, copy));
-            }
-            keep
-        });
+        self.remove_where(profile, |_, copy| copy.subject == *subject);
     }
 
     /// Drops the copies no longer usable at `now_ms`.
     pub fn prune(&mut self, now_ms: u64) {
-        for (map, bytes) in self.by_profile.iter_mut().zip(self.bytes.iter_mut()) {
-            map.retain(|token, copy| {
-                let keep = now_ms < copy.use_until_ms;
-                if !keep {
-                    *bytes = bytes.saturating_sub(held_bytes(token, copy));
-                }
-                keep
-            });
+        for profile in 0..self.by_profile.len() {
+            self.remove_where(profile, |_, copy| now_ms >= copy.use_until_ms);
         }
     }
 
     /// Drops every copy of `profile`.
     pub fn clear_profile(&mut self, profile: usize) {
-        if let (Some(map), Some(bytes)) = (self.by_profile.get_mut(profile), self.bytes.get_mut(profile)) {
+        if let (Some(map), Some(held)) = (self.by_profile.get_mut(profile), self.held.get_mut(profile)) {
             map.clear();
-            *bytes = 0;
+            *held = (0, 0);
         }
     }
 
     /// Drops everything (a new configuration).
     pub fn clear(&mut self) {
         self.by_profile.clear();
-        self.bytes.clear();
+        self.held.clear();
     }
 
     /// Copies held for `profile`.
     pub fn len(&self, profile: usize) -> usize {
-        self.by_profile.get(profile).map_or(0, HashMap::len)
+        self.held.get(profile).map_or(0, |h| h.0)
     }
 }
 
@@ -154,17 +212,17 @@ mod tests {
         let bounds = SubjectCacheBounds { max_subjects: 3, sets: 1, max_bytes: 1 << 20, set_bytes: 1 << 20 };
         let mut copies = SubjectCopies::default();
         for n in 0..5u64 {
-            copies.insert(0, &format!("subject-{n}"), copy(n, 100 + n), &bounds);
+            copies.insert(0, format!("subject-{n}").as_bytes(), copy(n, 100 + n), &bounds);
         }
-        copies.insert(1, "subject-0", copy(9, 500), &bounds);
+        copies.insert(1, b"subject-0", copy(9, 500), &bounds);
         assert_eq!((copies.len(0), copies.len(1)), (3, 1));
-        assert!(copies.get(0, "subject-0", None).is_none(), "the soonest to end went first");
-        assert_eq!(copies.get(0, "subject-4", None).map(|c| c.snapshot.generation), Some(4));
-        assert!(copies.get(0, "subject-4x", None).is_none());
-        assert!(copies.get(0, "subject-", None).is_none());
-        assert!(copies.get(0, "subject-4", Some(104)).is_none(), "past use_until with a clock");
+        assert!(copies.get(0, b"subject-0", None).is_none(), "the soonest to end went first");
+        assert_eq!(copies.get(0, b"subject-4", None).map(|c| c.snapshot.generation), Some(4));
+        assert!(copies.get(0, b"subject-4x", None).is_none());
+        assert!(copies.get(0, b"subject-", None).is_none());
+        assert!(copies.get(0, b"subject-4", Some(104)).is_none(), "past use_until with a clock");
         copies.remove_subject(0, &SubjectKey([3; 32]));
-        assert!(copies.get(0, "subject-3", None).is_none(), "a purge names the subject's key");
+        assert!(copies.get(0, b"subject-3", None).is_none(), "a purge names the subject's key");
         copies.prune(103);
         assert_eq!(copies.len(0), 1);
         copies.clear_profile(0);
@@ -176,7 +234,7 @@ mod tests {
         let bounds = SubjectCacheBounds { max_subjects: 100, sets: 13, max_bytes: 300, set_bytes: 300 };
         let mut copies = SubjectCopies::default();
         for n in 0..5u64 {
-            copies.insert(0, &format!("subject-{n}"), copy(1, 100), &bounds);
+            copies.insert(0, format!("subject-{n}").as_bytes(), copy(1, 100), &bounds);
         }
         assert_eq!(copies.len(0), 2, "113 bytes each, 300 allowed");
     }

@@ -20,7 +20,6 @@ use crate::config::{JWT_AUTHN_NAMESPACE, SubjectSource, TokenExchange};
 use crate::lifecycle::FailureReply;
 use crate::metrics::Metric;
 use crate::route::RequestFacts;
-use crate::secret::Secret;
 use crate::token_response::MAX_TOKEN_BYTES;
 
 /// The SHA-256 of a subject token: its identity in the cache. Never printed.
@@ -51,38 +50,57 @@ impl std::fmt::Debug for SubjectKey {
     }
 }
 
-/// A request's subject token; its key (SHA-256) is computed the first time it is asked for,
-/// which the hit path never does: copies are found by the token's bytes, and the digest is taken
-/// only when the request goes to the driver (in V8 a SHA-256 of a 1 KB token costs more than
-/// Envoy's whole request; docs/token-exchange.md, "proxy-wasm host").
-#[derive(Clone, Debug)]
+/// A request's subject token, as the request carried it. The hit path only compares its bytes
+/// with the tokens of this worker's copies (which were checked when they were made, so a malformed
+/// token never matches one); the checks ([`Subject::token`]: visible ASCII, bounded) and the key
+/// (SHA-256, [`Subject::key`]) are done when the request goes to the driver: in V8 a SHA-256 of a
+/// 1 KB token costs more than Envoy's whole request (docs/token-exchange.md, "proxy-wasm host").
+#[derive(Clone)]
 pub struct Subject {
-    token: Secret,
+    /// The value read, and where the token starts in it (after the header's prefix).
+    raw: Vec<u8>,
+    start: usize,
     key: std::cell::OnceCell<SubjectKey>,
+}
+
+impl std::fmt::Debug for Subject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Subject([redacted])")
+    }
 }
 
 impl PartialEq for Subject {
     fn eq(&self, other: &Subject) -> bool {
-        self.token == other.token
+        self.bytes() == other.bytes()
     }
 }
 
 impl Eq for Subject {}
 
 impl Subject {
-    /// A subject from a token already checked to be one (visible ASCII, bounded).
+    /// A subject whose token is `token`.
     pub fn new(token: &str) -> Subject {
-        Subject { token: Secret::new(token), key: std::cell::OnceCell::new() }
+        Subject::from_raw(token.as_bytes().to_vec(), 0)
+    }
+
+    fn from_raw(raw: Vec<u8>, start: usize) -> Subject {
+        Subject { raw, start, key: std::cell::OnceCell::new() }
+    }
+
+    /// The token's bytes, unchecked: what the hit path compares.
+    pub fn bytes(&self) -> &[u8] {
+        self.raw.get(self.start..).unwrap_or_default()
+    }
+
+    /// The token, if it can be one: non-empty visible ASCII (RFC 6750 `b64token` and any JWS
+    /// are), at most [`MAX_TOKEN_BYTES`]. `None`: the request has no usable subject token.
+    pub fn token(&self) -> Option<&str> {
+        subject_token(self.bytes())
     }
 
     /// The SHA-256 of the token (computed once).
     pub fn key(&self) -> SubjectKey {
-        *self.key.get_or_init(|| SubjectKey::of(self.token.expose().as_bytes()))
-    }
-
-    /// The token, for the one place that sends it: the exchange request.
-    pub fn expose(&self) -> &str {
-        self.token.expose()
+        *self.key.get_or_init(|| SubjectKey::of(self.bytes()))
     }
 }
 
@@ -98,38 +116,41 @@ pub fn subject_usable_until_ms(exp_ms: u64) -> u64 {
 /// What a request says about its subject.
 #[derive(Debug, PartialEq, Eq)]
 pub enum SubjectFact {
+    /// A value where the subject token goes (checked on a miss: [`Subject::token`]).
     Present(Subject),
-    /// No subject token, or not one that could be (empty, control bytes, too long).
+    /// No subject token.
     Missing,
     /// A subject token, but jwt_authn's metadata is absent: it verified no token on this request.
     Unverified,
 }
 
 /// Reads the subject token where the profile says, and whether jwt_authn verified a token when the
-/// profile requires it.
+/// profile requires it. Cheap: no copy, no check of the token's bytes (see [`Subject`]).
 pub fn read_subject(te: &TokenExchange, facts: &mut dyn RequestFacts) -> SubjectFact {
-    let raw = match &te.subject {
+    let subject = match &te.subject {
         SubjectSource::Header { name, prefix } => facts.header(name).and_then(|value| after_prefix(value, prefix)),
-        SubjectSource::Metadata { namespace, key } => facts.dynamic_metadata_string(namespace, key),
+        SubjectSource::Metadata { namespace, key } => {
+            facts.dynamic_metadata_string(namespace, key).map(|value| Subject::from_raw(value, 0))
+        }
     };
-    let Some(token) = raw.as_deref().and_then(subject_token) else { return SubjectFact::Missing };
+    let Some(subject) = subject.filter(|s| !s.bytes().is_empty()) else { return SubjectFact::Missing };
     if let Some(key) = &te.verified_by_jwt_authn
         && !facts.dynamic_metadata_has_key(JWT_AUTHN_NAMESPACE, key)
     {
         return SubjectFact::Unverified;
     }
-    SubjectFact::Present(Subject::new(token))
+    SubjectFact::Present(subject)
 }
 
 /// The value after `prefix` (compared without regard to ASCII case) and the spaces after it.
-fn after_prefix(value: Vec<u8>, prefix: &str) -> Option<Vec<u8>> {
+fn after_prefix(value: Vec<u8>, prefix: &str) -> Option<Subject> {
     let head = value.get(..prefix.len())?;
     if !head.eq_ignore_ascii_case(prefix.as_bytes()) {
         return None;
     }
     let rest = value.get(prefix.len()..)?;
-    let start = rest.iter().position(|b| *b != b' ').unwrap_or(rest.len());
-    rest.get(start..).map(<[u8]>::to_vec)
+    let spaces = rest.iter().position(|b| *b != b' ').unwrap_or(rest.len());
+    Some(Subject::from_raw(value, prefix.len() + spaces))
 }
 
 /// A subject token: non-empty visible ASCII (RFC 6750 `b64token` and any JWS are), bounded.

@@ -66,7 +66,7 @@ fn the_bearer_is_read_without_regard_to_case_and_only_a_plausible_token_counts()
     let config = config("{}");
     let te = exchange_of(&config);
     let present = |value: &[u8]| match read_subject(te, &mut authorization(value)) {
-        SubjectFact::Present(subject) => Some(subject.expose().to_string()),
+        SubjectFact::Present(subject) => subject.token().map(str::to_string),
         _ => None,
     };
     assert_eq!(present(b"Bearer abc.def"), Some("abc.def".into()));
@@ -113,6 +113,18 @@ fn the_request_path_refuses_passes_or_looks_up_the_subjects_copy() {
     let subject = Subject::new("alice");
     assert_eq!(path.on_subject_copy(&reject, &subject, None).step, Step::AskDriver { profile: 0 });
     assert_eq!(path.subject_key(), Some(SubjectKey::of(b"alice")));
+    // A value that cannot be a token is checked on the miss only: then it counts as missing.
+    let mut malformed = RequestPath::new();
+    let next = malformed.on_request_headers(&reject, &mut authorization(b"Bearer a\x01b"));
+    let Step::LookUpSubjectCopy { subject: bad, .. } = next.step else { panic!("{next:?}") };
+    let next = malformed.on_subject_copy(&reject, &bad, None);
+    let Step::Reply { reply, .. } = &next.step else { panic!("{next:?}") };
+    assert_eq!(reply.status, 401);
+    assert_eq!(next.count, Some((0, Metric::Refused(Refusal::SubjectMissing))));
+    let mut passed = RequestPath::new();
+    let next = passed.on_request_headers(&pass, &mut authorization(b"Bearer a\x01b"));
+    let Step::LookUpSubjectCopy { subject: bad, .. } = next.step else { panic!("{next:?}") };
+    assert_eq!(passed.on_subject_copy(&pass, &bad, None).step, Step::Continue);
     let outcome = RequestOutcome::Refuse(Refusal::ExchangeLimited);
     let next = path.on_outcome(&reject, &outcome);
     let Step::Reply { reply, .. } = &next.step else { panic!("{next:?}") };

@@ -21,7 +21,8 @@ use crate::lifecycle::requests::Waiter;
 /// JWS `exp` (read once, on the miss).
 #[derive(Debug, Clone)]
 pub(super) struct Wanted {
-    pub subject: Subject,
+    /// The subject token (checked: visible ASCII, bounded).
+    pub token: crate::secret::Secret,
     pub subject_exp_ms: Option<u64>,
     pub until_ms: u64,
 }
@@ -43,7 +44,12 @@ impl Driver {
         let mut actions = Vec::new();
         let config = std::sync::Arc::clone(&self.config);
         let Some((p, te)) = exchange_profile(&config.profiles, profile) else { return (RequestOutcome::Fail, actions) };
-        let subject_exp_ms = crate::token_expiry::jws_expiry_ms(subject.expose());
+        let Some(subject_token) = subject.token() else {
+            // The request path refuses these before asking: fail closed all the same.
+            actions.push(Action::Count { profile, metric: Refusal::SubjectMissing.metric() });
+            return (RequestOutcome::Refuse(Refusal::SubjectMissing), actions);
+        };
+        let subject_exp_ms = crate::token_expiry::jws_expiry_ms(subject_token);
         if subject_exp_ms.is_some_and(|exp| crate::exchange::subject_usable_until_ms(exp) <= now_ms) {
             actions.push(Action::Count { profile, metric: Refusal::SubjectRejected.metric() });
             return (RequestOutcome::Refuse(Refusal::SubjectRejected), actions);
@@ -54,12 +60,13 @@ impl Driver {
         let entry = found.map(|e| &e.entry);
         let bytes = entry.map(Entry::encode);
         let view = bytes.as_deref().and_then(crate::entry::EntryView::decode);
-        let want = Wanted { subject: subject.clone(), subject_exp_ms, until_ms: now_ms.saturating_add(p.max_wait_ms) };
+        let until_ms = now_ms.saturating_add(p.max_wait_ms);
+        let want = Wanted { token: crate::secret::Secret::new(subject_token), subject_exp_ms, until_ms };
         let outcome = match cache::decide_request(view.as_ref(), now_ms) {
             RequestDecision::Inject { token, generation } => {
                 let value = format!("{}{}", p.inject.prefix, token);
                 if let Some(entry) = entry {
-                    self.keep_subject_copy(profile, subject.expose(), key, entry, now_ms);
+                    self.keep_subject_copy(profile, subject_token.as_bytes(), key, entry, now_ms);
                     let leased = entry.lease_holder != 0 && now_ms < entry.lease_until_ms;
                     // Refresh on demand: this request's subject token starts it.
                     if now_ms >= entry.refresh_at_ms && !leased && self.wanted.len() < self.wants_limit() {
@@ -110,7 +117,7 @@ impl Driver {
     /// subject token `subject_token` (found by its bytes: no SHA-256; no store read, no clock:
     /// copies are pruned on ticks). A host that keeps its own copies (the dynamic module's
     /// workers) takes this one after an `Inject`.
-    pub fn cached_subject(&self, profile: usize, subject_token: &str) -> Option<&SubjectCopy> {
+    pub fn cached_subject(&self, profile: usize, subject_token: &[u8]) -> Option<&SubjectCopy> {
         self.subject_copies.get(profile, subject_token, None)
     }
 
@@ -121,7 +128,7 @@ impl Driver {
     pub(super) fn keep_subject_copy(
         &mut self,
         profile: usize,
-        token: &str,
+        token: &[u8],
         key: SubjectKey,
         entry: &Entry,
         now_ms: u64,
@@ -135,7 +142,7 @@ impl Driver {
 
     /// The subject token of `key` this VM holds (it wants it exchanged), if any.
     pub(super) fn wanted_token(&self, profile: usize, key: SubjectKey) -> Option<String> {
-        self.wanted.get(&(profile, key)).map(|w| w.subject.expose().to_string())
+        self.wanted.get(&(profile, key)).map(|w| w.token.expose().to_string())
     }
 
     /// Tries every subject of `profile` this VM wants exchanged.
@@ -214,7 +221,7 @@ impl Driver {
             }
         };
         let call = ExchangeCall {
-            subject: &want.subject,
+            subject_token: want.token.expose(),
             actor: actor_token.as_ref().map(|(t, ty)| (t.as_str(), ty.as_str())),
             pending: PendingExchange { subject: key, subject_exp_ms: want.subject_exp_ms, permit_until_ms: until_ms },
         };
@@ -356,7 +363,7 @@ impl Driver {
                     generation,
                 });
                 if let (Some(found), Some(token)) = (found, self.wanted_token(waiter.profile, key)) {
-                    self.keep_subject_copy(waiter.profile, &token, key, &found.entry, now_ms);
+                    self.keep_subject_copy(waiter.profile, token.as_bytes(), key, &found.entry, now_ms);
                 }
             }
             RequestDecision::Wait if now_ms < waiter.deadline_ms => self.waiters.push(waiter),

@@ -114,7 +114,7 @@ impl Driver {
                 if let Some(index) = index
                     && let Some(token) = self.wanted_token(index, key)
                 {
-                    self.keep_subject_copy(index, &token, key, &entry, now_ms);
+                    self.keep_subject_copy(index, token.as_bytes(), key, &entry, now_ms);
                 }
                 Update::Written(entry)
             }

@@ -96,14 +96,14 @@ fn one_exchange_per_subject_across_vms_and_each_subject_gets_its_own_token() {
     );
     // The hit path: each VM's copy per subject, never another subject's.
     assert_eq!(
-        vms[0].cached_subject(0, alice.expose()).map(|c| c.snapshot.header_value.as_str()),
+        vms[0].cached_subject(0, alice.bytes()).map(|c| c.snapshot.header_value.as_str()),
         Some("Bearer x-alice-token")
     );
     assert_eq!(
-        vms[1].cached_subject(0, bob.expose()).map(|c| c.snapshot.header_value.as_str()),
+        vms[1].cached_subject(0, bob.bytes()).map(|c| c.snapshot.header_value.as_str()),
         Some("Bearer x-bob-token")
     );
-    assert!(vms[0].cached_subject(0, "carol").is_none());
+    assert!(vms[0].cached_subject(0, b"carol").is_none());
     // A later request of alice on VM 1 is injected from the store.
     let (outcome, _) = vms[1].on_subject_request(0, 4, &alice, 60, &mut store);
     assert!(
@@ -129,7 +129,7 @@ fn refresh_happens_on_demand_with_the_callers_subject_token() {
         let exchanges = sends(&ticked).into_iter().filter(|c| body_param(c, "subject_token").is_some()).count();
         assert_eq!(exchanges, 0, "no background refresh at {now}");
     }
-    assert!(vm.cached_subject(0, alice.expose()).is_none(), "the copy ends at the refresh time");
+    assert!(vm.cached_subject(0, alice.bytes()).is_none(), "the copy ends at the refresh time");
     let (outcome, actions) = vm.on_subject_request(0, 2, &alice, 90_000, &mut store);
     assert!(matches!(outcome, RequestOutcome::Inject { .. }), "the still-usable token, at once: {outcome:?}");
     assert!(actions.contains(&Action::Kick { profile: 0 }), "{actions:?}");
@@ -311,14 +311,14 @@ fn an_upstream_401_drops_that_subjects_token_on_every_vm() {
     }
     let (outcome, _) = vms[1].on_subject_request(0, 2, &alice, 2, &mut store);
     let RequestOutcome::Inject { generation, .. } = outcome else { panic!("{outcome:?}") };
-    assert!(vms[1].cached_subject(0, alice.expose()).is_some());
+    assert!(vms[1].cached_subject(0, alice.bytes()).is_some());
     let actions = vms[0].on_subject_status(0, &alice.key(), generation, Some(b"401"), 3, &mut store);
     assert!(
         actions.contains(&Action::BroadcastWake)
             && actions.contains(&Action::Count { profile: 0, metric: Metric::Purged })
     );
     let _ = vms[1].on_wake(&[], 4, &mut store);
-    assert!(vms[1].cached_subject(0, alice.expose()).is_none(), "the other VM dropped its copies");
+    assert!(vms[1].cached_subject(0, alice.bytes()).is_none(), "the other VM dropped its copies");
     assert_eq!(vms[1].on_subject_request(0, 3, &alice, 5, &mut store).0, RequestOutcome::Wait);
     assert!(
         matches!(vms[1].on_subject_request(0, 4, &bob, 5, &mut store).0, RequestOutcome::Inject { .. }),

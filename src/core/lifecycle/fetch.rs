@@ -49,7 +49,7 @@ pub(super) struct PendingExchange {
 
 /// What a token request of a token-exchange profile sends besides the profile's parameters.
 pub(super) struct ExchangeCall<'a> {
-    pub subject: &'a crate::exchange::Subject,
+    pub subject_token: &'a str,
     /// The actor token and its type.
     pub actor: Option<(&'a str, &'a str)>,
     pub pending: PendingExchange,
@@ -254,7 +254,7 @@ impl Driver {
         };
         let exchange_params = match (&exchange, &profile.exchange) {
             (Some(call), Some(te)) => Some(token_request::ExchangeParams {
-                subject_token: call.subject.expose(),
+                subject_token: call.subject_token,
                 subject_token_type: &te.subject_token_type,
                 actor: call.actor,
                 requested_token_type: te.requested_token_type.as_deref(),

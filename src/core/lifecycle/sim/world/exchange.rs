@@ -84,7 +84,7 @@ impl World {
         let hit = self.vms[vm]
             .driver
             .as_ref()
-            .and_then(|d| d.cached_subject(profile, &token))
+            .and_then(|d| d.cached_subject(profile, token.as_bytes()))
             .map(|c| c.snapshot.header_value.clone());
         if let Some(value) = hit {
             self.note(|| format!("    request {request} on vm{vm} hit (subject {})", short(&token)));
