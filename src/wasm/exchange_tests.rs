@@ -167,3 +167,25 @@ fn the_limiter_refuses_a_paused_request_with_429() {
     assert!(callouts(&calls).is_empty(), "the bucket is empty: no exchange: {calls:?}");
     assert_eq!(local_reply(&calls, 11), Some(429), "{calls:?}");
 }
+
+#[test]
+fn an_upstream_401_purges_that_subjects_token_only() {
+    assert!(start_root(ROOT, &config("{}")));
+    take_calls();
+    exchange(10, "subject-a", "ex-a");
+    exchange(11, "subject-b", "ex-b");
+    assert_eq!(send(20, &with_bearer("subject-a")), Action::Continue);
+    take_calls();
+    assert_eq!(fake_envoy::response(20, b"401"), Action::Continue);
+    let calls = take_calls();
+    assert!(
+        calls.iter().any(|c| matches!(c, Call::SetShared(k) if k.starts_with("oauth2_cc.v1.token.ex."))),
+        "the 401 drops subject-a's entry from its set: {calls:?}"
+    );
+    deliver_queues();
+    take_calls();
+    // subject-a misses and waits for a new exchange; subject-b still hits its own copy.
+    assert_eq!(send(21, &with_bearer("subject-a")), Action::Pause);
+    assert_eq!(send(22, &with_bearer("subject-b")), Action::Continue);
+    assert_eq!(fake_envoy::request_header(22, "authorization").as_deref(), Some(&b"Bearer ex-b"[..]));
+}
