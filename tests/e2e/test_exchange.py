@@ -95,6 +95,19 @@ def test_a_subject_from_dynamic_metadata_is_exchanged(envoy_factory, exchange_se
     assert reply_error(r) == (401, "subject_token_missing"), r
 
 
+def test_an_upstream_401_purges_only_that_subjects_token(envoy_factory, exchange_server: ExchangeServer, upstream):
+    e = envoy_factory.start(exchange_config(), token_clusters={"idp": exchange_server})
+    alice, bob = exchange_server.mint_subject("alice"), exchange_server.mint_subject("bob")
+    assert seen_authorization(e.request("/x", bearer(alice))) == "Bearer ex-alice-1"
+    assert seen_authorization(e.request("/x", bearer(bob))) == "Bearer ex-bob-1"
+    upstream.fail_next(1, status=401)
+    assert e.request("/x", bearer(alice)).status == 401
+    # alice's token is dropped on every worker and exchanged again; bob keeps his.
+    got = [seen_authorization(e.request("/x", bearer(s))) for _ in range(4) for s in (alice, bob)]
+    assert got == ["Bearer ex-alice-2", "Bearer ex-bob-1"] * 4, got
+    assert exchange_server.exchange_counts() == {"alice": 2, "bob": 1}
+
+
 def test_a_request_with_no_subject_token_is_refused(envoy_factory, exchange_server: ExchangeServer, upstream):
     e = envoy_factory.start(exchange_config(), token_clusters={"idp": exchange_server})
     for headers in ({}, {"Authorization": "Basic c3ZjOng="}, {"Authorization": "Bearer "}):
