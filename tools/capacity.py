@@ -7,7 +7,7 @@
 Every Envoy process keeps one token per profile and asks for a new one at the refresh time of the
 current one, so one process and profile send 3600 / refresh_period token requests an hour (plus one
 at start-up). The refresh rule lives in ``token_times`` below, a copy of ``token_times`` in
-src/core/cache.rs; src/core/tests/capacity_rule.rs runs the Rust function on tools/capacity_cases.json and
+src/core/cache.rs; src/core/capacity_rule.rs runs the Rust function on tools/capacity_cases.json and
 fails when the two differ, and tests/e2e/test_capacity.py fails when the doc's tables or the cases
 file are not this script's output. Change the rule here, run ``--cases``, paste the tables.
 """

@@ -7,7 +7,7 @@ instrumentation off (no cost counted, and about ten times faster than with it on
 cost of a request. Instructions do not depend on the machine's load: two runs agree to a fraction
 of a percent where wall-clock time on a shared VM varies by a third.
 
-What is not per request: timers keep firing during the window (the filter's 100 ms tick, Envoy's
+What is not per request: timers keep firing during the window (the filter's tick, Envoy's
 own). Their cost grows with the window's wall time, which does depend on the load, so each cell
 also counts an idle window (instrumentation on, no request) and ``Background`` takes them off:
 

@@ -203,17 +203,24 @@ class CellRunner:
         return out
 
 
-def settled(e: Envoy, names: list[str], timeout: float = 20.0) -> dict[str, int]:
-    """The counters once they stop moving: the wasm filter adds its injections to Envoy's counter
-    on its 100 ms tick, which under Callgrind comes late."""
+# The wasm filter adds its injections to Envoy's counter on its tick, which comes at most a second
+# apart (the core's MAX_WAKE_INTERVAL_MS) and later under Callgrind: counters count as settled once
+# they stayed the same for longer than that.
+SETTLE_QUIET_S = 2.0
+
+
+def settled(e: Envoy, names: list[str], timeout: float = 30.0) -> dict[str, int]:
+    """The counters once they stop moving (unchanged for ``SETTLE_QUIET_S``)."""
     last = counters(e, names)
     deadline = time.monotonic() + timeout
+    quiet_since = time.monotonic()
     while time.monotonic() < deadline:
         time.sleep(0.4)
         now = counters(e, names)
-        if now == last:
+        if now != last:
+            last, quiet_since = now, time.monotonic()
+        elif time.monotonic() - quiet_since >= SETTLE_QUIET_S:
             return now
-        last = now
     return last
 
 

@@ -97,7 +97,7 @@ def _agreement(res: dict) -> list[str]:
             sp = s["spread_pct"]
             row.append("–" if sp is None else (f"**{sp:.2f} % apart**" if sp > p["agreement_pct"] else f"{sp:.2f} %"))
         L.append("| " + " | ".join(row) + " |")
-    L += ["", "Timers (the filter's 100 ms tick, Envoy's own) run during a window whatever the requests do, and "
+    L += ["", "Timers (the filter's tick, Envoy's own) run during a window whatever the requests do, and "
           "under Callgrind a request takes milliseconds, so their instructions would count as the requests' and "
           f"vary with the machine's speed. Each cell also counts an idle window ({p['idle_s']:.0f} s, no request). "
           "In it, the calls into the filter's timer code are found (a dynamic module's scheduled-event hook and the "

@@ -181,7 +181,7 @@ class Bench:
         cpu1, t1 = proc_cpu_ticks(e.pid), time.monotonic()
         k1 = core_ticks(self.core) if self.core is not None else None
         tok1 = ts.count()
-        time.sleep(0.3)  # oauth2-cc adds its counters to Envoy's on the 100 ms tick
+        time.sleep(1.5)  # oauth2-cc adds its counters to Envoy's on its tick, at most 1 s apart
         c1 = counters(e, names)
 
         served = c1[RQ_STAT] - c0[RQ_STAT]

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use oauth2_cc_core::cache::{Entry, EntryView};
+use oauth2_cc_core::test_support::{Entry, EntryView};
 
 fuzz_target!(|data: &[u8]| {
     let entry = Entry::decode(data);

@@ -9,7 +9,8 @@
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use oauth2_cc_core::config;
-use oauth2_cc_core::route::{AuthorityPattern, RequestFacts, Selection};
+use oauth2_cc_core::request::RequestFacts;
+use oauth2_cc_core::test_support::{AuthorityPattern, Selection, select, select_request};
 use serde_json::{Map, Value, json};
 
 #[derive(Arbitrary, Debug)]
@@ -184,10 +185,10 @@ fuzz_target!(|input: Input| {
     if let Ok(config) = config::parse(config_json.to_string().as_bytes(), &|_| None) {
         let mut request = request(request_spec, &routes);
         let profiles = config.profiles.len();
-        if let Some(index) = config.routes.select(&mut request) {
+        if let Some(index) = select(&config, &mut request) {
             assert!(index < profiles, "route selects profile {index} of {profiles}");
         }
-        match config.routes.select_request(&mut request) {
+        match select_request(&config, &mut request) {
             Selection::Profile(index) => assert!(index < profiles, "selects profile {index} of {profiles}"),
             Selection::UnknownProfile(name) => {
                 assert!(route_metadata, "metadata consulted with route_metadata off");

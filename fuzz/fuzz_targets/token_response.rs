@@ -4,8 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use oauth2_cc_core::config::FieldPath;
-use oauth2_cc_core::token_response::{self, MAX_LIFETIME_S, MAX_TOKEN_BYTES};
+use oauth2_cc_core::test_support::{FieldPath, MAX_LIFETIME_S, MAX_TOKEN_BYTES, parse_token_response};
 
 fuzz_target!(|data: &[u8]| {
     let Some((status, body)) = data.split_first_chunk::<2>() else {
@@ -14,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
     let status = u32::from(u16::from_le_bytes(*status));
     let token_field = FieldPath(vec!["access_token".into()]);
     let expires_in_field = FieldPath(vec!["expires_in".into()]);
-    match token_response::parse(status, body, &token_field, &expires_in_field, 65536) {
+    match parse_token_response(status, body, &token_field, &expires_in_field, 65536) {
         Ok(grant) => {
             let token = grant.access_token.as_bytes();
             assert!(!token.is_empty(), "empty token accepted");

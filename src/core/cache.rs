@@ -11,16 +11,16 @@ use crate::config::{BackoffPolicy, LifetimePolicy};
 use crate::token_response::{FailureClass, TokenGrant};
 
 /// The window of the per-profile fetch budget.
-pub const BUDGET_WINDOW_MS: u64 = 3_600_000;
+pub(crate) const BUDGET_WINDOW_MS: u64 = 3_600_000;
 /// How long a worker leaves a due background refresh to the main-thread VMs (capped at half the
 /// time between refresh and expiry), so refreshes and their signing stay off the request threads.
-pub const WORKER_REFRESH_GRACE_MS: u64 = 1_000;
+pub(crate) const WORKER_REFRESH_GRACE_MS: u64 = 1_000;
 
-pub use crate::entry::{Entry, EntryView};
+pub(crate) use crate::entry::{Entry, EntryView};
 
 /// What to do with a request that needs a token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RequestDecision<'a> {
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RequestDecision<'a> {
     /// Inject this token now.
     Inject { token: &'a str, generation: u64 },
     /// No usable token yet, a fetch is or may be under way: pause the request.
@@ -29,22 +29,40 @@ pub enum RequestDecision<'a> {
     Fail,
 }
 
-/// How long before the cached expiry a VM stops keeping its own copy of a token.
-///
-/// The request path reads the copy without reading the clock (that is a host call per request);
-/// the copy is checked only at each tick (100 ms) and wake. So a copy can be used up to one tick
-/// interval plus the tick's lateness after its last check; this margin covers ~0.9 s of lateness,
-/// and the cached expiry already lies `refresh.skew_s` before the IdP's. In the last second the
-/// request path reads shared data and the clock, as on any miss.
-pub const VM_COPY_MARGIN_MS: u64 = 1_000;
+impl std::fmt::Debug for RequestDecision<'_> {
+    /// The token is a credential: never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RequestDecision::Inject { generation, .. } => write!(f, "Inject(generation {generation}, [redacted])"),
+            RequestDecision::Wait => f.write_str("Wait"),
+            RequestDecision::Fail => f.write_str("Fail"),
+        }
+    }
+}
 
-/// Whether a VM may keep a copy of this entry's token for its request path until the next check.
-pub fn keep_vm_copy(entry: &EntryView<'_>, now_ms: u64) -> bool {
-    !entry.token.is_empty() && now_ms.saturating_add(VM_COPY_MARGIN_MS) < entry.expires_at_ms
+/// How long before the cached expiry a VM's copy of a token stops being valid.
+///
+/// The request path reads the copy without reading the clock (that is a host call per request),
+/// so the copy carries its own end ([`vm_copy_valid_until`]) and the driver asks its host to wake
+/// it then ([`crate::lifecycle::Driver::next_wake`]), when it drops the copy. What this margin
+/// covers is how late that wake may come (a busy main thread or worker, timer slack): up to a
+/// second, and the cached expiry already lies `refresh.skew_s` before the IdP's. In the last
+/// second the request path reads shared data and the clock, as on any miss.
+pub(crate) const VM_COPY_MARGIN_MS: u64 = 1_000;
+
+/// Until when a VM may serve this entry's token from its own copy, without looking at the store
+/// or the clock again (`None`: no token to copy).
+pub(crate) fn vm_copy_valid_until(entry: &EntryView<'_>) -> Option<u64> {
+    (!entry.token.is_empty()).then(|| entry.expires_at_ms.saturating_sub(VM_COPY_MARGIN_MS))
+}
+
+/// Whether a VM may keep a copy of this entry's token for its request path.
+pub(crate) fn keep_vm_copy(entry: &EntryView<'_>, now_ms: u64) -> bool {
+    vm_copy_valid_until(entry).is_some_and(|until| now_ms < until)
 }
 
 /// The request path's decision from the cached entry (`None`: nothing cached yet).
-pub fn decide_request<'a>(entry: Option<&EntryView<'a>>, now_ms: u64) -> RequestDecision<'a> {
+pub(crate) fn decide_request<'a>(entry: Option<&EntryView<'a>>, now_ms: u64) -> RequestDecision<'a> {
     match entry {
         Some(view) if !view.token.is_empty() && now_ms < view.expires_at_ms => {
             RequestDecision::Inject { token: view.token, generation: view.generation }
@@ -56,7 +74,7 @@ pub fn decide_request<'a>(entry: Option<&EntryView<'a>>, now_ms: u64) -> Request
 
 /// How one VM takes part in fetching.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FetchRules {
+pub(crate) struct FetchRules {
     /// This VM's identity in leases (never 0).
     pub holder: u64,
     /// How long a lease lasts: longer than a token request may take.
@@ -69,7 +87,7 @@ pub struct FetchRules {
 
 /// The outcome of asking whether this VM should fetch now.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Claim {
+pub(crate) enum Claim {
     /// Nothing to do: the token is fresh, a backoff runs, or another VM holds the lease.
     NotNeeded,
     /// Write this entry (it holds our lease), then send the token request.
@@ -81,7 +99,7 @@ pub enum Claim {
 
 /// Whether this VM should fetch a token now. A fetch is due when there is no usable token or its
 /// refresh time has come; it is not started while a backoff runs or another VM holds a live lease.
-pub fn claim_fetch(entry: &Entry, now_ms: u64, rules: &FetchRules) -> Claim {
+pub(crate) fn claim_fetch(entry: &Entry, now_ms: u64, rules: &FetchRules) -> Claim {
     let usable = entry.has_usable_token(now_ms);
     let grace = if usable && rules.defer_refresh {
         WORKER_REFRESH_GRACE_MS.min(entry.expires_at_ms.saturating_sub(entry.refresh_at_ms) / 2)
@@ -121,13 +139,33 @@ pub fn claim_fetch(entry: &Entry, now_ms: u64, rules: &FetchRules) -> Claim {
     })
 }
 
+/// The earliest time [`claim_fetch`] may claim this entry for a VM that follows `defer_refresh`:
+/// when a fetch comes due (no token: at once; a token: its refresh time, after a worker's grace,
+/// or its expiry), but not before a backoff or another VM's lease ends. A time at or before now
+/// means a fetch is due now. The hourly budget is not looked at: when it refuses a claim, it moves
+/// `retry_at_ms` to the end of its window.
+pub(crate) fn next_claim_ms(entry: &EntryView<'_>, defer_refresh: bool) -> u64 {
+    let due_at = if entry.token.is_empty() {
+        0
+    } else {
+        let grace = if defer_refresh {
+            WORKER_REFRESH_GRACE_MS.min(entry.expires_at_ms.saturating_sub(entry.refresh_at_ms) / 2)
+        } else {
+            0
+        };
+        entry.refresh_at_ms.saturating_add(grace).min(entry.expires_at_ms)
+    };
+    let leased_until = if entry.lease_holder != 0 { entry.lease_until_ms } else { 0 };
+    due_at.max(entry.retry_at_ms).max(leased_until)
+}
+
 /// The least margin taken off a lifetime, where it leaves a usable token: IdPs that stamp `exp` in
 /// whole seconds issue tokens that die up to a second before `expires_in` says.
-pub const MIN_MARGIN_MS: u64 = 1_000;
+pub(crate) const MIN_MARGIN_MS: u64 = 1_000;
 
 /// The safety margin taken off a lifetime: `skew_s`, shrunk to a tenth of the lifetime so
 /// short-lived tokens stay usable, but never under [`MIN_MARGIN_MS`] unless that would leave nothing.
-pub fn expiry_margin_ms(lifetime_ms: u64, policy: &LifetimePolicy) -> u64 {
+pub(crate) fn expiry_margin_ms(lifetime_ms: u64, policy: &LifetimePolicy) -> u64 {
     let margin = policy.skew_s.saturating_mul(1000).min(lifetime_ms / 10);
     if lifetime_ms > MIN_MARGIN_MS { margin.max(MIN_MARGIN_MS) } else { margin }
 }
@@ -141,7 +179,7 @@ pub fn expiry_margin_ms(lifetime_ms: u64, policy: &LifetimePolicy) -> u64 {
 /// usable life) before the token stops being usable, so a short-lived token, whose margin is a
 /// large part of its life, is still refreshed before requests would have to wait. An IdP's
 /// `refresh_in` (seconds), when sent, replaces the `ahead_ratio` rule.
-pub fn token_times(
+pub(crate) fn token_times(
     sent_at_ms: u64,
     lifetime_s: u64,
     refresh_in_s: Option<u64>,
@@ -168,7 +206,7 @@ pub fn token_times(
 }
 
 /// The entry after a successful fetch by `holder`.
-pub fn after_success(
+pub(crate) fn after_success(
     entry: &Entry,
     holder: u64,
     grant: &TokenGrant,
@@ -204,7 +242,7 @@ pub fn after_success(
 
 /// The entry after a failed fetch by `holder`: the token (if any, still valid or not) is kept,
 /// the next attempt is pushed back. `jitter` is a random number in [0, 1).
-pub fn after_failure(
+pub(crate) fn after_failure(
     entry: &Entry,
     holder: u64,
     class: FailureClass,
@@ -247,13 +285,13 @@ pub fn after_failure(
 }
 
 /// The shortest spacing of retries while a still-valid token runs out.
-pub const LAST_CHANCE_MIN_MS: u64 = 250;
+pub(crate) const LAST_CHANCE_MIN_MS: u64 = 250;
 
 /// Exponential backoff with jitter: the ceiling doubles per failure from `base_ms` up to `max_ms`,
 /// and the delay is drawn from the upper half of it ("equal jitter"), so retries spread out yet the
 /// IdP is never called again sooner than half the ceiling. A configuration fault (the IdP rejects
 /// the client) goes straight to the longest ceiling: retrying soon cannot fix it.
-pub fn backoff_delay_ms(failures: u32, class: FailureClass, policy: &BackoffPolicy, jitter: f64) -> u64 {
+pub(crate) fn backoff_delay_ms(failures: u32, class: FailureClass, policy: &BackoffPolicy, jitter: f64) -> u64 {
     let ceiling = match class {
         FailureClass::ConfigurationFault => policy.max_ms,
         FailureClass::Transient => {
@@ -267,7 +305,7 @@ pub fn backoff_delay_ms(failures: u32, class: FailureClass, policy: &BackoffPoli
 
 /// The entry with the token dropped, if `generation` is still the cached token (an upstream
 /// rejected it); `None` when there is nothing to drop.
-pub fn purge(entry: &Entry, generation: u64) -> Option<Entry> {
+pub(crate) fn purge(entry: &Entry, generation: u64) -> Option<Entry> {
     if entry.token.is_empty() || entry.generation != generation {
         return None;
     }
@@ -305,6 +343,7 @@ mod tests {
         let bytes = entry.encode();
         let Some(view) = EntryView::decode(&bytes) else { panic!("entry does not decode") };
         let last_ms = entry.expires_at_ms - VM_COPY_MARGIN_MS;
+        assert_eq!(vm_copy_valid_until(&view), Some(last_ms));
         assert!(keep_vm_copy(&view, 1_000));
         assert!(keep_vm_copy(&view, last_ms - 1));
         assert!(!keep_vm_copy(&view, last_ms));
@@ -312,6 +351,38 @@ mod tests {
         let purged = purge(&entry, entry.generation).map(|e| e.encode()).unwrap_or_default();
         let Some(view) = EntryView::decode(&purged) else { panic!("purged entry does not decode") };
         assert!(!keep_vm_copy(&view, 1_000), "a purged entry has no token to copy");
+    }
+
+    #[test]
+    fn next_claim_is_the_first_moment_claim_fetch_claims() {
+        let fresh = with_token(0); // refresh at 80 s, expiry at 95 s
+        let failed = after_failure(&fresh, 7, FailureClass::Transient, 80_000, Some(3_000), &BACKOFF, 0.0);
+        let leased = claim(&Entry::default(), 1_000, 8).expect("due");
+        let expired_in_backoff = after_failure(&fresh, 7, FailureClass::Transient, 94_000, Some(9_000), &BACKOFF, 0.0);
+        let purged = purge(&fresh, fresh.generation).expect("purged");
+        let cases = [
+            ("empty", Entry::default(), 0),
+            ("fresh", fresh.clone(), 80_000),
+            ("backing off while usable", failed, 83_000),
+            ("another VM's lease", leased, 7_000),
+            ("backoff past expiry", expired_in_backoff, 103_000),
+            ("purged", purged, 0),
+        ];
+        for defer_refresh in [false, true] {
+            let rules = FetchRules { holder: 9, lease_ms: 6_000, defer_refresh, max_fetches_per_hour: None };
+            for (name, entry, main_at) in &cases {
+                let at = next_claim_ms(&entry.view(), defer_refresh);
+                if !defer_refresh {
+                    assert_eq!(at, *main_at, "{name}");
+                }
+                assert!(matches!(claim_fetch(entry, at, &rules), Claim::Claimed(_)), "{name}: claims at {at}");
+                if at > 0 {
+                    assert_eq!(claim_fetch(entry, at - 1, &rules), Claim::NotNeeded, "{name}: not before {at}");
+                }
+            }
+        }
+        let worker_at = next_claim_ms(&fresh.view(), true);
+        assert_eq!(worker_at, 81_000, "a worker after its grace");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use serde_json::Value;
 use crate::url::{HttpUrl, UrlError};
 
 /// The metadata documents to try, in order.
-pub fn metadata_urls(issuer: &HttpUrl) -> Vec<HttpUrl> {
+pub(crate) fn metadata_urls(issuer: &HttpUrl) -> Vec<HttpUrl> {
     let path = issuer.path_and_query.trim_end_matches('/');
     let at =
         |path_and_query: String| HttpUrl { scheme: issuer.scheme, authority: issuer.authority.clone(), path_and_query };
@@ -23,7 +23,7 @@ pub fn metadata_urls(issuer: &HttpUrl) -> Vec<HttpUrl> {
 
 /// Why discovery gave no token endpoint.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DiscoveryError {
+pub(crate) enum DiscoveryError {
     /// The document is not at this location (try the next one).
     #[error("no metadata document at the OpenID Connect or RFC 8414 location")]
     NotFound,
@@ -51,7 +51,7 @@ pub enum DiscoveryError {
 
 impl DiscoveryError {
     /// Errors a retry cannot fix: the IdP and the configuration disagree.
-    pub fn is_configuration_fault(&self) -> bool {
+    pub(crate) fn is_configuration_fault(&self) -> bool {
         matches!(
             self,
             DiscoveryError::IssuerMismatch { .. }
@@ -63,7 +63,7 @@ impl DiscoveryError {
 }
 
 /// The token endpoint from a metadata response.
-pub fn parse_metadata(
+pub(crate) fn parse_metadata(
     status: u32,
     body: &[u8],
     expected_issuer: &str,

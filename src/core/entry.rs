@@ -118,21 +118,61 @@ impl Entry {
     pub fn has_usable_token(&self, now_ms: u64) -> bool {
         !self.token.is_empty() && now_ms < self.expires_at_ms
     }
+
+    /// The same fields as a view, borrowing the token.
+    pub fn view(&self) -> EntryView<'_> {
+        EntryView {
+            generation: self.generation,
+            refresh_at_ms: self.refresh_at_ms,
+            expires_at_ms: self.expires_at_ms,
+            lease_holder: self.lease_holder,
+            lease_until_ms: self.lease_until_ms,
+            retry_at_ms: self.retry_at_ms,
+            token: &self.token,
+        }
+    }
 }
 
-/// The fields the request path needs, borrowed from the stored bytes (no allocation).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The fields the driver reads on every event (the request decision, the VM's copy, when it next
+/// needs its host), borrowed from the stored bytes (no allocation).
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct EntryView<'a> {
     pub generation: u64,
+    pub refresh_at_ms: u64,
     pub expires_at_ms: u64,
+    pub lease_holder: u64,
+    pub lease_until_ms: u64,
     pub retry_at_ms: u64,
     pub token: &'a str,
+}
+
+impl std::fmt::Debug for EntryView<'_> {
+    /// The token is a credential: only whether there is one.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EntryView")
+            .field("generation", &self.generation)
+            .field("token", &if self.token.is_empty() { "" } else { "[redacted]" })
+            .field("refresh_at_ms", &self.refresh_at_ms)
+            .field("expires_at_ms", &self.expires_at_ms)
+            .field("lease_holder", &self.lease_holder)
+            .field("lease_until_ms", &self.lease_until_ms)
+            .field("retry_at_ms", &self.retry_at_ms)
+            .finish()
+    }
 }
 
 impl<'a> EntryView<'a> {
     pub fn decode(bytes: &'a [u8]) -> Option<EntryView<'a>> {
         let (f, token) = decode(bytes)?;
-        Some(EntryView { generation: f.generation, expires_at_ms: f.expires_at_ms, retry_at_ms: f.retry_at_ms, token })
+        Some(EntryView {
+            generation: f.generation,
+            refresh_at_ms: f.refresh_at_ms,
+            expires_at_ms: f.expires_at_ms,
+            lease_holder: f.lease_holder,
+            lease_until_ms: f.lease_until_ms,
+            retry_at_ms: f.retry_at_ms,
+            token,
+        })
     }
 }
 
@@ -186,6 +226,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn debug_output_never_prints_the_token() {
+        let entry = Entry { generation: 1, token: "tok-secret".into(), ..Entry::default() };
+        let bytes = entry.encode();
+        let view = EntryView::decode(&bytes).expect("decodes");
+        for printed in [format!("{entry:?}"), format!("{view:?}")] {
+            assert!(!printed.contains("tok-secret") && printed.contains("[redacted]"), "{printed}");
+        }
+        let decision = crate::cache::RequestDecision::Inject { token: view.token, generation: 1 };
+        assert!(!format!("{decision:?}").contains("tok-secret"), "{decision:?}");
+    }
+
+    #[test]
     fn round_trip_and_view_agree() {
         let entry = Entry {
             generation: 3,
@@ -204,7 +256,8 @@ mod tests {
         let bytes = entry.encode();
         assert_eq!(Entry::decode(&bytes), Some(entry.clone()));
         let view = EntryView::decode(&bytes);
-        assert_eq!(view, Some(EntryView { generation: 3, expires_at_ms: 30, retry_at_ms: 60, token: "abc.def" }));
+        assert_eq!(view, Some(entry.view()));
+        assert_eq!(view.map(|v| (v.refresh_at_ms, v.lease_holder, v.lease_until_ms)), Some((20, 40, 50)));
         assert!(!format!("{entry:?}").contains("abc"), "Debug never shows the token");
     }
 

@@ -12,7 +12,7 @@
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Metric {
     FetchOk,
-    /// A failed token request by reason, one of [`FETCH_FAILED_REASONS`] (`TokenError::label`,
+    /// A failed token request by reason, one of `FETCH_FAILED_REASONS` (`TokenError::label`,
     /// `discovery`, `no_cluster`).
     FetchFailed(String),
     Injected,
@@ -26,7 +26,7 @@ pub enum Metric {
 
 /// Every `fetch_failed.<reason>` label: `TokenError::label` (RFC 6749 §5.2 codes kept by name,
 /// the rest `other_error`) and the lifecycle's own (`discovery`, `no_cluster`).
-pub const FETCH_FAILED_REASONS: &[&str] = &[
+pub(crate) const FETCH_FAILED_REASONS: &[&str] = &[
     "http_status",
     "bad_body",
     "missing_token",

@@ -21,7 +21,8 @@ use crate::exchange::copies::SubjectCopy;
 use crate::exchange::{Refusal, Subject, SubjectFact, SubjectKey};
 use crate::lifecycle::{FailureReply, RequestOutcome, Snapshot, failure_reply, unknown_profile_reply};
 use crate::metrics::Metric;
-use crate::route::{RequestFacts, Selection};
+pub use crate::route::RequestFacts;
+use crate::route::Selection;
 
 /// Where a request is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -56,7 +57,7 @@ pub struct RequestPath {
 }
 
 /// What the host does next.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(PartialEq, Eq)]
 pub enum Step<'a> {
     /// Let the request go on (it was never paused).
     Continue,
@@ -81,6 +82,24 @@ pub enum Step<'a> {
     ReportStatus { profile: usize, generation: u64 },
     /// Nothing to do.
     Nothing,
+}
+
+impl std::fmt::Debug for Step<'_> {
+    /// The header value carries the token, a credential: never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Step::Continue => f.write_str("Continue"),
+            Step::LookUpCopy { profile } => write!(f, "LookUpCopy({profile})"),
+            Step::LookUpSubjectCopy { profile, .. } => write!(f, "LookUpSubjectCopy({profile}, [redacted])"),
+            Step::AskDriver { profile } => write!(f, "AskDriver({profile})"),
+            Step::WriteHeader { name, .. } => write!(f, "WriteHeader({name}: [redacted])"),
+            Step::Pause => f.write_str("Pause"),
+            Step::Resume => f.write_str("Resume"),
+            Step::Reply { reply, error } => write!(f, "Reply({reply:?}, {error:?})"),
+            Step::ReportStatus { profile, generation } => write!(f, "ReportStatus({profile}, generation {generation})"),
+            Step::Nothing => f.write_str("Nothing"),
+        }
+    }
 }
 
 /// A step and the counter this request's event adds to, if any.
@@ -345,7 +364,7 @@ impl RequestPath {
 }
 
 /// A `:status` value: three ASCII digits; anything else is no status.
-pub fn parse_status(bytes: &[u8]) -> Option<u32> {
+pub(crate) fn parse_status(bytes: &[u8]) -> Option<u32> {
     match bytes {
         [a, b, c] if bytes.iter().all(u8::is_ascii_digit) => {
             Some(u32::from(a - b'0') * 100 + u32::from(b - b'0') * 10 + u32::from(c - b'0'))

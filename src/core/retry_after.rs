@@ -5,13 +5,13 @@ use std::time::{Duration, UNIX_EPOCH};
 
 /// The longest wait honoured; beyond it an IdP (or an attacker in its place) could park the
 /// filter for days. The backoff's own ceiling applies after it.
-pub const MAX_RETRY_AFTER_MS: u64 = 3_600_000;
+pub(crate) const MAX_RETRY_AFTER_MS: u64 = 3_600_000;
 
 /// Milliseconds to wait from `now_ms`, if the value is a delay in seconds or an HTTP-date (a date
 /// in the past means no wait).
 // Out of line: one caller must not absorb it into a large wasm function (docs/memory.md, "Function shape").
 #[inline(never)]
-pub fn retry_after_ms(value: &[u8], now_ms: u64) -> Option<u64> {
+pub(crate) fn retry_after_ms(value: &[u8], now_ms: u64) -> Option<u64> {
     let text = std::str::from_utf8(value).ok()?.trim();
     if text.is_empty() {
         return None;

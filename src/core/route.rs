@@ -103,7 +103,7 @@ fn normalize_host(host: &str) -> String {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PathMatch {
+pub(crate) enum PathMatch {
     Any,
     /// Matches the path (query excluded) starting with this prefix.
     Prefix(String),
@@ -112,25 +112,25 @@ pub enum PathMatch {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HeaderCondition {
+pub(crate) struct HeaderCondition {
     /// Lower-case name.
-    pub name: String,
+    pub(crate) name: String,
     /// `None`: the header must be present; `Some(v)`: its value must equal `v`.
-    pub value: Option<String>,
+    pub(crate) value: Option<String>,
 }
 
 /// One compiled entry of `routes`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RouteMatcher {
-    pub authority: Option<AuthorityPattern>,
-    pub path: PathMatch,
+pub(crate) struct RouteMatcher {
+    pub(crate) authority: Option<AuthorityPattern>,
+    pub(crate) path: PathMatch,
     /// Upper-case method.
-    pub method: Option<String>,
-    pub headers: Vec<HeaderCondition>,
+    pub(crate) method: Option<String>,
+    pub(crate) headers: Vec<HeaderCondition>,
     /// Envoy's route name (`xds.route_name`).
-    pub route_name: Option<String>,
+    pub(crate) route_name: Option<String>,
     /// Index into the profile list; `None` opts the request out.
-    pub profile: Option<usize>,
+    pub(crate) profile: Option<usize>,
 }
 
 impl RouteMatcher {
@@ -181,30 +181,30 @@ fn path_only(path: &str) -> &str {
 
 /// The ordered route matchers, and whether Envoy route metadata is consulted first.
 #[derive(Debug, Clone, Default)]
-pub struct RouteTable {
+pub(crate) struct RouteTable {
     matchers: Vec<RouteMatcher>,
     /// Profile names by index, for metadata lookups; empty when metadata is not consulted.
     metadata_profiles: Vec<String>,
 }
 
 impl RouteTable {
-    pub fn new(matchers: Vec<RouteMatcher>) -> Self {
+    pub(crate) fn new(matchers: Vec<RouteMatcher>) -> Self {
         RouteTable { matchers, metadata_profiles: Vec::new() }
     }
 
     /// Consults `filter_metadata.oauth2_cc` of Envoy's route before the matchers.
-    pub fn with_route_metadata(mut self, profile_names: Vec<String>) -> Self {
+    pub(crate) fn with_route_metadata(mut self, profile_names: Vec<String>) -> Self {
         self.metadata_profiles = profile_names;
         self
     }
 
     /// The profile index for a request: the first matching route decides; no match, no profile.
-    pub fn select(&self, facts: &mut dyn RequestFacts) -> Option<usize> {
+    pub(crate) fn select(&self, facts: &mut dyn RequestFacts) -> Option<usize> {
         self.matchers.iter().find(|m| m.matches(facts)).and_then(|m| m.profile)
     }
 
     /// The selection for a request: route metadata first (when enabled), then the matchers.
-    pub fn select_request(&self, facts: &mut dyn RequestFacts) -> Selection {
+    pub(crate) fn select_request(&self, facts: &mut dyn RequestFacts) -> Selection {
         if !self.metadata_profiles.is_empty() {
             if facts.metadata_disabled() {
                 return Selection::None;
@@ -229,13 +229,13 @@ pub(crate) mod tests {
 
     #[derive(Default)]
     pub(crate) struct FakeRequest {
-        pub authority: Option<String>,
-        pub path: Option<String>,
-        pub method: Option<String>,
-        pub headers: Vec<(String, Vec<u8>)>,
-        pub route_name: Option<String>,
-        pub metadata_profile: Option<String>,
-        pub metadata_disabled: bool,
+        pub(crate) authority: Option<String>,
+        pub(crate) path: Option<String>,
+        pub(crate) method: Option<String>,
+        pub(crate) headers: Vec<(String, Vec<u8>)>,
+        pub(crate) route_name: Option<String>,
+        pub(crate) metadata_profile: Option<String>,
+        pub(crate) metadata_disabled: bool,
     }
 
     impl RequestFacts for FakeRequest {

@@ -12,7 +12,7 @@ const MAX_PAYLOAD_CHARS: usize = 16 * 1024;
 
 /// The token's `exp` in milliseconds since the epoch, when the token is a compact JWS whose
 /// payload is a JSON object with a numeric, non-negative `exp`; `None` for anything else.
-pub fn jws_expiry_ms(token: &str) -> Option<u64> {
+pub(crate) fn jws_expiry_ms(token: &str) -> Option<u64> {
     let mut parts = token.split('.');
     let (_header, payload, _signature) = (parts.next()?, parts.next()?, parts.next()?);
     if parts.next().is_some() || payload.is_empty() || payload.len() > MAX_PAYLOAD_CHARS {

@@ -13,7 +13,7 @@ use crate::url::HttpUrl;
 
 /// A token request ready to hand to `dispatch_http_call`.
 #[derive(Clone, PartialEq, Eq)]
-pub struct TokenRequest {
+pub(crate) struct TokenRequest {
     /// Pseudo-headers first (`:method`, `:path`, `:authority`, `:scheme`), then the rest.
     pub headers: Vec<(String, String)>,
     pub body: Option<Vec<u8>>,
@@ -30,15 +30,16 @@ impl std::fmt::Debug for TokenRequest {
     }
 }
 
+#[cfg(test)]
 impl TokenRequest {
-    pub fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
     }
 }
 
 /// Client authentication material computed for one request (a signed assertion, when used).
 #[derive(Default)]
-pub struct RequestExtras<'a> {
+pub(crate) struct RequestExtras<'a> {
     /// RFC 7523 §2.2 client assertion: sent as `client_assertion`.
     pub client_assertion: Option<&'a str>,
     /// RFC 7523 §2.1 authorization grant assertion: sent as `assertion`.
@@ -49,18 +50,18 @@ pub struct RequestExtras<'a> {
 
 /// The RFC 8693 §2.1 parameters of one exchange (the profile gives audience, resource and scope).
 #[derive(Clone, Copy)]
-pub struct ExchangeParams<'a> {
-    pub subject_token: &'a str,
-    pub subject_token_type: &'a str,
+pub(crate) struct ExchangeParams<'a> {
+    pub(crate) subject_token: &'a str,
+    pub(crate) subject_token_type: &'a str,
     /// `actor_token` and `actor_token_type`.
-    pub actor: Option<(&'a str, &'a str)>,
-    pub requested_token_type: Option<&'a str>,
+    pub(crate) actor: Option<(&'a str, &'a str)>,
+    pub(crate) requested_token_type: Option<&'a str>,
 }
 
-pub use crate::assertion::CLIENT_ASSERTION_TYPE;
+pub(crate) use crate::assertion::CLIENT_ASSERTION_TYPE;
 
 /// Builds the token request for `profile`, sent to `token_url` (the fixed or discovered endpoint).
-pub fn build(profile: &Profile, token_url: &HttpUrl, extras: &RequestExtras) -> TokenRequest {
+pub(crate) fn build(profile: &Profile, token_url: &HttpUrl, extras: &RequestExtras) -> TokenRequest {
     let mut params: Vec<(&str, &str)> = Vec::with_capacity(8);
     params.push(("grant_type", &profile.grant_type));
     if let Some(exchange) = &extras.exchange {
@@ -120,8 +121,8 @@ pub fn build(profile: &Profile, token_url: &HttpUrl, extras: &RequestExtras) -> 
         serializer.finish()
     };
     let (method, path, body) = match profile.method {
-        TokenMethod::POST => ("POST", token_url.path_and_query.clone(), Some(encoded.into_bytes())),
-        TokenMethod::GET => {
+        TokenMethod::Post => ("POST", token_url.path_and_query.clone(), Some(encoded.into_bytes())),
+        TokenMethod::Get => {
             let separator = if token_url.path_and_query.contains('?') { '&' } else { '?' };
             ("GET", format!("{}{separator}{encoded}", token_url.path_and_query), None)
         }

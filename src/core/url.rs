@@ -6,7 +6,7 @@
 
 /// A parsed absolute http(s) URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HttpUrl {
+pub(crate) struct HttpUrl {
     pub scheme: &'static str,
     pub authority: String,
     /// Path and query, always starting with `/`.
@@ -14,7 +14,7 @@ pub struct HttpUrl {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum UrlError {
+pub(crate) enum UrlError {
     #[error("not an absolute http(s) URL")]
     NotAbsoluteHttp,
     #[error("the URL has no host")]
@@ -30,7 +30,7 @@ pub enum UrlError {
 }
 
 impl HttpUrl {
-    pub fn parse(input: &str) -> Result<HttpUrl, UrlError> {
+    pub(crate) fn parse(input: &str) -> Result<HttpUrl, UrlError> {
         if input.bytes().any(|b| b <= b' ' || b == 0x7f) {
             return Err(UrlError::BadCharacter);
         }
@@ -76,7 +76,7 @@ fn validate_authority(authority: &str) -> Result<(), UrlError> {
 
 /// Why an authority (`host[:port]`) was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AuthorityError {
+pub(crate) enum AuthorityError {
     MissingHost,
     BadPort,
 }
@@ -84,7 +84,7 @@ pub enum AuthorityError {
 /// Splits `host[:port]`; an IPv6 literal keeps its brackets (`[::1]`). The filter's one
 /// authority parser: token URLs, route patterns and request authorities read ports alike, ASCII
 /// digits only (RFC 3986 §3.2.3; `u16::from_str` would also take a leading `+`), 1 to 65535.
-pub fn split_authority(authority: &str) -> Result<(&str, Option<u16>), AuthorityError> {
+pub(crate) fn split_authority(authority: &str) -> Result<(&str, Option<u16>), AuthorityError> {
     let (host, port) = if authority.starts_with('[') {
         let close = authority.find(']').ok_or(AuthorityError::MissingHost)?;
         let (host, after) = authority.split_at(close + 1);

@@ -3,14 +3,14 @@
 //! Each VM's root context registers a shared queue of its own and lists its name here with the
 //! time it last said it was alive. A VM that stored a token enqueues a wake on every listed queue,
 //! so requests paused on other workers resume at once. Names not refreshed for
-//! [`STALE_AFTER_MS`] are dropped (their VM is gone, e.g. after a configuration reload).
+//! `STALE_AFTER_MS` are dropped (their VM is gone, e.g. after a configuration reload).
 //!
 //! Encoding: one `name<TAB>last_seen_ms` line per queue.
 
 /// A VM refreshes its line this often.
 pub const HEARTBEAT_MS: u64 = 15_000;
 /// A line older than this is dropped.
-pub const STALE_AFTER_MS: u64 = 4 * HEARTBEAT_MS;
+pub(crate) const STALE_AFTER_MS: u64 = 4 * HEARTBEAT_MS;
 
 /// The registry with `name` marked alive at `now_ms` and stale lines dropped.
 pub fn refresh(registry: &[u8], name: &str, now_ms: u64) -> Vec<u8> {

@@ -78,7 +78,8 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(plug
     }
     // SAFETY: the pointer `config_new` made with `Arc::into_raw`, given back once, here.
     let plugin = unsafe { Arc::from_raw(plugin.cast::<Plugin>()) };
-    plugin.shut_down();
+    // SAFETY: Envoy destroys filter configurations on its main thread.
+    plugin.shut_down(unsafe { OnMain::assume() });
 }
 
 #[unsafe(no_mangle)]

@@ -12,7 +12,7 @@
 //! per profile). What made the wasm build cheap stays: the request path never takes the lock on a
 //! hit — each worker keeps a thread-local copy of the driver's token copies and re-reads them only
 //! when an epoch counter says they changed. The driver runs on the main thread for ticks (one
-//! process-wide thread posts one every 100 ms to every live configuration), wakes, kicks and
+//! process-wide thread posts one to each live configuration when its driver next needs it), wakes, kicks and
 //! callout answers (callouts go out from the filter configuration, so they outlive any request); on a worker only for a request
 //! that found no token copy and for a response to purge on. A paused request is resumed or failed
 //! on its own worker: the main thread leaves the outcome in the request's mailbox and posts an

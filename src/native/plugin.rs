@@ -78,6 +78,11 @@ pub struct Plugin {
     answer_cap: usize,
     /// The secret files the configuration read, watched from the main thread's ticks.
     secret_files: Mutex<Option<SecretFiles>>,
+    /// When the secret files are next looked at (`u64::MAX`: none to watch); a tick is asked for
+    /// then too.
+    secret_poll_at_ms: AtomicU64,
+    /// How long, from the last driver event, until the tick this configuration asked for.
+    wake_in_ms: AtomicU64,
 }
 
 fn level(level: LogLevel) -> Level {
@@ -128,7 +133,9 @@ impl Plugin {
             kicks: Mutex::new(Vec::new()),
             outbox: Mutex::new(Vec::new()),
             parked: Mutex::new(HashMap::new()),
+            secret_poll_at_ms: AtomicU64::new(secret_files.as_ref().map_or(u64::MAX, SecretFiles::next_poll_ms)),
             secret_files: Mutex::new(secret_files),
+            wake_in_ms: AtomicU64::new(0),
         });
         {
             let mut driver = lock(&plugin.driver);
@@ -150,10 +157,13 @@ impl Plugin {
         Ok(plugin)
     }
 
-    /// No more ticks for this configuration (it is going away); the last one out stops the
-    /// tick thread.
-    pub fn shut_down(&self) {
+    /// The configuration is going away (main thread): no more ticks (the last one out stops the
+    /// tick thread), and the driver gives back the leases of its token requests in flight, whose
+    /// answers will never reach it, and wakes every other configuration.
+    pub fn shut_down(&self, main: OnMain) {
+        // Unregistered first: the broadcast goes to the configurations that stay.
         self.ticker.unregister(self.id);
+        self.run(Thread::Main(main), |driver, _| driver.on_shut_down(&mut ProcessEnv));
     }
 
     pub fn epoch(&self) -> u64 {
@@ -170,10 +180,18 @@ impl Plugin {
 
     /// Publishes the driver's copies generation (the driver's lock is held: a worker that reads the
     /// new value and then takes the lock sees copies at least that new).
+    /// Also asks the tick thread for the next tick: when the driver next needs one, or the secret
+    /// files are due, at most the core's ceiling from now.
     fn publish(&self, driver: &Driver) {
         #[cfg(test)]
         self.driver_events.fetch_add(1, Ordering::Relaxed);
         self.epoch.store(driver.copies_generation(), Ordering::Release);
+        let secrets = self.secret_poll_at_ms.load(Ordering::Relaxed);
+        let next = driver.next_wake().map_or(secrets, |at| at.min(secrets));
+        let now = env::now_ms();
+        let wake_in = lifecycle::wake_in_ms(Some(next), now);
+        self.wake_in_ms.store(wake_in, Ordering::Relaxed);
+        self.ticker.schedule(self.id, now.saturating_add(wake_in));
     }
 
     /// Like [`Plugin::run`] for an event that also returns a value (a request's outcome).
@@ -219,13 +237,23 @@ impl Plugin {
         self.drain_answers(main);
         // What request threads counted, and gauges they were asked to set, reach Envoy here.
         self.metrics.flush(main);
+        if event == EVENT_TICK {
+            let wake_in = self.wake_in_ms.load(Ordering::Relaxed);
+            abi::log_line(Level::Debug, format_args!("tick; next tick in {wake_in} ms"));
+        }
     }
 
     /// A secret file changed: the driver gets the configuration compiled with its new content (the
     /// same profiles and cache keys, so its tokens and paused requests carry on), or the change is
     /// refused and logged, naming the field, and the configuration in use stays.
     fn rotate_secrets(&self, main: OnMain) {
-        let rotation = lock(&self.secret_files).as_mut().and_then(|files| files.poll(env::now_ms()));
+        let rotation = {
+            let mut files = lock(&self.secret_files);
+            let rotation = files.as_mut().and_then(|files| files.poll(env::now_ms()));
+            let next_poll = files.as_ref().map_or(u64::MAX, SecretFiles::next_poll_ms);
+            self.secret_poll_at_ms.store(next_poll, Ordering::Relaxed);
+            rotation
+        };
         match rotation {
             None => {}
             Some(Rotation::Compiled(config)) => {

@@ -73,6 +73,11 @@ pub enum Rotation {
 }
 
 impl SecretFiles {
+    /// When [`SecretFiles::poll`] next looks at the files.
+    pub fn next_poll_ms(&self) -> u64 {
+        self.next_poll_ms
+    }
+
     /// At most once a second: whether a file changed, and the configuration compiled again if so.
     pub fn poll(&mut self, now_ms: u64) -> Option<Rotation> {
         if now_ms < self.next_poll_ms {
@@ -102,7 +107,7 @@ impl SecretFiles {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use oauth2_cc_core::config::ClientAuth;
+    use oauth2_cc_core::test_support::client_secret;
 
     fn config_reading(path: &std::path::Path) -> Vec<u8> {
         serde_json::json!({
@@ -115,10 +120,7 @@ mod tests {
     }
 
     fn secret_of(config: &Config) -> String {
-        match &config.profiles[0].client_auth {
-            ClientAuth::Basic { secret } => secret.expose().to_string(),
-            other => panic!("unexpected {other:?}"),
-        }
+        client_secret(&config.profiles[0]).expect("a client secret").to_string()
     }
 
     /// A directory laid out as Kubernetes mounts a Secret: `name -> ..data/name`, `..data -> ..v1`.

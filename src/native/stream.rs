@@ -13,8 +13,8 @@ use crate::plugin::{Plugin, Thread};
 use oauth2_cc_core::exchange::Subject;
 use oauth2_cc_core::exchange::copies::{SubjectCopies, SubjectCopy, bounds};
 use oauth2_cc_core::lifecycle::{Metric, RequestId, RequestOutcome, Snapshot};
+use oauth2_cc_core::request::RequestFacts;
 use oauth2_cc_core::request::{Delivered, Next, RequestPath, Step};
-use oauth2_cc_core::route::RequestFacts;
 
 /// What a request-headers or body hook tells Envoy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

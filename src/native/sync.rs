@@ -23,20 +23,28 @@ pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Waits on `signal` for at most `period` (the tick thread's sleep); `guard` is `mutex`'s.
-/// Shuttle's condition variable never times out, so under the model check a period ends with a
-/// yield (the scheduler picks when), [`model_ticks`] times per execution; after that the thread
-/// waits for its stop signal only, so a deadlock leaves no thread runnable and is reported.
-pub fn wait_period<'a, T>(
+/// Waits on `signal` for at most `period` (the tick thread's sleep); `guard` is `mutex`'s. True
+/// when the period ran out, false when signalled. Shuttle's condition variable never times out,
+/// so under the model check a period ends with a yield (the scheduler picks when),
+/// [`model_ticks`] times per execution; after that the thread waits for a signal only (an
+/// earlier wake or its stop), so a deadlock or a lost signal leaves no thread runnable and is
+/// reported.
+pub fn wait_until<'a, T>(
     mutex: &'a Mutex<T>,
     signal: &Condvar,
     guard: MutexGuard<'a, T>,
     period: std::time::Duration,
-) -> MutexGuard<'a, T> {
+) -> (MutexGuard<'a, T>, bool) {
     #[cfg(not(feature = "model-check"))]
     {
         let _ = mutex;
-        signal.wait_timeout(guard, period).map_or_else(|poisoned| poisoned.into_inner().0, |(guard, _)| guard)
+        match signal.wait_timeout(guard, period) {
+            Ok((guard, timeout)) => (guard, timeout.timed_out()),
+            Err(poisoned) => {
+                let (guard, timeout) = poisoned.into_inner();
+                (guard, timeout.timed_out())
+            }
+        }
     }
     #[cfg(feature = "model-check")]
     {
@@ -46,11 +54,11 @@ pub fn wait_period<'a, T>(
                 n.checked_sub(1)
             });
         if ticks.is_err() {
-            return signal.wait(guard).unwrap_or_else(|poisoned| poisoned.into_inner());
+            return (signal.wait(guard).unwrap_or_else(|poisoned| poisoned.into_inner()), false);
         }
         drop(guard);
         thread::yield_now();
-        lock(mutex)
+        (lock(mutex), true)
     }
 }
 

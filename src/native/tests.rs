@@ -246,7 +246,7 @@ fn loading_defines_the_wasm_metric_names_and_ticks_at_once() {
     assert!(calls.contains(&Call::DefineGauge("oauth2_cc.p.token_remaining_s".into())), "{calls:?}");
     assert!(calls.contains(&Call::DefineGauge("oauth2_cc.p.token_lifetime_s".into())), "{calls:?}");
     assert!(calls.contains(&Call::ConfigCommit(EVENT_TICK)), "the first tick is posted at load: {calls:?}");
-    plugin.shut_down();
+    plugin.shut_down(on_main());
 }
 
 #[test]
@@ -262,7 +262,7 @@ fn a_tick_sends_the_token_request_from_the_configuration() {
     // A second tick while the request is in flight sends nothing more (the lease holds).
     plugin.on_main_event(on_main(), EVENT_TICK);
     assert_eq!(calls().iter().filter(|c| matches!(c, Call::Callout { .. })).count(), 1);
-    plugin.shut_down();
+    plugin.shut_down(on_main());
 }
 
 #[test]
@@ -277,7 +277,7 @@ fn a_refused_dispatch_goes_back_to_the_driver_and_is_counted() {
     let counted: u64 = calls.iter().map(|c| if *c == Call::Increment(no_cluster, 1) { 1 } else { 0 }).sum();
     assert_eq!(counted, 1, "the refused dispatch is counted once as fetch_failed.no_cluster: {calls:?}");
     assert!(calls.iter().any(|c| matches!(c, Call::Log(3..=4, m) if m.contains("idp-missing"))), "{calls:?}");
-    plugin.shut_down();
+    plugin.shut_down(on_main());
 }
 
 /// The id the fake gave the metric whose definition is `definition` (ids count definitions).
@@ -301,7 +301,7 @@ fn an_answer_stores_the_token_and_wakes() {
     let cached = plugin.with_driver(|d| d.cached(0).map(|s| s.header_value.clone()));
     assert_eq!(cached.as_deref(), Some("Bearer tok-answer"));
     assert!(calls.iter().all(|c| !format!("{c:?}").contains("tok-answer")), "no token in logs: {calls:?}");
-    plugin.shut_down();
+    plugin.shut_down(on_main());
 }
 
 #[test]
@@ -352,7 +352,7 @@ fn a_token_stored_while_a_missing_request_is_being_paused_still_reaches_it() {
             assert!(!filter.waiting());
         }
     }
-    plugin.shut_down();
+    plugin.shut_down(on_main());
 }
 
 /// A wake that brings no outcome (nothing was delivered yet) is no outcome: the request stays
@@ -376,7 +376,7 @@ fn a_wake_without_an_outcome_leaves_the_request_paused_for_its_token() {
     filter.on_delivered(stream);
     assert!(!filter.waiting());
     assert_eq!(plugin.parked_count(), 0);
-    plugin.shut_down();
+    plugin.shut_down(on_main());
 }
 
 /// A response whose status is not in `purge_on_status` takes no lock and moves no epoch (every
@@ -404,7 +404,7 @@ fn only_a_status_in_the_purge_list_reaches_the_driver() {
     assert!(respond(b"401"), "a 401 reaches the driver");
     assert!(plugin.with_driver(|d| d.cached(0).is_none()), "and purges the token");
     *STATUS.lock().unwrap() = b"200";
-    plugin.shut_down();
+    plugin.shut_down(on_main());
 }
 
 /// The epoch the workers watch moves when a token copy changed, not after every driver event: a
@@ -424,7 +424,32 @@ fn the_epoch_moves_only_when_a_token_copy_changes() {
     plugin.on_main_event(on_main(), EVENT_TICK);
     assert!(plugin.driver_events.load(Ordering::Relaxed) > events, "the ticks ran the driver");
     assert_eq!(plugin.epoch(), with_token, "ticks that changed no copy moved the epoch");
-    plugin.shut_down();
+    plugin.shut_down(on_main());
+}
+
+#[test]
+fn the_tick_thread_sleeps_until_the_earliest_wake_and_an_earlier_one_wakes_it_at_once() {
+    use super::ticker::Ticker;
+    use std::time::{Duration, Instant};
+    let _envoy = fake_envoy();
+    let ticker = Arc::new(Ticker::default());
+    let scheduler = Arc::new(handle().scheduler(on_main()).unwrap());
+    assert!(ticker.register(1, &scheduler, EVENT_TICK, Vec::new()));
+    ticker.schedule(1, super::env::now_ms() + 60_000);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(ticker.ticks(), 0, "nothing due for a minute: no tick (a 100 ms period would have posted 3)");
+    let asked = Instant::now();
+    ticker.schedule(1, super::env::now_ms());
+    while ticker.ticks() == 0 && asked.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let took = asked.elapsed();
+    eprintln!("a wake due now was posted after {took:?}");
+    assert_eq!(ticker.ticks(), 1);
+    // The sleep it was in ends about 1 s after registration; a missed signal would post then.
+    assert!(took < Duration::from_millis(400), "the sleeping thread was not woken: posted after {took:?}");
+    assert!(calls().contains(&Call::ConfigCommit(EVENT_TICK)));
+    ticker.unregister(1);
 }
 
 /// A token-exchange profile whose cache key no other test uses.
@@ -504,5 +529,5 @@ fn an_exchange_sends_the_callers_token_and_a_hit_needs_no_driver() {
         calls()
     );
     assert!(calls().iter().all(|c| !format!("{c:?}").contains("subject-token") || matches!(c, Call::Callout { .. })));
-    plugin.shut_down();
+    plugin.shut_down(on_main());
 }

@@ -22,8 +22,8 @@ use proxy_wasm::types::{Action, MapType};
 use crate::adapter;
 use crate::vm::{RequestState, VmState};
 use oauth2_cc_core::exchange::Subject;
+use oauth2_cc_core::request::RequestFacts;
 use oauth2_cc_core::request::{Next, RequestPath, Step};
-use oauth2_cc_core::route::RequestFacts;
 
 /// The context of a VM that has no accepted configuration: requests pass untouched.
 pub struct PassThrough;
@@ -89,7 +89,7 @@ impl TokenInjector {
         }
         let mut decided = None;
         let subject = self.subject.take();
-        self.vm.drive(|driver, env| {
+        self.vm.drive(now_ms, |driver, env| {
             let (outcome, actions) = match &subject {
                 Some(subject) => driver.on_subject_request(profile, request, subject, now_ms, env),
                 None => driver.on_request(profile, request, now_ms, env),
@@ -181,10 +181,12 @@ impl TokenInjector {
     fn report_status(&self, path: &RequestPath, profile: usize, generation: u64, status: Option<&[u8]>) {
         let now_ms = adapter::now_ms();
         match path.subject_key() {
-            Some(subject) => self
-                .vm
-                .drive(|driver, env| driver.on_subject_status(profile, &subject, generation, status, now_ms, env)),
-            None => self.vm.drive(|driver, env| driver.on_response_status(profile, generation, status, now_ms, env)),
+            Some(subject) => self.vm.drive(now_ms, |driver, env| {
+                driver.on_subject_status(profile, &subject, generation, status, now_ms, env)
+            }),
+            None => {
+                self.vm.drive(now_ms, |driver, env| driver.on_response_status(profile, generation, status, now_ms, env))
+            }
         }
     }
 }

@@ -6,7 +6,6 @@
 //! be cancelled with its request.
 
 use std::rc::Rc;
-use std::time::Duration;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType};
@@ -16,15 +15,11 @@ use crate::http::{PassThrough, TokenInjector};
 use crate::metrics::Metrics;
 use crate::queue;
 use crate::store::SharedData;
-use crate::vm::{Configured, VmState};
+use crate::vm::{Configured, Rearm, VmState};
 use oauth2_cc_core::config;
 use oauth2_cc_core::lifecycle::Driver;
 use oauth2_cc_core::wake_registry::HEARTBEAT_MS;
 
-/// How often each VM looks at its profiles and its paused requests.
-const TICK: Duration = Duration::from_millis(100);
-/// The first tick after configuration, which prefetches tokens.
-const FIRST_TICK: Duration = Duration::from_millis(1);
 /// The largest plugin configuration read.
 const MAX_CONFIG_BYTES: usize = 4 * 1024 * 1024;
 
@@ -33,7 +28,6 @@ pub struct FilterRoot {
     queue_name: String,
     vm: Rc<VmState>,
     next_heartbeat_ms: u64,
-    first_tick_pending: bool,
 }
 
 impl FilterRoot {
@@ -44,13 +38,12 @@ impl FilterRoot {
             queue_name: format!("oauth2_cc.wake.{holder_id:016x}.{context_id}"),
             vm: Rc::new(VmState::new(context_id)),
             next_heartbeat_ms: 0,
-            first_tick_pending: false,
         }
     }
 
     fn on_wake(&self, kicked: &[usize]) {
         let now_ms = adapter::now_ms();
-        self.vm.drive(|driver, env| driver.on_wake(kicked, now_ms, env));
+        self.vm.drive(now_ms, |driver, env| driver.on_wake(kicked, now_ms, env));
     }
 }
 
@@ -101,24 +94,24 @@ impl RootContext for FilterRoot {
             Err(_) => return false,
         };
         self.vm.execute(actions);
-        // The first tick comes at once: it prefetches every profile, so the first request finds a token.
-        adapter::set_tick_period(FIRST_TICK);
-        self.first_tick_pending = true;
+        // A new driver wants its first tick at once: it prefetches every profile, so the first
+        // request finds a token.
+        self.vm.ask_tick(now_ms, Rearm::Always);
         true
     }
 
+    /// Envoy's timer, set to when the driver next needs a tick (`VmState::ask_tick`).
     fn on_tick(&mut self) {
-        if self.first_tick_pending {
-            self.first_tick_pending = false;
-            adapter::set_tick_period(TICK);
-        }
         let now_ms = adapter::now_ms();
         self.vm.with_metrics(|m| m.flush());
         if now_ms >= self.next_heartbeat_ms {
             queue::heartbeat(&self.queue_name, now_ms);
             self.next_heartbeat_ms = now_ms.saturating_add(HEARTBEAT_MS);
         }
-        self.vm.drive(|driver, env| driver.on_tick(now_ms, env));
+        self.vm.drive(now_ms, |driver, env| driver.on_tick(now_ms, env));
+        if let Some(wake_in) = self.vm.ask_tick(now_ms, Rearm::Always) {
+            adapter::log(Level::Debug, &format!("tick; next tick in {wake_in} ms"));
+        }
     }
 
     fn on_queue_ready(&mut self, queue_id: u32) {

@@ -197,3 +197,29 @@ fn a_request_whose_client_left_is_not_resumed() {
     assert!(resumed_with_token(&calls, 11), "{calls:?}");
     assert!(!calls.iter().any(|c| matches!(c, Call::SetEffective(10) | Call::Continue(10))), "{calls:?}");
 }
+
+fn tick_periods(calls: &[Call]) -> Vec<u32> {
+    calls.iter().filter_map(|c| if let Call::SetTick(ms) = c { Some(*ms) } else { None }).collect()
+}
+
+#[test]
+fn the_tick_comes_when_the_driver_needs_it_not_every_100_ms() {
+    assert!(start_root(ROOT, &config()));
+    assert_eq!(tick_periods(&take_calls()), [1], "the first tick at once: it prefetches");
+    tick(ROOT);
+    let calls = take_calls();
+    let sent = http_calls(&calls);
+    // A main-thread VM sets its gauges every second; the fetch in flight is due later (its lease).
+    assert_eq!(tick_periods(&calls), [1_000], "{calls:?}");
+    answer(ROOT, sent[0].1, b"200", TOKEN_BODY);
+    assert_eq!(tick_periods(&take_calls()), [0u32; 0], "a stored token due in an hour changes nothing");
+    // This VM serves requests now (no gauges): its 3600 s token needs nothing for minutes, so the
+    // tick comes at the longest period, the core's ceiling.
+    assert_eq!(request(ROOT, 10, &headers()), Action::Continue);
+    fake_envoy::advance_ms(1_000);
+    tick(ROOT);
+    assert_eq!(tick_periods(&take_calls()), [1_000]);
+    // A 401 drops the token: the next tick, which fetches a new one, comes at once.
+    let _ = response(10, b"401");
+    assert_eq!(tick_periods(&take_calls()), [1], "a purged token is fetched again at once");
+}

@@ -28,6 +28,15 @@ pub struct RequestState {
     pub path: Cell<RequestPath>,
 }
 
+/// When [`VmState::ask_tick`] replaces the timer Envoy runs for the root context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rearm {
+    /// From a tick or a configuration: always (after a tick Envoy re-arms with the last period).
+    Always,
+    /// After any other event: only when the driver needs a tick before the one asked for.
+    IfSooner,
+}
+
 /// A configured VM: the driver and what carrying out its actions needs.
 pub struct Configured {
     pub driver: Driver,
@@ -47,6 +56,9 @@ pub struct VmState {
     pub paused: RefCell<HashMap<u64, Rc<RequestState>>>,
     /// Callouts in flight: the host's token → the driver's id.
     pub callouts: RefCell<HashMap<u32, CalloutId>>,
+    /// When the root context's next tick comes, as last asked of Envoy (milliseconds since the
+    /// epoch).
+    pub tick_at_ms: Cell<u64>,
 }
 
 impl VmState {
@@ -58,6 +70,7 @@ impl VmState {
             vm_id: RefCell::new(String::new()),
             paused: RefCell::new(HashMap::new()),
             callouts: RefCell::new(HashMap::new()),
+            tick_at_ms: Cell::new(0),
         }
     }
 
@@ -66,8 +79,9 @@ impl VmState {
         self.configured.try_borrow().ok()?.as_ref().map(|c| Arc::clone(c.driver.config()))
     }
 
-    /// Runs `event` on the driver (if configured and free), then carries out its actions.
-    pub fn drive(&self, event: impl FnOnce(&mut Driver, &mut SharedData) -> Vec<Action>) {
+    /// Runs `event` on the driver (if configured and free) at `now_ms`, carries out its actions,
+    /// and brings the next tick forward if the driver now needs one sooner.
+    pub fn drive(&self, now_ms: u64, event: impl FnOnce(&mut Driver, &mut SharedData) -> Vec<Action>) {
         let actions = match self.configured.try_borrow_mut() {
             Ok(mut configured) => match configured.as_mut() {
                 Some(c) => event(&mut c.driver, &mut SharedData),
@@ -76,6 +90,24 @@ impl VmState {
             Err(_) => return,
         };
         self.execute(actions);
+        self.ask_tick(now_ms, Rearm::IfSooner);
+    }
+
+    /// Asks Envoy for the root context's next tick when the driver next needs one
+    /// (`Driver::next_wake`, at most the core's ceiling from now). Envoy's `set_tick_period`
+    /// replaces the timer, counting from now, and re-arms it with the same period after every
+    /// tick; a period of 0 would stop it (`wake_in_ms` is never 0). Returns the period asked for.
+    pub fn ask_tick(&self, now_ms: u64, rearm: Rearm) -> Option<u64> {
+        let next = self.configured.try_borrow().ok()?.as_ref()?.driver.next_wake();
+        let wake_in = lifecycle::wake_in_ms(next, now_ms);
+        let at = now_ms.saturating_add(wake_in);
+        // Later than the tick already asked for: that tick comes first and asks again.
+        if rearm == Rearm::IfSooner && at >= self.tick_at_ms.get() {
+            return None;
+        }
+        adapter::set_tick_period(Duration::from_millis(wake_in));
+        self.tick_at_ms.set(at);
+        Some(wake_in)
     }
 
     /// Carries out the driver's actions in order.
@@ -230,7 +262,7 @@ impl VmState {
             },
         };
         let now_ms = adapter::now_ms();
-        self.drive(|driver, env| driver.on_answer(id, answer, now_ms, env));
+        self.drive(now_ms, |driver, env| driver.on_answer(id, answer, now_ms, env));
     }
 }
 

@@ -1,5 +1,5 @@
 """docs/capacity.md and tools/capacity_cases.json are tools/capacity.py's output (the script's
-refresh rule is checked against the core's by src/core/tests/capacity_rule.rs, a cargo test)."""
+refresh rule is checked against the core's by src/core/capacity_rule.rs, a cargo test)."""
 
 from __future__ import annotations
 

@@ -47,7 +47,7 @@ JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 HS_SECRET = "hs-secret-0123456789abcdefghijklmnopqrstuvwxyz-ABCDEFGHIJKLMNOPQ"
 assert len(HS_SECRET) == 64
 
-# the filter's jti: 128 random bits, base64url without padding (src/core/assertion.rs)
+# the filter's jti: 128 random bits, base64url without padding (src/core/assertion/mod.rs)
 JTI_RE = re.compile(r"^[A-Za-z0-9_-]{22}$")
 FETCHED_RE = re.compile(FILTER_LOG + r'profile \\?"(?P<profile>[\w.-]+)\\?": token fetched in (?P<ms>\d+) ms')
 MAX_SKEW_S = 3  # iat vs. the test's clock (same machine)
@@ -350,7 +350,7 @@ def test_wrong_key_is_refused_by_idp_and_nothing_reaches_upstream(envoy_factory,
 
 def test_100_fetches_carry_100_distinct_jti(envoy_factory, token_server, upstream, record_property):
     """Tokens that live 1 s and ``refresh.ahead_ratio`` 0.01: a refresh is due 10 ms after each
-    fetch was sent, so the root ticks (100 ms, on each of the 4 VMs) refetch continuously, one at a
+    fetch was sent, so the root contexts (woken for it, on each of the 4 VMs) refetch continuously, one at a
     time under the fetch lease. Requests keep flowing meanwhile and always get a granted token."""
     token_server.set_expires_in(1)
     checker = AssertionChecker(token_server, verify_key=key("rsa_public.pem"), alg="RS256", lifetime=30)

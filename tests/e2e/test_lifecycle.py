@@ -6,7 +6,7 @@ The rules these tests check (README "How it works", src/core/cache.rs):
 - a token is usable until ``sent + lifetime - margin``, the margin ``min(skew_s, lifetime / 10)``
   but at least 1 s (unless that leaves nothing), and refreshed in the background at
   ``sent + ahead_ratio * lifetime`` but at least min(1 s, what ahead_ratio leaves of the usable
-  time) before the usable end (``helpers.token_schedule``; ticks every 100 ms);
+  time) before the usable end (``helpers.token_schedule``; the filter wakes for it);
 - a failed refresh is retried with the exponential backoff, but at the latest halfway to expiry
   (never sooner than 250 ms); a configuration fault (``invalid_client``...) goes straight to the
   ``backoff.max_ms`` ceiling; the delay is drawn from the upper half of the ceiling ("equal
@@ -246,7 +246,7 @@ def test_steady_load_30s_short_lived_tokens(envoy_factory, token_server, upstrea
 
     load = Load(e.port, threads=4).start()
     t_start = time.monotonic()
-    time.sleep(1.2)  # warm-up: the first second (counters are flushed on the 100 ms tick)
+    time.sleep(1.2)  # warm-up: the first second (counters are flushed on the tick, at most 1 s apart)
     waited_after_warmup = metric(e, "waited")
     time.sleep(max(0.0, t_start + duration - time.monotonic()))
     results = load.stop()
@@ -258,7 +258,7 @@ def test_steady_load_30s_short_lived_tokens(envoy_factory, token_server, upstrea
     token_times = [r.time for r in token_server.requests if r.time <= t_end]
     # What the code decides (helpers.token_schedule, src/core/cache.rs token_times, claim_fetch):
     # a 3 s token sent at t is usable until t + 2 s (a margin of at least 1 s) and is refreshed
-    # from t + 1.6 s (0.4 s before that end) by a main-thread VM at its next 100 ms tick (workers
+    # from t + 1.6 s (0.4 s before that end) by a main-thread VM, which wakes for it (workers
     # 0.2 s later). So a
     # gap between two token requests at the IdP is never below 1.6 s (less the previous request's
     # transit, slack 0.2 s: two VMs refreshing, or a refresh at half the life, would be far
@@ -555,7 +555,7 @@ def test_upstream_401_purges_and_refetches_once(envoy_factory, token_server, ups
         assert e.request("/v1/d").status == 200
     assert set(upstream.authorizations()[-5:]) == {"Bearer tok-2"}
     # An absence window, not a wait for a state: a second VM refetching the purged token would do
-    # it on one of its next 100 ms ticks; three of them pass before the count is judged.
+    # it on its next tick, which a purge brings forward to at once; 0.3 s pass before the count is judged.
     time.sleep(0.3)
     report(record_property, token_requests=token_server.count(), purged=metric(e, "purged"))
     assert token_server.count() == 2, [x.summary() for x in token_server.requests]
@@ -576,7 +576,7 @@ def test_first_request_after_startup_does_not_wait(envoy_factory, token_server, 
     assert wait_until(lambda: metric(e, "fetch_ok") >= 1, 3.0), f"fetch_ok {metric(e, 'fetch_ok')} after 3 s"
     t_first = time.monotonic()
     r = e.request("/v1/first")
-    # `injected` reaches Envoy's counter on the next tick (100 ms); `waited` at once.
+    # `injected` reaches Envoy's counter on the next tick (at most 1 s); `waited` at once.
     wait_until(lambda: metric(e, "injected") >= 1, 3.0)
     report(record_property, token_request_after_ready_s=round(t_token - t_ready, 3),
            waited=metric(e, "waited"), injected=metric(e, "injected"))

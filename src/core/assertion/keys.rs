@@ -65,15 +65,15 @@ impl EcCurve {
 mod oid {
     use der::asn1::ObjectIdentifier as Oid;
 
-    pub const RSA: Oid = Oid::new_unwrap("1.2.840.113549.1.1.1");
-    pub const RSA_PSS: Oid = Oid::new_unwrap("1.2.840.113549.1.1.10");
-    pub const EC: Oid = Oid::new_unwrap("1.2.840.10045.2.1");
-    pub const P256: Oid = Oid::new_unwrap("1.2.840.10045.3.1.7");
-    pub const P384: Oid = Oid::new_unwrap("1.3.132.0.34");
-    pub const P521: Oid = Oid::new_unwrap("1.3.132.0.35");
-    pub const SECP256K1: Oid = Oid::new_unwrap("1.3.132.0.10");
-    pub const ED25519: Oid = Oid::new_unwrap("1.3.101.112");
-    pub const ED448: Oid = Oid::new_unwrap("1.3.101.113");
+    pub(super) const RSA: Oid = Oid::new_unwrap("1.2.840.113549.1.1.1");
+    pub(super) const RSA_PSS: Oid = Oid::new_unwrap("1.2.840.113549.1.1.10");
+    pub(super) const EC: Oid = Oid::new_unwrap("1.2.840.10045.2.1");
+    pub(super) const P256: Oid = Oid::new_unwrap("1.2.840.10045.3.1.7");
+    pub(super) const P384: Oid = Oid::new_unwrap("1.3.132.0.34");
+    pub(super) const P521: Oid = Oid::new_unwrap("1.3.132.0.35");
+    pub(super) const SECP256K1: Oid = Oid::new_unwrap("1.3.132.0.10");
+    pub(super) const ED25519: Oid = Oid::new_unwrap("1.3.101.112");
+    pub(super) const ED448: Oid = Oid::new_unwrap("1.3.101.113");
 }
 
 const NO_NAMED_CURVE: KeyError = KeyError::UnsupportedKey { what: "an EC key without a named curve" };
@@ -132,12 +132,12 @@ fn parse_sec1(der: &[u8], curve: Option<EcCurve>) -> Result<ParsedKey, KeyError>
 mod pem {
     use super::{Engine, KeyError, Zeroizing};
 
-    pub const PKCS8: &str = "PRIVATE KEY";
-    pub const PKCS1: &str = "RSA PRIVATE KEY";
-    pub const SEC1: &str = "EC PRIVATE KEY";
+    pub(super) const PKCS8: &str = "PRIVATE KEY";
+    pub(super) const PKCS1: &str = "RSA PRIVATE KEY";
+    pub(super) const SEC1: &str = "EC PRIVATE KEY";
 
     /// The label (one of the three above) and DER of the first private key block in `text`.
-    pub fn first_private_key(text: &str) -> Result<(&'static str, Zeroizing<Vec<u8>>), KeyError> {
+    pub(super) fn first_private_key(text: &str) -> Result<(&'static str, Zeroizing<Vec<u8>>), KeyError> {
         let mut refused = None;
         let mut rest = text;
         while let Some((_, after_begin)) = rest.split_once("-----BEGIN ") {

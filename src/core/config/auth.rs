@@ -66,7 +66,7 @@ pub(super) fn compile_auth(
 /// parameter goes into the URL, which proxies and IdPs log. Only methods whose credentials travel
 /// elsewhere (an `Authorization` header, the TLS handshake, none at all) may use GET.
 fn check_method(method: TokenMethod, auth: AuthMethod, jwt_bearer_grant: bool, at: At) -> Result<(), ConfigError> {
-    if method != TokenMethod::GET {
+    if method != TokenMethod::Get {
         return Ok(());
     }
     let in_query = match auth {

@@ -7,7 +7,7 @@ use super::runtime::{FieldPath, MAX_DURATION_MS};
 use crate::secret::Secret;
 
 /// Reads a secret file whole; `Err` says why not, never with any of its content.
-pub type ReadFile<'a> = &'a dyn Fn(&str) -> Result<String, String>;
+pub(crate) type ReadFile<'a> = &'a dyn Fn(&str) -> Result<String, String>;
 
 /// Where secrets given by reference are read: the VM's environment (`{"env": NAME}`) and, on a
 /// host with a filesystem, files (`{"file": PATH}`).
@@ -72,7 +72,7 @@ pub(super) fn field_path(path: &str, at: &str) -> Result<FieldPath, ConfigError>
 }
 
 /// An HTTP header name (RFC 9110 token), lower-cased; `None` if it is not one.
-pub fn valid_header_name(name: &str) -> Option<String> {
+pub(crate) fn valid_header_name(name: &str) -> Option<String> {
     let is_tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
     if name.is_empty() || !name.bytes().all(is_tchar) {
         return None;
@@ -81,7 +81,7 @@ pub fn valid_header_name(name: &str) -> Option<String> {
 }
 
 /// A header value Envoy will accept as is: no CR, LF, NUL or other control characters but tab.
-pub fn valid_header_value(value: &str) -> bool {
+pub(crate) fn valid_header_value(value: &str) -> bool {
     value.bytes().all(|b| b == b'\t' || (b >= 0x20 && b != 0x7f))
 }
 

@@ -40,7 +40,7 @@ pub(super) fn compile_exchange(
             format!("is only used with grant_type {TOKEN_EXCHANGE_GRANT_TYPE}"),
         ));
     }
-    if raw.method == TokenMethod::GET {
+    if raw.method == TokenMethod::Get {
         return Err(ConfigError::new(
             at("method"),
             "a token exchange is POSTed: GET would put the subject token in the URL",

@@ -24,7 +24,7 @@ mod profile;
 mod raw;
 mod raw_exchange;
 mod routes;
-mod runtime;
+pub(crate) mod runtime;
 #[cfg(test)]
 mod schema;
 #[cfg(test)]
@@ -32,9 +32,9 @@ mod tests;
 
 use serde_json::error::Category;
 
-pub use checks::{SecretSources, valid_header_name, valid_header_value};
-pub use raw::SecretSource;
-pub use runtime::*;
+pub use checks::SecretSources;
+pub(crate) use runtime::*;
+pub use runtime::{Config, Profile};
 
 use crate::route::RouteTable;
 use raw::RawConfig;

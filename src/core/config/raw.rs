@@ -303,7 +303,7 @@ impl OneOrMany {
 /// Where a secret comes from: inline in the configuration, an environment variable of the VM, or a
 /// file (read by the dynamic module, which re-reads it when it changes).
 #[derive(Clone)]
-pub enum SecretSource {
+pub(crate) enum SecretSource {
     Inline(Secret),
     Env(String),
     File(String),
@@ -361,7 +361,7 @@ impl<'de> Deserialize<'de> for SecretSource {
 #[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
-pub enum AuthMethod {
+pub(crate) enum AuthMethod {
     /// RFC 6749 §2.3.1: HTTP Basic with the form-urlencoded id and secret.
     #[default]
     ClientSecretBasic,
@@ -378,7 +378,7 @@ pub enum AuthMethod {
 }
 
 impl AuthMethod {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             AuthMethod::ClientSecretBasic => "client_secret_basic",
             AuthMethod::ClientSecretPost => "client_secret_post",
@@ -397,10 +397,10 @@ impl AuthMethod {
 /// The HTTP method of the token request.
 #[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[cfg_attr(test, derive(schemars::JsonSchema))]
-pub enum TokenMethod {
+pub(crate) enum TokenMethod {
     #[default]
-    #[serde(alias = "post")]
-    POST,
-    #[serde(alias = "get")]
-    GET,
+    #[serde(rename = "POST", alias = "post")]
+    Post,
+    #[serde(rename = "GET", alias = "get")]
+    Get,
 }

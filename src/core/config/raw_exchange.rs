@@ -2,6 +2,7 @@
 //! Schema is generated; `exchange` compiles it. See docs/token-exchange.md.
 
 use serde::Deserialize;
+use serde::de::{DeserializeOwned, Deserializer, Error as _};
 
 use super::raw::SecretSource;
 
@@ -10,7 +11,7 @@ use super::raw::SecretSource;
 #[serde(deny_unknown_fields)]
 pub(super) struct RawTokenExchange {
     /// Where the subject token is (default: the `authorization` header after "Bearer ").
-    #[serde(default)]
+    #[serde(default, deserialize_with = "object")]
     pub(super) subject: Option<RawSubject>,
     /// RFC 8693 `subject_token_type` (default urn:ietf:params:oauth:token-type:access_token).
     #[cfg_attr(test, schemars(extend("pattern" = r"^\S+$")))]
@@ -19,7 +20,7 @@ pub(super) struct RawTokenExchange {
     #[cfg_attr(test, schemars(extend("pattern" = r"^\S+$")))]
     pub(super) requested_token_type: Option<String>,
     /// The `actor_token`: a static token, or the current token of another (non-exchange) profile.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "object")]
     pub(super) actor: Option<RawActor>,
     /// A request with no subject token: `reject` (401) or `pass` (sent on without a token). Default reject.
     #[serde(default)]
@@ -41,8 +42,7 @@ pub(super) struct RawTokenExchange {
 #[derive(Deserialize)]
 #[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
-#[cfg_attr(test, schemars(extend("oneOf" = [{"required": ["header"], "not": {"required": ["metadata"]}},
-    {"required": ["metadata"], "allOf": [{"not": {"required": ["header"]}}, {"not": {"required": ["prefix"]}}]}])))]
+#[cfg_attr(test, schemars(extend("oneOf" = super::schema::subject_sources())))]
 pub(super) struct RawSubject {
     /// A request header: the value after `prefix` (compared without regard to case).
     #[cfg_attr(test, schemars(extend("pattern" = super::schema::HEADER_NAME)))]
@@ -64,10 +64,11 @@ pub(super) struct RawMetadataKey {
     pub(super) key: String,
 }
 
-/// The actor token (RFC 8693 §2.1 `actor_token`).
+/// The actor token (RFC 8693 §2.1 `actor_token`): `token` or `profile`.
 #[derive(Deserialize)]
 #[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(test, schemars(extend("oneOf" = super::schema::actor_sources())))]
 pub(super) struct RawActor {
     /// A static actor token (inline, env or file).
     #[serde(default)]
@@ -115,4 +116,13 @@ pub(super) struct RawExchangeLimits {
     /// Token requests awaiting their answer at once (default 8).
     #[cfg_attr(test, schemars(extend("default" = 8, "minimum" = 1, "maximum" = 256)))]
     pub(super) max_in_flight: Option<u32>,
+}
+
+/// A JSON object only: serde would also read a struct from an array of its fields in order, which
+/// the schema (and a reader) would not take for this object.
+fn object<'de, D: Deserializer<'de>, T: DeserializeOwned>(deserializer: D) -> Result<Option<T>, D::Error> {
+    let Some(map) = Option::<serde_json::Map<String, serde_json::Value>>::deserialize(deserializer)? else {
+        return Ok(None);
+    };
+    serde_json::from_value(serde_json::Value::Object(map)).map(Some).map_err(D::Error::custom)
 }

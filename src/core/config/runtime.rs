@@ -7,21 +7,21 @@ use crate::route::RouteTable;
 use crate::secret::Secret;
 use crate::url::HttpUrl;
 
-pub use super::raw::{AuthMethod, TokenMethod};
+pub(crate) use super::raw::{AuthMethod, TokenMethod};
 
 /// The validated configuration the filter runs on.
 #[derive(Debug)]
 pub struct Config {
     pub profiles: Vec<Profile>,
-    pub routes: RouteTable,
-    pub failure_status: u32,
+    pub(crate) routes: RouteTable,
+    pub(crate) failure_status: u32,
     /// Requests one VM (worker) may hold paused waiting for a token; beyond it, the failure reply.
-    pub max_paused_requests: usize,
+    pub(crate) max_paused_requests: usize,
 }
 
 /// Where the token endpoint is.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TokenEndpoint {
+pub(crate) enum TokenEndpoint {
     Fixed(HttpUrl),
     /// Read from the issuer's metadata at start-up.
     Discovered {
@@ -32,7 +32,7 @@ pub enum TokenEndpoint {
 
 /// The client authentication a profile uses, with the secret it needs.
 #[derive(Debug, Clone)]
-pub enum ClientAuth {
+pub(crate) enum ClientAuth {
     Basic {
         secret: Secret,
     },
@@ -50,76 +50,76 @@ pub enum ClientAuth {
 
 /// How to make the RFC 7523 assertions of a profile: the checked key and the fixed claims.
 #[derive(Debug, Clone)]
-pub struct JwtAssertion {
-    pub signer: AssertionSigner,
-    pub template: AssertionTemplate,
+pub(crate) struct JwtAssertion {
+    pub(crate) signer: AssertionSigner,
+    pub(crate) template: AssertionTemplate,
 }
 
-pub const DEFAULT_ASSERTION_LIFETIME_S: u64 = 60;
+pub(crate) const DEFAULT_ASSERTION_LIFETIME_S: u64 = 60;
 
 /// One named way of getting a token.
 #[derive(Debug, Clone)]
 pub struct Profile {
     pub name: String,
-    pub cluster: String,
-    pub endpoint: TokenEndpoint,
-    pub client_id: String,
-    pub auth_method: AuthMethod,
-    pub client_auth: ClientAuth,
-    pub grant_type: String,
-    pub scopes: Vec<String>,
-    pub audience: Option<String>,
-    pub resources: Vec<String>,
+    pub(crate) cluster: String,
+    pub(crate) endpoint: TokenEndpoint,
+    pub(crate) client_id: String,
+    pub(crate) auth_method: AuthMethod,
+    pub(crate) client_auth: ClientAuth,
+    pub(crate) grant_type: String,
+    pub(crate) scopes: Vec<String>,
+    pub(crate) audience: Option<String>,
+    pub(crate) resources: Vec<String>,
     /// Extra body/query parameters; a name given here replaces the filter's own parameter.
-    pub params: Vec<(String, String)>,
-    pub request_headers: Vec<(String, String)>,
-    pub method: TokenMethod,
-    pub timeout_ms: u64,
-    pub max_wait_ms: u64,
-    pub token_field: FieldPath,
-    pub expires_in_field: FieldPath,
-    pub inject: Injection,
-    pub lifetime: LifetimePolicy,
-    pub backoff: BackoffPolicy,
+    pub(crate) params: Vec<(String, String)>,
+    pub(crate) request_headers: Vec<(String, String)>,
+    pub(crate) method: TokenMethod,
+    pub(crate) timeout_ms: u64,
+    pub(crate) max_wait_ms: u64,
+    pub(crate) token_field: FieldPath,
+    pub(crate) expires_in_field: FieldPath,
+    pub(crate) inject: Injection,
+    pub(crate) lifetime: LifetimePolicy,
+    pub(crate) backoff: BackoffPolicy,
     /// Token requests allowed per hour, if limited.
-    pub max_fetches_per_hour: Option<u32>,
+    pub(crate) max_fetches_per_hour: Option<u32>,
     /// Largest response body read.
     pub max_response_bytes: usize,
     /// RFC 7523 §2.1 JWT-bearer grant: the assertion sent as `assertion`.
-    pub grant_assertion: Option<JwtAssertion>,
+    pub(crate) grant_assertion: Option<JwtAssertion>,
     /// Upstream statuses that mean "this token was rejected": the cached token is dropped.
-    pub purge_on_status: Vec<u32>,
+    pub(crate) purge_on_status: Vec<u32>,
     /// The shared-data key of this profile's cache entry; changes when what the token depends on changes.
     pub cache_key: String,
     /// RFC 8693 token exchange: a token per subject instead of one per profile.
-    pub exchange: Option<TokenExchange>,
+    pub(crate) exchange: Option<TokenExchange>,
 }
 
 /// Where the token goes on the upstream request.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Injection {
+pub(crate) struct Injection {
     /// Lower-case header name.
-    pub header: String,
-    pub prefix: String,
-    pub keep_existing: bool,
+    pub(crate) header: String,
+    pub(crate) prefix: String,
+    pub(crate) keep_existing: bool,
 }
 
 /// How a token's lifetime is turned into refresh and expiry times.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct LifetimePolicy {
+pub(crate) struct LifetimePolicy {
     /// Fraction of the lifetime after which a background refresh starts.
-    pub ahead_ratio: f64,
+    pub(crate) ahead_ratio: f64,
     /// Lifetime assumed when the IdP sends no `expires_in`.
-    pub default_ttl_s: u64,
+    pub(crate) default_ttl_s: u64,
     /// Safety margin taken off the lifetime (capped at a tenth of it for short-lived tokens).
-    pub skew_s: u64,
+    pub(crate) skew_s: u64,
 }
 
 /// Retry spacing after failed token requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BackoffPolicy {
-    pub base_ms: u64,
-    pub max_ms: u64,
+pub(crate) struct BackoffPolicy {
+    pub(crate) base_ms: u64,
+    pub(crate) max_ms: u64,
 }
 
 /// A dotted path into a JSON object (`data.token`).
@@ -135,51 +135,51 @@ impl FieldPath {
         Some(FieldPath(parts))
     }
 
-    pub fn display(&self) -> String {
+    pub(crate) fn display(&self) -> String {
         self.0.join(".")
     }
 }
 
-pub const DEFAULT_GRANT_TYPE: &str = "client_credentials";
-pub const DEFAULT_TIMEOUT_MS: u64 = 5_000;
-pub const DEFAULT_AHEAD_RATIO: f64 = 0.8;
-pub const DEFAULT_TTL_S: u64 = 300;
-pub const DEFAULT_SKEW_S: u64 = 5;
-pub const DEFAULT_BACKOFF_BASE_MS: u64 = 1_000;
-pub const DEFAULT_BACKOFF_MAX_MS: u64 = 60_000;
-pub const DEFAULT_FAILURE_STATUS: u32 = 503;
-pub const DEFAULT_MAX_PAUSED_REQUESTS: usize = 1_000;
-pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 64 * 1024;
+pub(crate) const DEFAULT_GRANT_TYPE: &str = "client_credentials";
+pub(crate) const DEFAULT_TIMEOUT_MS: u64 = 5_000;
+pub(crate) const DEFAULT_AHEAD_RATIO: f64 = 0.8;
+pub(crate) const DEFAULT_TTL_S: u64 = 300;
+pub(crate) const DEFAULT_SKEW_S: u64 = 5;
+pub(crate) const DEFAULT_BACKOFF_BASE_MS: u64 = 1_000;
+pub(crate) const DEFAULT_BACKOFF_MAX_MS: u64 = 60_000;
+pub(crate) const DEFAULT_FAILURE_STATUS: u32 = 503;
+pub(crate) const DEFAULT_MAX_PAUSED_REQUESTS: usize = 1_000;
+pub(crate) const DEFAULT_MAX_RESPONSE_BYTES: usize = 64 * 1024;
 pub(super) const MAX_RESPONSE_BYTES_LIMIT: usize = 1024 * 1024;
 /// Upper bound for any configured duration: a day is far beyond any sane timeout or wait.
 pub(super) const MAX_DURATION_MS: u64 = 86_400_000;
 
 /// RFC 8693 §2.1 `grant_type` of a token-exchange profile.
-pub const TOKEN_EXCHANGE_GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+pub(crate) const TOKEN_EXCHANGE_GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 /// RFC 8693 §3 token type of an OAuth access token: the default subject and actor token type.
-pub const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
+pub(crate) const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
 /// The dynamic-metadata namespace Envoy's jwt_authn filter writes its verified payload under.
-pub const JWT_AUTHN_NAMESPACE: &str = "envoy.filters.http.jwt_authn";
+pub(crate) const JWT_AUTHN_NAMESPACE: &str = "envoy.filters.http.jwt_authn";
 /// Subject entries per set of the per-subject cache (docs/token-exchange.md, "Store layout").
-pub const SUBJECT_SET_WAYS: usize = 8;
+pub(crate) const SUBJECT_SET_WAYS: usize = 8;
 
 /// How a token-exchange profile gets and caches per-subject tokens (docs/token-exchange.md).
 #[derive(Debug, Clone)]
-pub struct TokenExchange {
-    pub subject: SubjectSource,
-    pub subject_token_type: String,
-    pub requested_token_type: Option<String>,
-    pub actor: Option<Actor>,
-    pub missing_subject: MissingSubject,
+pub(crate) struct TokenExchange {
+    pub(crate) subject: SubjectSource,
+    pub(crate) subject_token_type: String,
+    pub(crate) requested_token_type: Option<String>,
+    pub(crate) actor: Option<Actor>,
+    pub(crate) missing_subject: MissingSubject,
     /// The jwt_authn `payload_in_metadata` key that must be present for the request, if required.
-    pub verified_by_jwt_authn: Option<String>,
-    pub cache: SubjectCacheBounds,
-    pub limits: ExchangeLimits,
+    pub(crate) verified_by_jwt_authn: Option<String>,
+    pub(crate) cache: SubjectCacheBounds,
+    pub(crate) limits: ExchangeLimits,
 }
 
 /// Where a request's subject token is.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SubjectSource {
+pub(crate) enum SubjectSource {
     /// The value of request header `name` (lower case) after `prefix` (compared ignoring case).
     Header { name: String, prefix: String },
     /// A string in the request's dynamic metadata.
@@ -188,7 +188,7 @@ pub enum SubjectSource {
 
 /// What to do with a request that has no subject token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MissingSubject {
+pub(crate) enum MissingSubject {
     /// Answer 401.
     Reject,
     /// Send it on untouched, with no token.
@@ -197,7 +197,7 @@ pub enum MissingSubject {
 
 /// The RFC 8693 `actor_token` of an exchange.
 #[derive(Debug, Clone)]
-pub enum Actor {
+pub(crate) enum Actor {
     Static {
         token: Secret,
         token_type: String,
@@ -214,23 +214,23 @@ pub enum Actor {
 /// each set's value at most `set_bytes`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SubjectCacheBounds {
-    pub max_subjects: usize,
-    pub sets: usize,
-    pub max_bytes: u64,
-    pub set_bytes: usize,
+    pub(crate) max_subjects: usize,
+    pub(crate) sets: usize,
+    pub(crate) max_bytes: u64,
+    pub(crate) set_bytes: usize,
 }
 
 /// Limits on a profile's token requests, per Envoy process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ExchangeLimits {
-    pub per_second: u32,
-    pub burst: u32,
-    pub max_in_flight: u32,
+pub(crate) struct ExchangeLimits {
+    pub(crate) per_second: u32,
+    pub(crate) burst: u32,
+    pub(crate) max_in_flight: u32,
 }
 
 /// The least byte share of one set: one largest token and its entry's bookkeeping.
-pub const MIN_SUBJECT_SET_BYTES: usize = crate::token_response::MAX_TOKEN_BYTES + 256;
-pub const DEFAULT_MAX_SUBJECTS: u32 = 1024;
-pub const DEFAULT_SUBJECT_CACHE_BYTES: u64 = 8 * 1024 * 1024;
-pub const DEFAULT_EXCHANGES_PER_SECOND: u32 = 20;
-pub const DEFAULT_MAX_IN_FLIGHT: u32 = 8;
+pub(crate) const MIN_SUBJECT_SET_BYTES: usize = crate::token_response::MAX_TOKEN_BYTES + 256;
+pub(crate) const DEFAULT_MAX_SUBJECTS: u32 = 1024;
+pub(crate) const DEFAULT_SUBJECT_CACHE_BYTES: u64 = 8 * 1024 * 1024;
+pub(crate) const DEFAULT_EXCHANGES_PER_SECOND: u32 = 20;
+pub(crate) const DEFAULT_MAX_IN_FLIGHT: u32 = 8;

@@ -92,6 +92,19 @@ fn auth_method_is(methods: &[&str]) -> Value {
     json!({"required": ["auth_method"], "properties": {"auth_method": {"enum": methods}}})
 }
 
+/// `token_exchange.subject`: a header (with its prefix) or a metadata key, one of the two.
+pub(super) fn subject_sources() -> Value {
+    json!([
+        {"allOf": [has("header"), lacks("metadata")]},
+        {"allOf": [has("metadata"), lacks("header"), lacks("prefix")]}
+    ])
+}
+
+/// `token_exchange.actor`: a static token or another profile, one of the two.
+pub(super) fn actor_sources() -> Value {
+    json!([{"allOf": [has("token"), lacks("profile")]}, {"allOf": [has("profile"), lacks("token")]}])
+}
+
 fn token_exchange_grant() -> Value {
     json!({"required": ["grant_type"], "properties": {"grant_type": {"const": super::TOKEN_EXCHANGE_GRANT_TYPE}}})
 }

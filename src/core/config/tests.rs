@@ -29,7 +29,7 @@ fn minimal_config_gets_documented_defaults() {
     assert_eq!(profile.auth_method, AuthMethod::ClientSecretBasic);
     assert!(matches!(profile.client_auth, ClientAuth::Basic { .. }));
     assert_eq!(profile.grant_type, "client_credentials");
-    assert_eq!(profile.method, TokenMethod::POST);
+    assert_eq!(profile.method, TokenMethod::Post);
     assert_eq!(profile.timeout_ms, 5_000);
     assert_eq!(profile.max_wait_ms, 6_000);
     assert_eq!(profile.token_field, FieldPath(vec!["access_token".into()]));
@@ -436,7 +436,7 @@ fn get_is_refused_where_credentials_would_go_into_the_query() {
             match parse_value(&config) {
                 Ok(parsed) => {
                     assert!(allowed, "{what}: {method} accepted");
-                    assert_eq!(parsed.profiles[0].method, TokenMethod::GET);
+                    assert_eq!(parsed.profiles[0].method, TokenMethod::Get);
                 }
                 Err(err) => {
                     assert!(!allowed, "{what}: {method} refused: {err}");

@@ -31,7 +31,11 @@ impl SubjectCopy {
     pub fn of(entry: &Entry, prefix: &str, subject: SubjectKey, now_ms: u64) -> Option<SubjectCopy> {
         let use_until_ms = entry.refresh_at_ms.min(entry.expires_at_ms.saturating_sub(VM_COPY_MARGIN_MS));
         (!entry.token.is_empty() && now_ms < use_until_ms).then(|| SubjectCopy {
-            snapshot: Snapshot { generation: entry.generation, header_value: format!("{prefix}{}", entry.token) },
+            snapshot: Snapshot {
+                generation: entry.generation,
+                header_value: format!("{prefix}{}", entry.token),
+                valid_until_ms: use_until_ms,
+            },
             use_until_ms,
             subject,
         })
@@ -188,6 +192,11 @@ impl SubjectCopies {
     pub fn len(&self, profile: usize) -> usize {
         self.held.get(profile).map_or(0, |h| h.0)
     }
+
+    /// When the first copy stops being usable (a holder that prunes on ticks must tick then).
+    pub fn earliest_end(&self) -> Option<u64> {
+        self.by_profile.iter().flat_map(|map| map.values().flatten()).map(|(_, c)| c.use_until_ms).min()
+    }
 }
 
 /// The cache bounds of `profile`, if it is a token-exchange profile.
@@ -201,7 +210,7 @@ mod tests {
 
     fn copy(generation: u64, use_until_ms: u64) -> SubjectCopy {
         SubjectCopy {
-            snapshot: Snapshot { generation, header_value: "Bearer t".into() },
+            snapshot: Snapshot { generation, header_value: "Bearer t".into(), valid_until_ms: use_until_ms },
             use_until_ms,
             subject: SubjectKey([generation as u8; 32]),
         }

@@ -13,14 +13,14 @@ const MILLI: u64 = 1_000;
 
 /// One exchange in flight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Permit {
-    pub holder: u64,
-    pub until_ms: u64,
+pub(crate) struct Permit {
+    pub(crate) holder: u64,
+    pub(crate) until_ms: u64,
 }
 
 /// The limiter's state.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Limiter {
+pub(crate) struct Limiter {
     milli_tokens: u64,
     refilled_at_ms: u64,
     permits: Vec<Permit>,
@@ -28,7 +28,7 @@ pub struct Limiter {
 
 /// Why the limiter refused an exchange.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refused {
+pub(crate) enum Refused {
     /// `exchanges_per_second` (and the burst) spent.
     Rate,
     /// `max_in_flight` exchanges await their answers.
@@ -37,7 +37,7 @@ pub enum Refused {
 
 impl Limiter {
     /// The state in `bytes`; missing or unreadable bytes are a full bucket and no permit.
-    pub fn decode(bytes: Option<&[u8]>, limits: &ExchangeLimits, now_ms: u64) -> Limiter {
+    pub(crate) fn decode(bytes: Option<&[u8]>, limits: &ExchangeLimits, now_ms: u64) -> Limiter {
         bytes.and_then(decode).unwrap_or(Limiter {
             milli_tokens: u64::from(limits.burst) * MILLI,
             refilled_at_ms: now_ms,
@@ -45,7 +45,7 @@ impl Limiter {
         })
     }
 
-    pub fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(18 + 16 * self.permits.len());
         out.push(VERSION);
         out.extend_from_slice(&self.milli_tokens.to_le_bytes());
@@ -59,12 +59,19 @@ impl Limiter {
     }
 
     /// Exchanges in flight now (permits whose deadline has not passed).
-    pub fn in_flight(&self, now_ms: u64) -> usize {
+    #[cfg(test)]
+    pub(crate) fn in_flight(&self, now_ms: u64) -> usize {
         self.permits.iter().filter(|p| now_ms < p.until_ms).count()
     }
 
     /// Takes a permit for an exchange by `holder` whose lease lasts until `until_ms`, or says why not.
-    pub fn acquire(&mut self, limits: &ExchangeLimits, holder: u64, now_ms: u64, until_ms: u64) -> Result<(), Refused> {
+    pub(crate) fn acquire(
+        &mut self,
+        limits: &ExchangeLimits,
+        holder: u64,
+        now_ms: u64,
+        until_ms: u64,
+    ) -> Result<(), Refused> {
         self.permits.retain(|p| now_ms < p.until_ms);
         let elapsed = now_ms.saturating_sub(self.refilled_at_ms);
         // per_second tokens a second is per_second milli-tokens a millisecond.
@@ -84,7 +91,7 @@ impl Limiter {
 
     /// Gives back the permit of `holder`'s exchange with deadline `until_ms`; `false` if there is
     /// none (it ran out, and was dropped).
-    pub fn release(&mut self, holder: u64, until_ms: u64) -> bool {
+    pub(crate) fn release(&mut self, holder: u64, until_ms: u64) -> bool {
         match self.permits.iter().position(|p| p.holder == holder && p.until_ms == until_ms) {
             Some(index) => {
                 self.permits.swap_remove(index);

@@ -11,8 +11,8 @@
 //! The lifecycle (`lifecycle::exchange`) puts them together with the lease protocol.
 
 pub mod copies;
-pub mod limiter;
-pub mod set;
+pub(crate) mod limiter;
+pub(crate) mod set;
 
 use sha2::{Digest, Sha256};
 
@@ -32,15 +32,9 @@ impl SubjectKey {
     }
 
     /// The set this subject lives in, of `sets`.
-    pub fn set_index(&self, sets: usize) -> usize {
+    pub(crate) fn set_index(&self, sets: usize) -> usize {
         let [a, b, c, d, ..] = self.0;
         (u32::from_le_bytes([a, b, c, d]) as usize) % sets.max(1)
-    }
-
-    /// A cheap hash for in-memory maps: the digest is already uniform.
-    pub fn short(&self) -> u64 {
-        let [_, _, _, _, a, b, c, d, e, f, g, h, ..] = self.0;
-        u64::from_le_bytes([a, b, c, d, e, f, g, h])
     }
 }
 
@@ -109,13 +103,13 @@ impl Subject {
 /// in whole seconds). One bound for both: a margin that shrank with the time left would let the
 /// cap pass while the subject may still be exchanged, and each exchange after it would buy less
 /// time than the one before, or be refused by the IdP as expired.
-pub fn subject_usable_until_ms(exp_ms: u64) -> u64 {
+pub(crate) fn subject_usable_until_ms(exp_ms: u64) -> u64 {
     exp_ms.saturating_sub(crate::cache::MIN_MARGIN_MS)
 }
 
 /// What a request says about its subject.
 #[derive(Debug, PartialEq, Eq)]
-pub enum SubjectFact {
+pub(crate) enum SubjectFact {
     /// A value where the subject token goes (checked on a miss: [`Subject::token`]).
     Present(Subject),
     /// No subject token.
@@ -126,7 +120,7 @@ pub enum SubjectFact {
 
 /// Reads the subject token where the profile says, and whether jwt_authn verified a token when the
 /// profile requires it. Cheap: no copy, no check of the token's bytes (see [`Subject`]).
-pub fn read_subject(te: &TokenExchange, facts: &mut dyn RequestFacts) -> SubjectFact {
+pub(crate) fn read_subject(te: &TokenExchange, facts: &mut dyn RequestFacts) -> SubjectFact {
     let subject = match &te.subject {
         SubjectSource::Header { name, prefix } => facts.header(name).and_then(|value| after_prefix(value, prefix)),
         SubjectSource::Metadata { namespace, key } => {

@@ -18,50 +18,50 @@ const REJECTED: u8 = 0x01;
 const ENTRY_HEADER: usize = 32 + 8 + 1 + 4;
 
 /// The key of set `index` of the profile whose cache key is `cache_key`.
-pub fn set_key(cache_key: &str, index: usize) -> String {
+pub(crate) fn set_key(cache_key: &str, index: usize) -> String {
     format!("{cache_key}.x.{index}")
 }
 
 /// The key of the profile's exchange limiter.
-pub fn limit_key(cache_key: &str) -> String {
+pub(crate) fn limit_key(cache_key: &str) -> String {
     format!("{cache_key}.x.limit")
 }
 
 /// The key of the profile's purge counter (moves when an upstream's status dropped a subject's token).
-pub fn purges_key(cache_key: &str) -> String {
+pub(crate) fn purges_key(cache_key: &str) -> String {
     format!("{cache_key}.x.purges")
 }
 
 /// One subject's cache entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SubjectEntry {
-    pub subject: SubjectKey,
+pub(crate) struct SubjectEntry {
+    pub(crate) subject: SubjectKey,
     /// Set when the entry is claimed or stored, and when a request finds it on a miss.
-    pub last_used_ms: u64,
+    pub(crate) last_used_ms: u64,
     /// The IdP refused this subject token: its requests get 401 while the backoff runs.
-    pub rejected: bool,
-    pub entry: Entry,
+    pub(crate) rejected: bool,
+    pub(crate) entry: Entry,
 }
 
 impl SubjectEntry {
-    pub fn new(subject: SubjectKey) -> SubjectEntry {
+    pub(crate) fn new(subject: SubjectKey) -> SubjectEntry {
         SubjectEntry { subject, last_used_ms: 0, rejected: false, entry: Entry::default() }
     }
 }
 
 /// The decoded value of one set key.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SubjectSet {
-    pub entries: Vec<SubjectEntry>,
+pub(crate) struct SubjectSet {
+    pub(crate) entries: Vec<SubjectEntry>,
 }
 
 impl SubjectSet {
     /// The set in `bytes` (`None`, another version or broken bytes: empty).
-    pub fn decode(bytes: Option<&[u8]>) -> SubjectSet {
+    pub(crate) fn decode(bytes: Option<&[u8]>) -> SubjectSet {
         bytes.and_then(decode_entries).map(|entries| SubjectSet { entries }).unwrap_or_default()
     }
 
-    pub fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let encoded: Vec<Vec<u8>> = self.entries.iter().map(|e| e.entry.encode()).collect();
         let mut out = Vec::with_capacity(2 + encoded.iter().map(|e| ENTRY_HEADER + e.len()).sum::<usize>());
         out.push(VERSION);
@@ -77,7 +77,7 @@ impl SubjectSet {
     }
 
     /// The entry of exactly this subject: the whole digest is compared, so two subjects never share one.
-    pub fn find(&self, subject: &SubjectKey) -> Option<&SubjectEntry> {
+    pub(crate) fn find(&self, subject: &SubjectKey) -> Option<&SubjectEntry> {
         self.entries.iter().find(|e| e.subject == *subject)
     }
 
@@ -85,7 +85,7 @@ impl SubjectSet {
     /// has at most [`SUBJECT_SET_WAYS`] entries and encodes within `max_bytes`: first entries with
     /// no usable token and no live lease, then the least recently used; a leased entry only when
     /// nothing else is left. `false` (and the set unchanged) when `entry` alone does not fit.
-    pub fn put(&mut self, entry: SubjectEntry, now_ms: u64, max_bytes: usize) -> bool {
+    pub(crate) fn put(&mut self, entry: SubjectEntry, now_ms: u64, max_bytes: usize) -> bool {
         if 2 + ENTRY_HEADER + entry.entry.encode().len() > max_bytes {
             return false;
         }

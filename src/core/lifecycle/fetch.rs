@@ -20,13 +20,13 @@ const LEASE_SLACK_MS: u64 = 2_000;
 
 #[derive(Debug, Clone)]
 pub(super) struct Pending {
-    pub cache_key: String,
+    pub(crate) cache_key: String,
     /// The subject of a token exchange (its token stays with the driver's wants).
-    pub exchange: Option<PendingExchange>,
-    pub sent_at_ms: u64,
+    pub(crate) exchange: Option<PendingExchange>,
+    pub(crate) sent_at_ms: u64,
     /// The lease this fetch holds (with this VM's holder): a VM can hold a newer lease while an
     /// older fetch of its own answers late, and only the fetch that holds the lease releases it.
-    pub lease_until_ms: u64,
+    pub(crate) lease_until_ms: u64,
     step: Step,
 }
 
@@ -70,7 +70,7 @@ impl From<&TokenError> for Failure {
 }
 
 /// How long a lease lasts for a fetch of `chain` requests of `timeout_ms` each.
-pub fn lease_ms(timeout_ms: u64, chain: u64) -> u64 {
+pub(crate) fn lease_ms(timeout_ms: u64, chain: u64) -> u64 {
     timeout_ms.saturating_mul(chain).saturating_add(LEASE_SLACK_MS)
 }
 
@@ -99,6 +99,8 @@ impl Driver {
         let config = std::sync::Arc::clone(&self.config);
         let Some(profile) = config.profiles.get(index) else { return };
         if profile.exchange.is_some() {
+            // No profile-wide fetch: each subject's comes from a request (`maybe_exchange_all`).
+            self.note_claim_at(index, u64::MAX);
             return self.maybe_exchange_all(index, now_ms, env, actions);
         }
         if self.superseded.contains(&profile.cache_key) {
@@ -113,13 +115,19 @@ impl Driver {
             max_fetches_per_hour: profile.max_fetches_per_hour,
         };
         let mut claim = Claim::NotNeeded;
+        let mut claim_at = 0;
         let update = store::update_entry(env, &profile.cache_key, |entry| {
             claim = cache::claim_fetch(entry, now_ms, &rules);
+            claim_at = cache::next_claim_ms(&entry.view(), rules.defer_refresh);
             match &claim {
                 Claim::Claimed(next) | Claim::BudgetExhausted(next) => Some(next.clone()),
                 Claim::NotNeeded => None,
             }
         });
+        if let Update::Written(entry) = &update {
+            claim_at = cache::next_claim_ms(&entry.view(), rules.defer_refresh);
+        }
+        self.note_claim_at(index, claim_at);
         match (claim, update) {
             (Claim::NotNeeded, _) | (_, Update::Unchanged) => {}
             (_, Update::Contended) => log(
@@ -290,6 +298,39 @@ impl Driver {
             body: request.body,
             timeout_ms: profile.timeout_ms,
         }));
+    }
+
+    /// This VM goes away with fetches in flight (a filter configuration destroyed while its token
+    /// request is out): their answers will never reach it, so it gives their leases back now and
+    /// wakes every VM. Whoever needs the token next (the configuration that replaces this one)
+    /// fetches at once instead of waiting for the lease to run out.
+    pub fn on_shut_down(&mut self, env: &mut dyn Environment) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let holder = self.holder;
+        for pending in std::mem::take(&mut self.pending).into_values() {
+            let update = store::update_entry(env, &pending.cache_key, |entry| {
+                (lease_of(entry, holder, pending.lease_until_ms) == holder).then(|| cache::Entry {
+                    lease_holder: 0,
+                    lease_until_ms: 0,
+                    ..entry.clone()
+                })
+            });
+            if let Update::Written(_) = update {
+                let name = self.profile_index(&pending.cache_key).and_then(|i| self.config.profiles.get(i));
+                log(
+                    &mut actions,
+                    LogLevel::Debug,
+                    format!(
+                        "profile {:?}: configuration going away with its token request in flight; lease released",
+                        name.map_or("", |p| p.name.as_str())
+                    ),
+                );
+                if !actions.contains(&Action::BroadcastWake) {
+                    actions.push(Action::BroadcastWake);
+                }
+            }
+        }
+        actions
     }
 
     /// The host could not dispatch callout `id` (Envoy knows no such cluster).
@@ -496,7 +537,8 @@ impl Driver {
                 actions,
             );
         }
-        let Some(profile) = self.config.profiles.get(index) else { return };
+        let config = std::sync::Arc::clone(&self.config);
+        let Some(profile) = config.profiles.get(index) else { return };
         let holder = self.holder;
         let jitter = (env.random_u64() >> 11) as f64 / (1u64 << 53) as f64;
         let update = store::update_entry(env, &profile.cache_key, |entry| {
@@ -504,7 +546,10 @@ impl Driver {
             Some(cache::after_failure(entry, holder, failure.class, now_ms, retry_after_ms, &profile.backoff, jitter))
         });
         let next = match update {
-            Update::Written(entry) => format!("next attempt in {} ms", entry.retry_at_ms.saturating_sub(now_ms)),
+            Update::Written(entry) => {
+                self.note_claim_at(index, cache::next_claim_ms(&entry.view(), self.serves_requests));
+                format!("next attempt in {} ms", entry.retry_at_ms.saturating_sub(now_ms))
+            }
             _ => "the cache could not be written; next attempt when the lease runs out".to_string(),
         };
         actions.push(Action::Count { profile: index, metric: Metric::FetchFailed(failure.label.clone()) });

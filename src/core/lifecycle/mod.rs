@@ -25,7 +25,8 @@ use std::sync::Arc;
 use crate::config::Config;
 pub use crate::metrics::Metric;
 use crate::url::HttpUrl;
-pub use requests::{FailureReply, RequestOutcome, Snapshot, failure_reply, unknown_profile_reply};
+pub use requests::{FailureReply, RequestOutcome, Snapshot};
+pub(crate) use requests::{failure_reply, unknown_profile_reply};
 pub use store::{Environment, Update, Written};
 
 /// Identifies a callout this driver asked for; the host maps its own handle to it.
@@ -154,6 +155,23 @@ pub enum AnswerBody<'a> {
 /// How often the main-thread VM sets the token gauges.
 const GAUGE_PERIOD_MS: u64 = 1_000;
 
+/// The longest a host sleeps between two events, whatever [`Driver::next_wake`] says (see
+/// [`wake_in_ms`]): a wake the driver could not foresee (a lost wake message, a clock that jumped)
+/// costs at most this. The gauge period, so a main-thread VM, which sets its gauges that often
+/// anyway, wakes no more for it; and counts a worker batches reach Envoy within it.
+pub const MAX_WAKE_INTERVAL_MS: u64 = 1_000;
+
+/// After a tick that could not do what was due (the store refused or stayed contended), when it
+/// is tried again: the period hosts used to tick at, so a stuck store never makes a busy loop.
+const STALLED_RETRY_MS: u64 = 100;
+
+/// How long a host waits, from `now_ms`, before it gives its driver the next tick: until
+/// `next_wake` ([`Driver::next_wake`]; a time already past: 1 ms, at once but never a period of
+/// 0, which stops a proxy-wasm tick), and never longer than [`MAX_WAKE_INTERVAL_MS`].
+pub fn wake_in_ms(next_wake: Option<u64>, now_ms: u64) -> u64 {
+    next_wake.map_or(MAX_WAKE_INTERVAL_MS, |at| at.saturating_sub(now_ms)).clamp(1, MAX_WAKE_INTERVAL_MS)
+}
+
 /// One VM's lifecycle state. See the module doc.
 pub struct Driver {
     config: Arc<Config>,
@@ -173,6 +191,9 @@ pub struct Driver {
     snapshots: Vec<Option<Snapshot>>,
     /// Moves whenever a copy in `snapshots` changes (see [`Driver::copies_generation`]).
     copies_generation: u64,
+    /// Per profile, the earliest time a fetch could start, as this VM last saw the entry
+    /// (`cache::next_claim_ms`; for [`Driver::next_wake`]).
+    claim_at_ms: Vec<u64>,
     next_gauge_ms: u64,
     /// Cache keys a newer configuration of this process owns (see [`Driver::set_superseded`]).
     superseded: Vec<String>,
@@ -202,6 +223,7 @@ impl Driver {
             discovered: HashMap::new(),
             snapshots: Vec::new(),
             copies_generation: 1,
+            claim_at_ms: Vec::new(),
             next_gauge_ms: 0,
             superseded: Vec::new(),
             lifetimes_s: Vec::new(),
@@ -247,16 +269,46 @@ impl Driver {
         self.serves_requests = true;
     }
 
-    /// The periodic tick (100 ms): refresh copies, fetch what is due, settle paused requests.
+    /// The tick the host gives at [`Driver::next_wake`] (or sooner): refresh copies, fetch what
+    /// is due, settle paused requests.
     pub fn on_tick(&mut self, now_ms: u64, env: &mut dyn Environment) -> Vec<Action> {
         let mut actions = Vec::new();
         self.refresh_snapshots(now_ms, env);
         self.report_gauges(now_ms, env, &mut actions);
         for index in 0..self.config.profiles.len() {
             self.maybe_fetch(index, now_ms, env, &mut actions);
+            // Still due after trying: the store refused or stayed contended. Try again soon, not
+            // at once (that would be a busy loop).
+            if let Some(at) = self.claim_at_ms.get_mut(index)
+                && *at <= now_ms
+            {
+                *at = now_ms.saturating_add(STALLED_RETRY_MS);
+            }
         }
         self.settle_waiters(now_ms, env, &mut actions);
         actions
+    }
+
+    /// When this driver next needs a tick (milliseconds since the epoch; a time already past
+    /// means now; `None`: nothing is timed), quinn-proto's `poll_timeout`: the earliest of each
+    /// profile's next possible fetch (refresh time, a worker's grace, expiry, the end of a backoff
+    /// or of another VM's lease, or at once with no token; not for keys a newer configuration
+    /// owns), the end of each token copy (`Snapshot::valid_until_ms`), each paused request's
+    /// deadline, and the next gauge report on a VM that sets gauges. Every change another VM makes
+    /// that brings one of these closer comes with a broadcast wake, so the host need not ask
+    /// sooner; it asks again after every event (any event may move it) and sleeps at most
+    /// [`MAX_WAKE_INTERVAL_MS`] ([`wake_in_ms`]).
+    pub fn next_wake(&self) -> Option<u64> {
+        let fetches = (self.config.profiles.iter().zip(&self.claim_at_ms))
+            .filter(|(profile, _)| !self.superseded.contains(&profile.cache_key))
+            .map(|(_, at)| *at);
+        let copies = self.snapshots.iter().flatten().map(|copy| copy.valid_until_ms);
+        let deadlines = self.waiters.iter().map(|waiter| waiter.deadline_ms);
+        let gauges = (!self.serves_requests).then_some(self.next_gauge_ms);
+        // Exchanged tokens: the end of the first copy (pruned at the tick); wanted subjects are
+        // tried again at every tick, at most MAX_WAKE_INTERVAL_MS apart.
+        let subject_copies = self.subject_copies.earliest_end();
+        fetches.chain(copies).chain(deadlines).chain(gauges).chain(subject_copies).min()
     }
 
     /// A wake from any VM (a token changed) or a kick from this VM's own requests (`kicked`
@@ -285,6 +337,7 @@ impl Driver {
             }
         }
         self.snapshots = vec![None; self.config.profiles.len()];
+        self.claim_at_ms = vec![0; self.config.profiles.len()];
         self.lifetimes_s = vec![0; self.config.profiles.len()];
         self.subject_copies.clear();
         self.purge_marks = Vec::new();

@@ -9,18 +9,21 @@ use crate::config::Config;
 /// A VM's copy of a profile's token as the shared store held it at the last tick or wake.
 ///
 /// The store stays the source of truth: the copy is refreshed on every tick and wake, and every
-/// write that changes the token (a fetch, a purge) wakes all VMs. A copy is kept only while
-/// [`cache::keep_vm_copy`] says so, so the request path can use it without reading the clock.
+/// write that changes the token (a fetch, a purge) wakes all VMs. A copy is valid until
+/// `valid_until_ms` (`cache::vm_copy_valid_until`); the driver's [`Driver::next_wake`] asks its
+/// host for a tick by then, which drops it, so the request path uses it without reading the clock.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Snapshot {
-    pub generation: u64,
+    pub(crate) generation: u64,
     /// Prefix and token, ready for the header.
     pub header_value: String,
+    /// The copy may be served until then (milliseconds since the epoch), and not after.
+    pub(crate) valid_until_ms: u64,
 }
 
 impl std::fmt::Debug for Snapshot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Snapshot(generation {}, [redacted])", self.generation)
+        write!(f, "Snapshot(generation {}, valid until {}, [redacted])", self.generation, self.valid_until_ms)
     }
 }
 
@@ -51,11 +54,11 @@ impl std::fmt::Debug for RequestOutcome {
 /// A request paused until its profile has a token.
 #[derive(Debug, Clone)]
 pub(super) struct Waiter {
-    pub request: RequestId,
-    pub profile: usize,
-    pub deadline_ms: u64,
+    pub(crate) request: RequestId,
+    pub(crate) profile: usize,
+    pub(crate) deadline_ms: u64,
     /// The subject of a token-exchange profile's request.
-    pub subject: Option<crate::exchange::SubjectKey>,
+    pub(crate) subject: Option<crate::exchange::SubjectKey>,
 }
 
 /// The local reply for a request that gets no token: never the IdP's body, never a secret.
@@ -68,7 +71,7 @@ pub struct FailureReply {
 }
 
 /// The failure reply for `profile`: the configured status and a small JSON body naming it.
-pub fn failure_reply(config: &Config, profile: usize) -> FailureReply {
+pub(crate) fn failure_reply(config: &Config, profile: usize) -> FailureReply {
     let name = config.profiles.get(profile).map_or("", |p| p.name.as_str());
     // Profile names are restricted to [A-Za-z0-9._-] at configuration time: safe inside JSON.
     FailureReply {
@@ -79,7 +82,7 @@ pub fn failure_reply(config: &Config, profile: usize) -> FailureReply {
 }
 
 /// The reply for a route whose metadata names a profile that is not configured.
-pub fn unknown_profile_reply(config: &Config) -> FailureReply {
+pub(crate) fn unknown_profile_reply(config: &Config) -> FailureReply {
     FailureReply {
         status: config.failure_status,
         details: "oauth2_cc_unknown_profile",
@@ -190,11 +193,14 @@ impl Driver {
         if !p.purge_on_status.contains(&status) {
             return actions;
         }
-        if let Update::Written(_) = store::update_entry(env, &p.cache_key, |entry| cache::purge(entry, generation)) {
+        let purged = store::update_entry(env, &p.cache_key, |entry| cache::purge(entry, generation));
+        // This VM drops its copy of the rejected token now, even when another VM purged it first
+        // and this VM's wake is still to come.
+        let _ = self.refresh_snapshot(profile, now_ms, env);
+        if let Update::Written(_) = purged {
             let name = p.name.clone();
             actions.push(Action::Count { profile, metric: Metric::Purged });
             // Every VM drops its copy of the rejected token now, not at its next tick.
-            let _ = self.refresh_snapshot(profile, now_ms, env);
             actions.push(Action::BroadcastWake);
             log(
                 &mut actions,
@@ -295,6 +301,16 @@ impl Driver {
         }
     }
 
+    /// Records when a fetch of `profile` could next start (`cache::next_claim_ms`).
+    pub(super) fn note_claim_at(&mut self, profile: usize, at_ms: u64) {
+        if self.claim_at_ms.len() != self.config.profiles.len() {
+            self.claim_at_ms.resize(self.config.profiles.len(), 0);
+        }
+        if let Some(slot) = self.claim_at_ms.get_mut(profile) {
+            *slot = at_ms;
+        }
+    }
+
     pub(super) fn refresh_snapshots(&mut self, now_ms: u64, env: &mut dyn Environment) {
         for index in 0..self.config.profiles.len() {
             let _ = self.refresh_snapshot(index, now_ms, env);
@@ -302,21 +318,25 @@ impl Driver {
         self.refresh_subject_copies(now_ms, env);
     }
 
-    /// Re-reads one profile's entry into this VM's copy; returns the entry's bytes.
+    /// Re-reads one profile's entry into this VM's copy (and when a fetch could start); returns
+    /// the entry's bytes.
     pub(super) fn refresh_snapshot(&mut self, profile: usize, now_ms: u64, env: &dyn Environment) -> Option<Vec<u8>> {
         let p = self.config.profiles.get(profile)?;
         if p.exchange.is_some() {
             return None; // its tokens are per subject (`refresh_subject_copies`)
         }
         let bytes = env.get(&p.cache_key).0;
-        let snapshot = bytes
-            .as_deref()
-            .and_then(EntryView::decode)
-            .filter(|v| cache::keep_vm_copy(v, now_ms))
-            .map(|v| Snapshot { generation: v.generation, header_value: format!("{}{}", p.inject.prefix, v.token) });
+        let view = bytes.as_deref().and_then(EntryView::decode);
+        let snapshot = view.filter(|v| cache::keep_vm_copy(v, now_ms)).map(|v| Snapshot {
+            generation: v.generation,
+            header_value: format!("{}{}", p.inject.prefix, v.token),
+            valid_until_ms: cache::vm_copy_valid_until(&v).unwrap_or(0),
+        });
+        let claim_at = view.map_or(0, |v| cache::next_claim_ms(&v, self.serves_requests));
         if self.snapshots.len() != self.config.profiles.len() {
             self.snapshots.resize(self.config.profiles.len(), None);
         }
+        self.note_claim_at(profile, claim_at);
         if let Some(slot) = self.snapshots.get_mut(profile)
             && *slot != snapshot
         {

@@ -33,12 +33,12 @@ pub enum Written {
 /// an existing key (created by another VM since this one looked) refuses it, so a creation never
 /// overwrites another VM's entry. Versions come from one process-wide counter that would have to
 /// reach this value exactly for the guard to fail.
-pub const CREATE_VERSION: u32 = u32::MAX;
+pub(crate) const CREATE_VERSION: u32 = u32::MAX;
 
 /// How many times a compare-and-swap write is retried after losing to another VM.
-pub const CAS_ATTEMPTS: usize = 8;
+pub(crate) const CAS_ATTEMPTS: usize = 8;
 
-/// The outcome of [`update_entry`].
+/// The outcome of `update_entry`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Update {
     /// This entry was written.
@@ -74,7 +74,11 @@ pub fn update_bytes(
 }
 
 /// Applies `change` to the entry at `key` with compare-and-swap (see [`update_bytes`]).
-pub fn update_entry(env: &mut dyn Environment, key: &str, mut change: impl FnMut(&Entry) -> Option<Entry>) -> Update {
+pub(crate) fn update_entry(
+    env: &mut dyn Environment,
+    key: &str,
+    mut change: impl FnMut(&Entry) -> Option<Entry>,
+) -> Update {
     let mut written = None;
     let outcome = update_bytes(env, key, |bytes| {
         let current = bytes.and_then(Entry::decode).unwrap_or_default();
@@ -92,7 +96,7 @@ pub fn update_entry(env: &mut dyn Environment, key: &str, mut change: impl FnMut
 
 /// Creates `key` with an empty entry unless it exists. Never overwrites: a lease another VM took
 /// on a key it just created survives.
-pub fn ensure_entry(env: &mut dyn Environment, key: &str) -> Written {
+pub(crate) fn ensure_entry(env: &mut dyn Environment, key: &str) -> Written {
     if env.get(key).0.is_some() {
         return Written::Ok;
     }
@@ -104,7 +108,7 @@ pub fn ensure_entry(env: &mut dyn Environment, key: &str) -> Written {
 }
 
 #[cfg(test)]
-pub mod memory {
+pub(crate) mod memory {
     //! An in-memory store with Envoy's semantics, for unit tests and the simulation.
 
     use std::collections::HashMap;
@@ -112,10 +116,10 @@ pub mod memory {
     use super::{Environment, Written};
 
     #[derive(Default)]
-    pub struct MemoryStore {
-        pub map: HashMap<String, (Vec<u8>, u32)>,
-        pub next_version: u32,
-        pub random_state: u64,
+    pub(crate) struct MemoryStore {
+        pub(crate) map: HashMap<String, (Vec<u8>, u32)>,
+        pub(crate) next_version: u32,
+        pub(crate) random_state: u64,
     }
 
     impl Environment for MemoryStore {

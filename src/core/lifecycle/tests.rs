@@ -345,3 +345,5 @@ fn the_copies_generation_moves_only_when_a_copy_changes() {
     assert!(vm.cached(0).is_none());
     assert_ne!(vm.copies_generation(), with_token, "a purge drops the copy");
 }
+
+mod wake;

@@ -60,7 +60,7 @@ fn plain() -> Config {
 }
 
 fn snapshot(generation: u64) -> Snapshot {
-    Snapshot { generation, header_value: "Bearer tok".into() }
+    Snapshot { generation, header_value: "Bearer tok".into(), valid_until_ms: u64::MAX }
 }
 
 fn failure(config: &Config) -> Step<'static> {
@@ -356,4 +356,11 @@ fn load_gives_the_log_line_or_the_rejection() {
         Ok(_) => panic!("accepted"),
         Err(error) => assert_eq!(error, "configuration rejected: profiles: at least one profile is required"),
     }
+}
+
+#[test]
+fn debug_output_never_prints_a_token() {
+    let step = Step::WriteHeader { name: "authorization", value: "Bearer tok-secret" };
+    let printed = format!("{step:?}");
+    assert!(!printed.contains("tok-secret") && printed.contains("authorization"), "{printed}");
 }

@@ -9,14 +9,14 @@ use super::Rng;
 /// One answer as the host would hand it to `Driver::on_answer`.
 #[derive(Clone)]
 pub(super) struct Reply {
-    pub status: Option<Vec<u8>>,
-    pub retry_after: Option<Vec<u8>>,
+    pub(crate) status: Option<Vec<u8>>,
+    pub(crate) retry_after: Option<Vec<u8>>,
     /// `None`: larger than the read limit (`AnswerBody::TooLarge`).
-    pub body: Option<Vec<u8>>,
+    pub(crate) body: Option<Vec<u8>>,
     /// What the trace shows.
-    pub label: String,
+    pub(crate) label: String,
     /// The Retry-After the filter must honour, as an absolute time, when the answer carries one.
-    pub retry_floor_ms: Option<RetryFloor>,
+    pub(crate) retry_floor_ms: Option<RetryFloor>,
 }
 
 impl std::fmt::Debug for Reply {
@@ -35,8 +35,8 @@ pub(super) enum RetryFloor {
 
 /// A token the IdP issued: its true expiry (ms) whatever `expires_in` said.
 pub(super) struct Issued {
-    pub token: String,
-    pub expiry_ms: u64,
+    pub(crate) token: String,
+    pub(crate) expiry_ms: u64,
 }
 
 fn reply(status: &[u8], body: &[u8], label: &str) -> Reply {

@@ -9,11 +9,12 @@
 //!
 //! About 30 % of schedules make profile p a token exchange (RFC 8693): requests of up to 40
 //! subjects, some with a JWS subject token that expires during the run, a per-subject cache small
-//! enough to evict, and tight exchange limits; the checks add invariant 6 (`world.rs`).
+//! enough to evict, and tight exchange limits; the checks add invariant 7 (`world.rs`).
 //!
-//! What the model assumes, as the code does: a VM's tick comes every 100 ms and is at most 900 ms
-//! late (`cache::VM_COPY_MARGIN_MS` covers one interval plus that lateness); the IdP's clock is the
-//! proxy's; Envoy always ends a callout (an answer or its timeout reply) unless the VM is gone.
+//! What the model assumes, as the code does: a VM's tick comes when its driver's `next_wake` says
+//! (never more than `MAX_WAKE_INTERVAL_MS` apart) and is at most 900 ms late
+//! (`cache::VM_COPY_MARGIN_MS` covers that lateness); the IdP's clock is the proxy's; Envoy always
+//! ends a callout (an answer or its timeout reply) unless the VM is gone.
 
 mod idp;
 mod world;
@@ -24,10 +25,10 @@ use world::{Params, World};
 pub(super) struct Rng(u64);
 
 impl Rng {
-    pub fn new(seed: u64) -> Rng {
+    pub(crate) fn new(seed: u64) -> Rng {
         Rng(seed)
     }
-    pub fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -35,19 +36,19 @@ impl Rng {
         z ^ (z >> 31)
     }
     /// Uniform in `0..n` (`n > 0`).
-    pub fn below(&mut self, n: u64) -> u64 {
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
         self.next() % n.max(1)
     }
     /// Uniform in `lo..=hi`.
-    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+    pub(crate) fn range(&mut self, lo: u64, hi: u64) -> u64 {
         lo + self.below(hi - lo + 1)
     }
     /// True with `percent` % probability.
-    pub fn chance(&mut self, percent: u64) -> bool {
+    pub(crate) fn chance(&mut self, percent: u64) -> bool {
         self.below(100) < percent
     }
     /// True with `per_mille` ‰ probability.
-    pub fn chance_per_mille(&mut self, per_mille: u64) -> bool {
+    pub(crate) fn chance_per_mille(&mut self, per_mille: u64) -> bool {
         self.below(1000) < per_mille
     }
 }

@@ -3,16 +3,23 @@
 //! 1. single flight: a fetch starts only under this VM's lease, and while another fetch for the
 //!    same cache key is still in flight only once that fetch's lease deadline has passed;
 //! 2. no request is given a token (hit path, `Inject`, `Resume`) at or after its true expiry;
-//! 3. every paused request is resumed or failed by its `max_wait_ms` deadline plus one tick
-//!    interval and the largest tick lateness (1 s);
+//! 3. every paused request is resumed or failed by its `max_wait_ms` deadline plus the largest
+//!    tick lateness and 100 ms (the deadline is a wake of its own: `Driver::next_wake`);
 //! 4. the hourly budget (fixed windows from the first fetch) and the backoff floor (the entry's
 //!    `retry_at_ms`, the IdP's Retry-After, the least backoff delay) hold;
 //! 5. a token fetched for one cache key is never served under another, and a request is settled
 //!    at most once and never after it went away;
-//! 6. with a token-exchange profile (`exchange.rs`): a request is only ever given a token the IdP
-//!    exchanged for its own subject; single flight per (cache key, subject); no more exchanges in
-//!    flight than `max_in_flight`; the store holds a fixed number of keys per profile, each set
-//!    within its byte share.
+//! 6. a VM's copy of a token is served on the hit path no later than its `valid_until_ms` plus the
+//!    largest tick lateness (the host ticks when `Driver::next_wake` says, which drops it);
+//! 7. with a token-exchange profile (`exchange.rs`): a request is only ever given a token the IdP
+//!    exchanged for its own subject, never past the subject's own `exp` nor past the copy's
+//!    `use_until_ms` plus the largest tick lateness; single flight per (cache key, subject); no
+//!    more exchanges in flight than `max_in_flight`; the store holds a fixed number of keys per
+//!    profile, each set within its byte share.
+//!
+//! Ticks come as a host gives them: when the driver's `next_wake` says (at most
+//! `MAX_WAKE_INTERVAL_MS` later), asked again after every driver call and brought forward when a
+//! call needs one sooner, each up to `MAX_LATENESS_MS` late.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -20,14 +27,14 @@ use std::sync::Arc;
 
 use super::super::store::memory::MemoryStore;
 use super::super::{
-    Action, Answer, AnswerBody, CalloutId, Driver, Environment, Metric, RequestId, RequestOutcome, Written, read_entry,
+    Action, Answer, AnswerBody, CalloutId, Driver, Environment, MAX_WAKE_INTERVAL_MS, Metric, RequestId,
+    RequestOutcome, Written, read_entry, wake_in_ms,
 };
 use super::Rng;
 use super::idp::{self, Reply, RetryFloor};
 use crate::cache::{BUDGET_WINDOW_MS, LAST_CHANCE_MIN_MS};
 use crate::config::{self, Config};
 
-const TICK_MS: u64 = 100;
 const MAX_LATENESS_MS: u64 = 900;
 const START_MS: u64 = 1_764_000_000_000;
 
@@ -51,14 +58,14 @@ pub(super) struct Params {
 }
 
 impl Params {
-    pub fn random(rng: &mut Rng) -> Params {
+    pub(crate) fn random(rng: &mut Rng) -> Params {
         let vms = match rng.below(10) {
             0..=5 => rng.range(1, 4),
             6..=8 => rng.range(5, 8),
             _ => rng.range(9, 32),
         } as usize;
         let mains = if vms == 1 { 0 } else { rng.range(1, 2.min(vms as u64 - 1)) as usize };
-        let horizon_ms = rng.range(2_000, 30_000).min(1_000 * TICK_MS / vms as u64 + 1_000);
+        let horizon_ms = rng.range(2_000, 30_000).min(100_000 / vms as u64 + 1_000);
         let exchange = rng.chance(30).then(|| exchange::ExchangeParams::random(rng));
         Params {
             vms,
@@ -115,22 +122,23 @@ impl Params {
 
 #[derive(Debug, Default, Clone)]
 pub(super) struct Stats {
-    pub steps: u64,
-    pub fetches: u64,
-    pub takeovers: u64,
-    pub served: u64,
-    pub resumed: u64,
-    pub failed: u64,
-    pub budget_refusals: u64,
-    pub restarts: u64,
-    pub lost_requests: u64,
+    pub(crate) steps: u64,
+    pub(crate) fetches: u64,
+    pub(crate) takeovers: u64,
+    pub(crate) served: u64,
+    pub(crate) resumed: u64,
+    pub(crate) failed: u64,
+    pub(crate) budget_refusals: u64,
+    pub(crate) restarts: u64,
+    pub(crate) lost_requests: u64,
+    pub(crate) ticks: u64,
     /// Exchanges started, and tokens served to a subject (token-exchange schedules).
-    pub exchanges: u64,
-    pub subject_served: u64,
+    pub(crate) exchanges: u64,
+    pub(crate) subject_served: u64,
 }
 
 impl Stats {
-    pub fn add(&mut self, other: &Stats) {
+    pub(crate) fn add(&mut self, other: &Stats) {
         self.steps += other.steps;
         self.fetches += other.fetches;
         self.takeovers += other.takeovers;
@@ -140,6 +148,7 @@ impl Stats {
         self.budget_refusals += other.budget_refusals;
         self.restarts += other.restarts;
         self.lost_requests += other.lost_requests;
+        self.ticks += other.ticks;
         self.exchanges += other.exchanges;
         self.subject_served += other.subject_served;
     }
@@ -147,14 +156,37 @@ impl Stats {
 
 #[derive(Debug, Clone)]
 enum Ev {
-    Tick { vm: usize },
-    Wake { vm: usize, incarnation: u32, kicked: Option<usize> },
+    /// The tick armed `arm`-th for this VM (a later arming replaces it).
+    Tick {
+        vm: usize,
+        arm: u64,
+    },
+    Wake {
+        vm: usize,
+        incarnation: u32,
+        kicked: Option<usize>,
+    },
     Arrival,
-    Gone { request: RequestId },
-    Answer { vm: usize, incarnation: u32, id: CalloutId, reply: Box<Reply>, first: bool },
-    RolloutConfig { variant: usize },
-    Reconfigure { vm: usize, variant: usize },
-    Restart { vm: usize },
+    Gone {
+        request: RequestId,
+    },
+    Answer {
+        vm: usize,
+        incarnation: u32,
+        id: CalloutId,
+        reply: Box<Reply>,
+        first: bool,
+    },
+    RolloutConfig {
+        variant: usize,
+    },
+    Reconfigure {
+        vm: usize,
+        variant: usize,
+    },
+    Restart {
+        vm: usize,
+    },
 }
 
 struct Queued {
@@ -186,6 +218,9 @@ struct Vm {
     worker: bool,
     serving: bool,
     variant: usize,
+    /// The tick the host asked for: its arming number and when it is due.
+    arm: u64,
+    tick_at: u64,
 }
 
 /// One fetch (discovery chain and token request) as seen from outside.
@@ -213,7 +248,7 @@ enum Origin {
 }
 
 pub(super) struct World {
-    pub params: Params,
+    pub(crate) params: Params,
     rng: Rng,
     now: u64,
     store: MemoryStore,
@@ -233,9 +268,9 @@ pub(super) struct World {
     budgets: HashMap<String, (u64, u32)>,
     /// Driver calls under way (2: another VM's wake runs inside a CAS write).
     depth: u32,
-    pub trace: Option<Vec<String>>,
-    pub violation: Option<String>,
-    pub stats: Stats,
+    pub(crate) trace: Option<Vec<String>>,
+    pub(crate) violation: Option<String>,
+    pub(crate) stats: Stats,
 }
 
 /// The store as one VM sees it during a driver call. Between reading and writing (at a CAS
@@ -264,7 +299,7 @@ impl Environment for Env<'_> {
 }
 
 impl World {
-    pub fn new(seed: u64, mut rng: Rng, params: Params, trace: bool) -> World {
+    pub(crate) fn new(seed: u64, mut rng: Rng, params: Params, trace: bool) -> World {
         let configs: Vec<Arc<Config>> = (0..4).map(|v| params.config(v)).collect();
         let mut world = World {
             now: START_MS + rng.below(1_000),
@@ -291,10 +326,17 @@ impl World {
         };
         for vm in 0..world.params.vms {
             let worker = vm >= world.params.mains;
-            world.vms.push(Vm { driver: None, holder: 0, incarnation: 0, worker, serving: false, variant: 0 });
+            world.vms.push(Vm {
+                driver: None,
+                holder: 0,
+                incarnation: 0,
+                worker,
+                serving: false,
+                variant: 0,
+                arm: 0,
+                tick_at: 0,
+            });
             world.start_vm(vm);
-            let first = world.rng.below(TICK_MS);
-            world.schedule(first, Ev::Tick { vm });
         }
         let first = world.rng.below(50);
         world.schedule(first, Ev::Arrival);
@@ -328,10 +370,10 @@ impl World {
         }
     }
 
-    pub fn run(&mut self) {
+    pub(crate) fn run(&mut self) {
         let end = START_MS + self.params.horizon_ms;
         // After the horizon only ticks, wakes and answers run, until every paused request is due.
-        let drain_until = end + 2 * (self.params.timeout_ms + 1_000) + 2 * (TICK_MS + MAX_LATENESS_MS);
+        let drain_until = end + 2 * (self.params.timeout_ms + 1_000) + 2 * (MAX_WAKE_INTERVAL_MS + MAX_LATENESS_MS);
         while let Some(Reverse(queued)) = self.queue.pop() {
             if queued.at > drain_until || self.violation.is_some() {
                 break;
@@ -357,15 +399,14 @@ impl World {
         let t = self.now - START_MS;
         self.note(|| format!("t=+{t} {ev:?}"));
         match ev {
-            Ev::Tick { vm } => {
+            Ev::Tick { vm, arm } => {
+                if self.vms[vm].arm != arm {
+                    return; // replaced by a later arming
+                }
+                self.stats.ticks += 1;
                 let actions = self.call(vm, |d, now, env| d.on_tick(now, env));
                 self.apply(vm, Origin::Claim, actions);
-                let lateness = match self.rng.below(100) {
-                    0..=79 => self.rng.below(10),
-                    80..=94 => self.rng.below(200),
-                    _ => self.rng.range(0, MAX_LATENESS_MS),
-                };
-                self.schedule(TICK_MS + lateness, Ev::Tick { vm });
+                self.arm_tick(vm, true);
             }
             Ev::Wake { vm, incarnation, kicked } => {
                 if self.vms[vm].incarnation == incarnation {
@@ -427,6 +468,28 @@ impl World {
         self.depth -= 1;
         self.vms[vm].driver = Some(driver);
         self.apply(vm, Origin::Claim, actions);
+        self.arm_tick(vm, true);
+    }
+
+    /// The host asks for the VM's next tick when its driver's `next_wake` says (at most the
+    /// ceiling from now): always after a tick or a start, after another call only when sooner
+    /// than the tick already asked for. The tick comes up to `MAX_LATENESS_MS` late.
+    fn arm_tick(&mut self, vm: usize, always: bool) {
+        let Some(driver) = self.vms[vm].driver.as_ref() else { return };
+        let at = self.now + wake_in_ms(driver.next_wake(), self.now);
+        if !always && at >= self.vms[vm].tick_at {
+            return;
+        }
+        let lateness = match self.rng.below(100) {
+            0..=79 => self.rng.below(10),
+            80..=94 => self.rng.below(200),
+            _ => self.rng.range(0, MAX_LATENESS_MS),
+        };
+        let slot = &mut self.vms[vm];
+        slot.arm += 1;
+        slot.tick_at = at;
+        let arm = slot.arm;
+        self.schedule(at - self.now + lateness, Ev::Tick { vm, arm });
     }
 
     /// Calls the VM's driver with the store; `None`-driver (only while nested) yields nothing.
@@ -440,6 +503,7 @@ impl World {
         };
         self.depth -= 1;
         self.vms[vm].driver = Some(driver);
+        self.arm_tick(vm, false);
         actions
     }
 
@@ -480,9 +544,14 @@ impl World {
                 driver.set_serves_requests();
             }
         }
-        let hit = self.vms[vm].driver.as_ref().and_then(|d| d.cached(profile)).map(|s| s.header_value.clone());
-        if let Some(value) = hit {
+        let hit = self.vms[vm].driver.as_ref().and_then(|d| d.cached(profile)).cloned();
+        if let Some(copy) = hit {
             self.note(|| format!("    request {request} on vm{vm} hit"));
+            if self.now > copy.valid_until_ms + MAX_LATENESS_MS {
+                let late = self.now - copy.valid_until_ms;
+                self.violate(format!("invariant 6: request {request} on vm{vm} served a copy {late} ms past its end"));
+            }
+            let value = copy.header_value;
             return self.served(&value, &key, None, &format!("hit path, request {request} on vm{vm}"));
         }
         let mut outcome = RequestOutcome::Fail;
@@ -497,7 +566,7 @@ impl World {
                 self.served(&value, &key, None, &format!("Inject, request {request}"))
             }
             RequestOutcome::Wait => {
-                let bound_ms = self.now + config.profiles[profile].max_wait_ms + TICK_MS + MAX_LATENESS_MS;
+                let bound_ms = self.now + config.profiles[profile].max_wait_ms + MAX_LATENESS_MS + 100;
                 let incarnation = self.vms[vm].incarnation;
                 self.requests.insert(request, Paused { vm, incarnation, key, bound_ms, subject: None });
                 if self.rng.chance(10) {
@@ -520,7 +589,7 @@ impl World {
                 let (issued_key, expiry, issued_subject) = (issued_key.clone(), *expiry, issued_subject.clone());
                 if issued_subject.as_deref() != subject {
                     self.violate(format!(
-                        "invariant 6: {what} for subject {subject:?} got the token exchanged for {issued_subject:?}"
+                        "invariant 7: {what} for subject {subject:?} got the token exchanged for {issued_subject:?}"
                     ));
                 }
                 if self.now >= expiry {

@@ -1,4 +1,4 @@
-//! The simulation's token-exchange side (invariant 6): requests of many subjects on profile p,
+//! The simulation's token-exchange side (invariant 7): requests of many subjects on profile p,
 //! the checks when an exchange starts (single flight per subject, the in-flight limit, the backoff
 //! floor), and the store bound. The simulated IdP mints a token per exchange and the world records
 //! whose subject it was for, so a token served to another subject is caught wherever it came from
@@ -27,7 +27,7 @@ pub(in super::super) struct ExchangeParams {
 }
 
 impl ExchangeParams {
-    pub fn random(rng: &mut Rng) -> ExchangeParams {
+    pub(crate) fn random(rng: &mut Rng) -> ExchangeParams {
         ExchangeParams {
             subjects: rng.range(1, 40),
             max_subjects: rng.range(8, 24),
@@ -39,7 +39,7 @@ impl ExchangeParams {
     }
 
     /// The fields that make profile p a token exchange (a tight byte share: eviction happens).
-    pub fn profile_fields(&self) -> String {
+    pub(crate) fn profile_fields(&self) -> String {
         let sets = self.max_subjects.div_ceil(crate::config::SUBJECT_SET_WAYS as u64);
         let max_bytes = sets * crate::config::MIN_SUBJECT_SET_BYTES as u64;
         format!(
@@ -81,13 +81,16 @@ impl World {
                 driver.set_serves_requests();
             }
         }
-        let hit = self.vms[vm]
-            .driver
-            .as_ref()
-            .and_then(|d| d.cached_subject(profile, token.as_bytes()))
-            .map(|c| c.snapshot.header_value.clone());
-        if let Some(value) = hit {
+        let hit = self.vms[vm].driver.as_ref().and_then(|d| d.cached_subject(profile, token.as_bytes())).cloned();
+        if let Some(copy) = hit {
             self.note(|| format!("    request {request} on vm{vm} hit (subject {})", short(&token)));
+            if self.now > copy.use_until_ms + MAX_LATENESS_MS {
+                let late = self.now - copy.use_until_ms;
+                self.violate(format!(
+                    "invariant 7: request {request} on vm{vm} served a subject's copy {late} ms past its end"
+                ));
+            }
+            let value = copy.snapshot.header_value;
             return self.served_subject(&value, &key, &token, &format!("hit path, request {request} on vm{vm}"));
         }
         let subject = Subject::new(&token);
@@ -104,7 +107,7 @@ impl World {
                 self.served_subject(&value, &key, &token, &format!("Inject, request {request}"))
             }
             RequestOutcome::Wait => {
-                let bound_ms = self.now + config.profiles[profile].max_wait_ms + TICK_MS + MAX_LATENESS_MS;
+                let bound_ms = self.now + config.profiles[profile].max_wait_ms + MAX_LATENESS_MS + 100;
                 let incarnation = self.vms[vm].incarnation;
                 let paused = Paused { vm, incarnation, key, bound_ms, subject: Some(token) };
                 self.requests.insert(request, paused);
@@ -124,7 +127,7 @@ impl World {
         if let Some(exp_ms) = crate::token_expiry::jws_expiry_ms(subject)
             && self.now >= exp_ms
         {
-            self.violate(format!("invariant 6: {what} sent {} ms after its subject's exp", self.now - exp_ms));
+            self.violate(format!("invariant 7: {what} sent {} ms after its subject's exp", self.now - exp_ms));
         }
         self.served(header_value, key, Some(subject), what);
     }
@@ -160,7 +163,7 @@ impl World {
         let in_flight = self.chains.iter().filter(live).filter(|c| c.key.starts_with(&format!("{key}#"))).count();
         if in_flight as u32 >= te.limits.max_in_flight {
             self.violate(format!(
-                "invariant 6: exchange {} in flight, max_in_flight {}",
+                "invariant 7: exchange {} in flight, max_in_flight {}",
                 in_flight + 1,
                 te.limits.max_in_flight
             ));
@@ -190,12 +193,12 @@ impl World {
                     .map(|(k, (v, _))| (k.clone(), v.len()))
                     .collect();
                 if keys.len() > te.cache.sets + 2 {
-                    self.violate(format!("invariant 6: {} keys for a profile of {} sets", keys.len(), te.cache.sets));
+                    self.violate(format!("invariant 7: {} keys for a profile of {} sets", keys.len(), te.cache.sets));
                 }
                 for (key, len) in keys {
                     let is_set = key.strip_prefix(&prefix).is_some_and(|rest| rest.parse::<usize>().is_ok());
                     if is_set && len > te.cache.set_bytes {
-                        self.violate(format!("invariant 6: set {key} holds {len} bytes, share {}", te.cache.set_bytes));
+                        self.violate(format!("invariant 7: set {key} holds {len} bytes, share {}", te.cache.set_bytes));
                     }
                 }
             }
