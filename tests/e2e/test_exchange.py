@@ -117,6 +117,16 @@ def test_a_request_with_no_subject_token_is_refused(envoy_factory, exchange_serv
     assert e.filter_stat(f"{PROFILE}.subject_missing") == 3
 
 
+def test_missing_subject_pass_sends_the_request_on_untouched(envoy_factory, exchange_server: ExchangeServer,
+                                                             upstream):
+    e = envoy_factory.start(exchange_config(missing_subject="pass"), token_clusters={"idp": exchange_server})
+    r = e.request("/x", {"x-other": "1"})
+    assert r.status == 200 and "authorization" not in r.json()["headers"], r
+    # A subject present is still exchanged.
+    assert seen_authorization(e.request("/x", bearer(exchange_server.mint_subject("dave")))) == "Bearer ex-dave-1"
+    assert exchange_server.exchange_counts() == {"dave": 1}
+
+
 def test_expiry_is_capped_by_the_subject_tokens_exp(envoy_factory, exchange_server: ExchangeServer, upstream):
     """The IdP's token lives an hour; the subject token expires in a few seconds: the exchanged
     token is never sent at or after the subject's exp, and an expired subject gets 401 without
