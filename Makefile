@@ -24,9 +24,11 @@ UNUSED_EXPORTS := proxy_on_response_body proxy_on_response_trailers proxy_on_log
   proxy_on_grpc_receive proxy_on_grpc_receive_trailing_metadata proxy_on_grpc_close proxy_on_foreign_function
 VENV          := .venv
 PY            := $(VENV)/bin/python
-# The wasm size gate: 592 KB today plus a 2 % margin. Every byte costs Envoy memory once per
-# process, and a new dependency shows here first (docs/memory.md).
-MAX_WASM_BYTES := 604000
+# The wasm size gate: 664 KB today plus a 2 % margin. Every byte costs Envoy memory once per
+# process, and a new dependency shows here first (docs/memory.md). Token exchange (RFC 8693) took
+# it from 592 KB: its configuration's deserializers about 21 KB, the exchange itself (subject
+# store, limiter, copies, the driver's exchange) 20 KB, map types 11 KB (before wasm-opt).
+MAX_WASM_BYTES := 677000
 
 export E2E_REQUIRE_WASM := 1
 export OAUTH2_CC_WASM := $(CURDIR)/$(WASM)

@@ -142,12 +142,18 @@ fn the_jwt_authn_verified_mode_reads_its_metadata_and_refuses_without_it() {
 #[test]
 fn a_request_without_a_subject_gets_the_refusal_and_no_exchange() {
     assert!(start_root(ROOT, &config("{}")));
-    take_calls();
+    let defined: Vec<String> =
+        take_calls().into_iter().filter_map(|c| if let Call::DefineMetric(n) = c { Some(n) } else { None }).collect();
+    let Some(missing_id) = defined.iter().position(|n| n == "oauth2_cc.ex.subject_missing") else {
+        panic!("an exchange profile defines its refusal counters: {defined:?}")
+    };
     let headers = vec![(":path", b"/api".to_vec()), ("authorization", b"Basic c3ZjOng=".to_vec())];
     assert_eq!(send(10, &headers), Action::Pause);
     let calls = take_calls();
     assert_eq!(local_reply(&calls, 10), Some(401), "{calls:?}");
     assert!(!calls.iter().any(|c| matches!(c, Call::SetShared(_) | Call::Enqueue(_))), "{calls:?}");
+    // The fake numbers metrics from 1 in the order they are defined.
+    assert!(calls.contains(&Call::IncrementMetric(missing_id as u32 + 1, 1)), "counted: {calls:?}");
 }
 
 #[test]
@@ -160,4 +166,26 @@ fn the_limiter_refuses_a_paused_request_with_429() {
     let calls = take_calls();
     assert!(callouts(&calls).is_empty(), "the bucket is empty: no exchange: {calls:?}");
     assert_eq!(local_reply(&calls, 11), Some(429), "{calls:?}");
+}
+
+#[test]
+fn an_upstream_401_purges_that_subjects_token_only() {
+    assert!(start_root(ROOT, &config("{}")));
+    take_calls();
+    exchange(10, "subject-a", "ex-a");
+    exchange(11, "subject-b", "ex-b");
+    assert_eq!(send(20, &with_bearer("subject-a")), Action::Continue);
+    take_calls();
+    assert_eq!(fake_envoy::response(20, b"401"), Action::Continue);
+    let calls = take_calls();
+    assert!(
+        calls.iter().any(|c| matches!(c, Call::SetShared(k) if k.starts_with("oauth2_cc.v1.token.ex."))),
+        "the 401 drops subject-a's entry from its set: {calls:?}"
+    );
+    deliver_queues();
+    take_calls();
+    // subject-a misses and waits for a new exchange; subject-b still hits its own copy.
+    assert_eq!(send(21, &with_bearer("subject-a")), Action::Pause);
+    assert_eq!(send(22, &with_bearer("subject-b")), Action::Continue);
+    assert_eq!(fake_envoy::request_header(22, "authorization").as_deref(), Some(&b"Bearer ex-b"[..]));
 }

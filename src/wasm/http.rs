@@ -77,6 +77,8 @@ impl TokenInjector {
     }
 
     /// No copy of the token: the driver decides from the shared entry.
+    // Out of line: the miss path must not grow the hit path's function (docs/memory.md, "Function shape").
+    #[inline(never)]
     fn miss(&mut self, profile: usize) -> Action {
         let now_ms = adapter::now_ms();
         let request = u64::from(self.context_id);
@@ -165,18 +167,27 @@ impl HttpContext for TokenInjector {
             Err(_) => return Action::Continue,
         };
         if let Step::ReportStatus { profile, generation } = report {
-            let now_ms = adapter::now_ms();
-            let status = status.as_deref();
-            match path.subject_key() {
-                Some(subject) => self.vm.drive(now_ms, |driver, env| {
-                    driver.on_subject_status(profile, &subject, generation, status, now_ms, env)
-                }),
-                None => self
-                    .vm
-                    .drive(now_ms, |driver, env| driver.on_response_status(profile, generation, status, now_ms, env)),
-            }
+            self.report_status(&path, profile, generation, status.as_deref());
         }
         Action::Continue
+    }
+}
+
+impl TokenInjector {
+    /// A status the profile purges on: the driver drops that token (this request's subject's, on
+    /// a token-exchange profile).
+    // Out of line: a rare path, kept out of the function every response runs (docs/memory.md).
+    #[inline(never)]
+    fn report_status(&self, path: &RequestPath, profile: usize, generation: u64, status: Option<&[u8]>) {
+        let now_ms = adapter::now_ms();
+        match path.subject_key() {
+            Some(subject) => self.vm.drive(now_ms, |driver, env| {
+                driver.on_subject_status(profile, &subject, generation, status, now_ms, env)
+            }),
+            None => {
+                self.vm.drive(now_ms, |driver, env| driver.on_response_status(profile, generation, status, now_ms, env))
+            }
+        }
     }
 }
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 import plugin_config as pc
-from envoy import JWT_PAYLOAD_KEY, jwt_authn_filter
+from envoy import JWT_PAYLOAD_KEY, jwt_authn_filter, lua_filter
 from exchange_server import ISSUER, SUBJECT_AUDIENCE, ExchangeServer
 from isolation import drive_isolation
 
@@ -68,6 +68,44 @@ def test_exchange_then_a_cache_hit_per_subject(envoy_factory, exchange_server: E
     assert exchange_server.exchange_counts() == {"alice": 1, "bob": 1}
     # The subject token never reaches the upstream: the exchanged one replaced it.
     assert not any(alice in str(r.headers) or bob in str(r.headers) for r in upstream.requests)
+
+
+# Another filter ahead of oauth2-cc puts the caller's token in the dynamic metadata (here from a
+# header the filter does not read), as an authenticating filter would.
+SUBJECT_TO_METADATA = """
+function envoy_on_request(handle)
+  local token = handle:headers():get("x-caller-token")
+  if token ~= nil then
+    handle:streamInfo():dynamicMetadata():set("example.auth", "subject", token)
+  end
+end
+"""
+
+
+def test_a_subject_from_dynamic_metadata_is_exchanged(envoy_factory, exchange_server: ExchangeServer, upstream):
+    config = exchange_config(subject={"metadata": {"namespace": "example.auth", "key": "subject"}})
+    e = envoy_factory.start(config, token_clusters={"idp": exchange_server},
+                            before_http_filters=[lua_filter(SUBJECT_TO_METADATA)])
+    carol = exchange_server.mint_subject("carol")
+    for _ in range(3):
+        assert seen_authorization(e.request("/x", {"x-caller-token": carol})) == "Bearer ex-carol-1"
+    assert exchange_server.exchange_counts() == {"carol": 1}
+    # No metadata (and an Authorization header the profile does not read): no subject.
+    r = e.request("/x", bearer(carol))
+    assert reply_error(r) == (401, "subject_token_missing"), r
+
+
+def test_an_upstream_401_purges_only_that_subjects_token(envoy_factory, exchange_server: ExchangeServer, upstream):
+    e = envoy_factory.start(exchange_config(), token_clusters={"idp": exchange_server})
+    alice, bob = exchange_server.mint_subject("alice"), exchange_server.mint_subject("bob")
+    assert seen_authorization(e.request("/x", bearer(alice))) == "Bearer ex-alice-1"
+    assert seen_authorization(e.request("/x", bearer(bob))) == "Bearer ex-bob-1"
+    upstream.fail_next(1, status=401)
+    assert e.request("/x", bearer(alice)).status == 401
+    # alice's token is dropped on every worker and exchanged again; bob keeps his.
+    got = [seen_authorization(e.request("/x", bearer(s))) for _ in range(4) for s in (alice, bob)]
+    assert got == ["Bearer ex-alice-2", "Bearer ex-bob-1"] * 4, got
+    assert exchange_server.exchange_counts() == {"alice": 2, "bob": 1}
 
 
 def test_a_request_with_no_subject_token_is_refused(envoy_factory, exchange_server: ExchangeServer, upstream):
