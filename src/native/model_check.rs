@@ -392,6 +392,9 @@ fn destroy_if_done(
 fn config(max_steps: usize) -> Config {
     let mut config = Config::new();
     config.max_steps = MaxSteps::FailAfter(max_steps);
+    // Shuttle runs each thread on its own stack, 32 KiB by default: the request hook's unoptimised
+    // frames (a token-exchange step carries the subject by value) overflow it.
+    config.stack_size = 0x20000;
     config
 }
 

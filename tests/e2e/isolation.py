@@ -20,8 +20,12 @@ exchange requests per subject (``ExchangeServer.exchange_counts()`` for the driv
 For oauth2-cc's exchange profile, size the profile for the run, or the counts judge the limits
 instead of the isolation: ``limits`` well above ``subjects`` exchanges in a burst (the default 20
 per second refuses most first requests with 429), and ``cache.max_subjects`` several times
-``subjects`` (the cache is set-associative, 8 ways: at 1,000 subjects in 1,024 slots some sets
-overflow and evict, and those subjects are exchanged again).
+``subjects`` with ``cache.max_bytes`` to match (16 KiB per set of 8): the cache is
+set-associative, 8 ways, so at 1,000 subjects in 1,024 slots some sets overflow and evict, and
+those subjects are exchanged again. Measured on the native build (1,000 subjects, 3 requests each,
+64 clients, about 5 s): ``max_subjects`` 8192 and ``max_bytes`` 64 MiB, one exchange per subject;
+the default 1024, 113 subjects exchanged twice and 3 three times; the default limits with 200
+subjects, 476 of 600 requests answered 429.
 """
 
 from __future__ import annotations
