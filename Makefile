@@ -35,7 +35,7 @@ export E2E_REQUIRE_WASM := 1
 export OAUTH2_CC_WASM := $(CURDIR)/$(WASM)
 export OAUTH2_CC_NATIVE := $(CURDIR)/$(NATIVE)
 
-.PHONY: all help run test unit unit-wasm e2e lint fmt build size tools wasm-target wasm-opt clean bench bench-time cost bench-floor bench-floor-native bench-symbols bench-smoke bench-memory valgrind schema wrk fuzz rules compat simulate dist dist-check dist-tools validate
+.PHONY: all help run test test-builds test-beside-e2e e2e-prebuilt unit unit-wasm e2e lint fmt build size tools wasm-target wasm-opt clean bench bench-time cost bench-floor bench-floor-native bench-symbols bench-smoke bench-memory valgrind schema wrk fuzz rules compat simulate dist dist-check dist-tools validate
 
 ## all: the default target: build
 all: build
@@ -86,14 +86,29 @@ size: build
 run: tools build
 	$(PY) demo/run.py
 
-## test: lint, native and wasm unit tests, end-to-end tests on real Envoy (shipped configs validated there), the cost test
-test: lint unit unit-wasm e2e cost size rules
+## test: every check (what CI runs): test-builds, then e2e-prebuilt beside test-beside-e2e (lint, unit, unit-wasm), then cost, size, rules
+# The e2e suite mostly waits (Envoy start-up, timers), so the compilers fill the idle CPU at nice 19,
+# which keeps them from slowing the e2e tests' Envoys. Each step stays a target of its own
+# (docs/development.md, "What make test runs, and when").
+test: tools
+	@$(MAKE) --no-print-directory test-builds
+	@$(MAKE) --no-print-directory -j2 --output-sync=target e2e-prebuilt test-beside-e2e
+	@$(MAKE) --no-print-directory cost size rules
 
-## unit: the native unit tests of the core and the dynamic module (cargo test --all-targets), the proxy-wasm host against a fake Envoy (natively), and the dynamic module model-checked under shuttle (about 10 s)
+## test-builds: what the e2e tests load: both builds, build/oauth2-cc and the native floor (make test's first step)
+test-builds: build validate bench-floor-native
+
+## test-beside-e2e: lint, unit, unit-wasm one after another at nice 19 (make test runs this beside e2e-prebuilt)
+# Outside make's jobserver (MAKEFLAGS cleared): one step at a time, and cargo on every core.
+test-beside-e2e:
+	MAKEFLAGS= nice -n 19 $(MAKE) --no-print-directory lint unit unit-wasm
+
+## unit: the native unit tests of the workspace (cargo test --workspace --all-targets: the core, the dynamic module, validate, and the proxy-wasm host against a fake Envoy), and the dynamic module model-checked under shuttle (about 10 s)
+# One feature set for the whole workspace in lint and unit (--workspace, dev-dependencies included), so
+# that each dependency is compiled once per mode; the model check adds only shuttle and the dynamic module.
 unit:
-	cargo test --all-targets
-	cargo test -p oauth2-cc-wasm
-	SHUTTLE_SILENCE_WARNINGS=1 cargo test -p oauth2-cc-native --features model-check --lib model_check
+	cargo test --workspace --all-targets
+	SHUTTLE_SILENCE_WARNINGS=1 cargo test --workspace --lib --features oauth2-cc-native/model-check model_check
 
 ## unit-wasm: the core's unit tests built for wasm32-wasip1 and run under Node's WASI (32-bit usize, WASI randomness)
 unit-wasm: wasm-target
@@ -122,16 +137,22 @@ fuzz:
 E2E_WORKERS ?= 4
 ## e2e: the end-to-end tests (tests/e2e) on the pinned Envoy, each with build/oauth2_cc.wasm and build/liboauth2_cc.so, on E2E_WORKERS (4) xdist workers (the cost test is `make cost`)
 e2e: tools build bench-floor-native validate
-	$(PY) -m pytest tests/e2e -q -n $(E2E_WORKERS) --dist loadgroup --ignore=tests/e2e/test_cost.py
+	$(E2E_PYTEST)
+
+# E2E_ARGS: more pytest arguments (-k NAME, --host wasm, -x).
+E2E_ARGS ?=
+E2E_PYTEST = $(PY) -m pytest tests/e2e -q -n $(E2E_WORKERS) --dist loadgroup --ignore=tests/e2e/test_cost.py --durations=20 $(E2E_ARGS)
+## e2e-prebuilt: the e2e tests on what test-builds left, without running cargo (make test runs it beside the compilers)
+e2e-prebuilt: $(VENV)/.installed
+	$(E2E_PYTEST)
 
 ## lint: pyflakes on the Python, cargo fmt --check, clippy -D warnings (native and wasm, filter and bench floor)
 lint: wasm-target $(VENV)/.installed
 	$(PY) -m pyflakes tests/e2e bench demo deploy/docker tools
 	cargo fmt --check
 	cargo fmt --check --manifest-path bench/floor/Cargo.toml
-	cargo clippy --all-targets -- -D warnings
-	cargo clippy -p oauth2-cc-native --features model-check --all-targets -- -D warnings
-	cargo clippy -p oauth2-cc-wasm --all-targets -- -D warnings
+	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy --workspace --all-targets --features oauth2-cc-native/model-check -- -D warnings
 	cargo clippy --release --target $(WASM_TARGET) -p oauth2-cc-core -p oauth2-cc-wasm -- -D warnings
 	cargo clippy --release --target $(WASM_TARGET) --manifest-path bench/floor/Cargo.toml -- -D warnings
 	cargo clippy --release --target $(WASM_TARGET) --manifest-path bench/floor/Cargo.toml --features read-status --target-dir bench/floor/target/fm -- -D warnings
@@ -153,10 +174,11 @@ schema:
 	UPDATE_SCHEMA=1 cargo test -p oauth2-cc-core --lib json_schema_is_up_to_date
 
 ## validate: build/oauth2-cc, the configuration checker: `build/oauth2-cc validate CONFIG.json` (or `-` for stdin) prints what the filter logs at load; exit 0 accepted, 1 refused
+# Profile native, as the dynamic module: the two share every compiled dependency.
 validate:
-	cargo build --release -p oauth2-cc-validate
+	cargo build --profile native -p oauth2-cc-validate
 	@mkdir -p build
-	@cp -p target/release/oauth2-cc build/oauth2-cc
+	@cp -p target/native/oauth2-cc build/oauth2-cc
 
 BENCH_ARGS ?=
 

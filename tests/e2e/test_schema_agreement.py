@@ -310,6 +310,12 @@ def verdicts(tmp_path_factory) -> dict[str, tuple[Any, str | None, str | None]]:
     return {name: (config, schema_verdict(validator, config), by_filter[name]) for name, config in configs.items()}
 
 
+# The tests that read `verdicts` share one xdist worker, so the configurations are checked once per
+# run rather than once per worker that draws one of them.
+SHARES_VERDICTS = pytest.mark.xdist_group("schema_verdicts")
+
+
+@SHARES_VERDICTS
 def test_schema_and_filter_agree(verdicts):
     disagreements, known = [], {}
     counts = {"accepted by both": 0, "refused by both": 0}
@@ -328,6 +334,7 @@ def test_schema_and_filter_agree(verdicts):
     assert not disagreements, f"{len(disagreements)} disagreements:\n" + "\n".join(disagreements[:25])
 
 
+@SHARES_VERDICTS
 @pytest.mark.parametrize("pattern,reason", KNOWN_DIFFERENCES)
 def test_each_known_difference_occurs(verdicts, pattern, reason):
     """A listed difference that no configuration shows any more is stale: remove it (or add a
