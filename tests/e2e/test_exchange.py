@@ -117,6 +117,25 @@ def test_a_request_with_no_subject_token_is_refused(envoy_factory, exchange_serv
     assert e.filter_stat(f"{PROFILE}.subject_missing") == 3
 
 
+@pytest.mark.parametrize("code", ["invalid_request", "invalid_grant"])
+def test_a_subject_token_the_idp_refuses_gets_401_and_other_callers_carry_on(envoy_factory,
+                                                                            exchange_server: ExchangeServer,
+                                                                            upstream, code):
+    """RFC 8693 §2.2.2: an IdP refuses a subject token with invalid_request (some say
+    invalid_grant). The caller gets 401, not the 503 of an IdP that is down, and only that subject
+    backs off."""
+    exchange_server.set_bad_subject_error(code)
+    e = envoy_factory.start(exchange_config(), token_clusters={"idp": exchange_server})
+    forged = exchange_server.mint_foreign("mallory")
+    statuses = [reply_error(e.request("/x", bearer(forged))) for _ in range(3)]
+    print(code, statuses)
+    assert statuses == [(401, "subject_token_rejected")] * 3, statuses
+    assert seen_authorization(e.request("/x", bearer(exchange_server.mint_subject("alice")))) == "Bearer ex-alice-1"
+    assert e.filter_stat(f"{PROFILE}.subject_rejected") == 3
+    assert e.filter_stat(f"{PROFILE}.fetch_failed.{code}") == 1, "the refused subject backs off: one exchange"
+    assert upstream.count() == 1
+
+
 def test_missing_subject_pass_sends_the_request_on_untouched(envoy_factory, exchange_server: ExchangeServer,
                                                              upstream):
     e = envoy_factory.start(exchange_config(missing_subject="pass"), token_clusters={"idp": exchange_server})

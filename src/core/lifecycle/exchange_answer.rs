@@ -123,8 +123,9 @@ impl Driver {
         }
     }
 
-    /// A failed exchange: recorded against the subject's entry (its backoff), `invalid_grant`
-    /// marks the subject rejected; the permit goes back.
+    /// A failed exchange: recorded against the subject's entry (its backoff); an IdP that refuses
+    /// the subject token marks the subject rejected (RFC 8693 §2.2.2 says `invalid_request`, some
+    /// IdPs `invalid_grant`); the permit goes back.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn record_subject_failure(
         &mut self,
@@ -143,7 +144,7 @@ impl Driver {
         let holder = self.holder;
         let jitter = (env.random_u64() >> 11) as f64 / (1u64 << 53) as f64;
         let key = exchange.subject;
-        let rejected = failure.label == "invalid_grant";
+        let rejected = matches!(&*failure.label, "invalid_request" | "invalid_grant");
         let _ = store::update_bytes(env, &set_key(&profile.cache_key, key.set_index(te.cache.sets)), |bytes| {
             let mut set = SubjectSet::decode(bytes);
             let mut subject_entry = set.find(&key).cloned().unwrap_or_else(|| SubjectEntry::new(key));

@@ -237,7 +237,15 @@ fn in_flight_permits_bound_concurrent_exchanges_and_come_back() {
 }
 
 #[test]
-fn invalid_grant_rejects_the_subject_with_401_and_other_subjects_carry_on() {
+fn a_refused_subject_token_gets_401_and_other_subjects_carry_on() {
+    // RFC 8693 §2.2.2 answers a subject token it refuses with invalid_request; some IdPs say
+    // invalid_grant: either refuses this subject only.
+    for code in ["invalid_request", "invalid_grant"] {
+        refused_subject_token(code);
+    }
+}
+
+fn refused_subject_token(code: &str) {
     let config = config_with("{}", "");
     let mut store = MemoryStore::default();
     let mut vm = vms(&config, &mut store, 1).remove(0);
@@ -246,14 +254,14 @@ fn invalid_grant_rejects_the_subject_with_401_and_other_subjects_carry_on() {
     let _ = vm.on_subject_request(0, 1, &mallory, 0, &mut store);
     let sent = vm.on_wake(&[0], 0, &mut store);
     let call = sends(&sent)[0].clone();
-    let error = br#"{"error":"invalid_grant","error_description":"subject token invalid"}"#;
-    let mut actions = vm.on_answer(call.id, answer(b"400", error), 10, &mut store);
+    let error = format!(r#"{{"error":"{code}","error_description":"subject token invalid"}}"#);
+    let mut actions = vm.on_answer(call.id, answer(b"400", error.as_bytes()), 10, &mut store);
     actions.extend(vm.on_wake(&[], 11, &mut store));
     assert!(
         actions.iter().any(|a| matches!(a, Action::Refuse { request: 1, refusal: Refusal::SubjectRejected, .. })),
-        "{actions:?}"
+        "{code}: {actions:?}"
     );
-    assert!(actions.contains(&Action::Count { profile: 0, metric: Metric::FetchFailed("invalid_grant".into()) }));
+    assert!(actions.contains(&Action::Count { profile: 0, metric: Metric::FetchFailed(code.into()) }));
     let (outcome, _) = vm.on_subject_request(0, 2, &mallory, 12, &mut store);
     assert_eq!(outcome, RequestOutcome::Refuse(Refusal::SubjectRejected), "while the backoff runs");
     assert_eq!(vm.on_subject_request(0, 3, &alice, 12, &mut store).0, RequestOutcome::Wait, "alice is not backed off");
