@@ -70,6 +70,49 @@ def test_exchange_then_a_cache_hit_per_subject(envoy_factory, exchange_server: E
     assert not any(alice in str(r.headers) or bob in str(r.headers) for r in upstream.requests)
 
 
+JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"
+
+
+def test_every_rfc8693_parameter_reaches_the_idp_with_the_workloads_token_as_actor(envoy_factory,
+                                                                                 exchange_server: ExchangeServer,
+                                                                                 upstream):
+    """RFC 8693 §2.1 on the wire: the actor is the workload's own client-credentials token (another
+    profile of the same configuration), audience, two resources, the scope, requested_token_type,
+    and the client authenticated in the body (client_secret_post), not with a Basic header."""
+    exchange = pc.profile(
+        grant_type=EXCHANGE_GRANT, auth_method="client_secret_post", audience="https://inventory.example.com",
+        resource=["https://inventory.example.com/a", "https://inventory.example.com/b"],
+        scopes=["inventory:read", "inventory:list"],
+        token_exchange={"actor": {"profile": "workload"}, "requested_token_type": JWT_TOKEN_TYPE,
+                        "limits": {"exchanges_per_second": 200, "burst": 400, "max_in_flight": 64}})
+    config = pc.config(profiles={PROFILE: exchange, "workload": pc.profile()},
+                       routes=[{"match": {"path_prefix": "/"}, "profile": PROFILE}])
+    e = envoy_factory.start(config, token_clusters={"idp": exchange_server})
+    alice = exchange_server.mint_subject("alice")
+
+    assert seen_authorization(e.request("/x", bearer(alice))) == "Bearer ex-alice-1"
+    (ex,) = exchange_server.exchanges()
+    print("exchange form:", sorted(ex.form))
+    workload_tokens = exchange_server.issued_tokens()
+    assert ex.actor_token in workload_tokens and ex.actor == f"client:{ex.actor_token}", (ex.actor, workload_tokens)
+    assert ex.actor_token_type == ACCESS_TOKEN_TYPE
+    assert ex.audience == ["https://inventory.example.com"]
+    assert ex.resource == ["https://inventory.example.com/a", "https://inventory.example.com/b"]
+    assert ex.scope == "inventory:read inventory:list"
+    assert ex.requested_token_type == JWT_TOKEN_TYPE
+    assert ex.form.get("client_id") == [pc.DEFAULT_CLIENT_ID] and ex.form.get("client_secret") == ["s3cret"], ex.form
+    assert ex.client_id == pc.DEFAULT_CLIENT_ID and ex.status == 200
+
+
+def test_a_static_actor_token_is_sent_as_configured(envoy_factory, exchange_server: ExchangeServer, upstream):
+    agent = exchange_server.mint_subject("agent-7")
+    e = envoy_factory.start(exchange_config(actor={"token": agent, "token_type": JWT_TOKEN_TYPE}),
+                            token_clusters={"idp": exchange_server})
+    assert seen_authorization(e.request("/x", bearer(exchange_server.mint_subject("bob")))) == "Bearer ex-bob-1"
+    (ex,) = exchange_server.exchanges()
+    assert (ex.actor_token, ex.actor_token_type, ex.actor) == (agent, JWT_TOKEN_TYPE, "agent-7"), ex
+
+
 # Another filter ahead of oauth2-cc puts the caller's token in the dynamic metadata (here from a
 # header the filter does not read), as an authenticating filter would.
 SUBJECT_TO_METADATA = """
