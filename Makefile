@@ -24,9 +24,12 @@ UNUSED_EXPORTS := proxy_on_response_body proxy_on_response_trailers proxy_on_log
   proxy_on_grpc_receive proxy_on_grpc_receive_trailing_metadata proxy_on_grpc_close proxy_on_foreign_function
 VENV          := .venv
 PY            := $(VENV)/bin/python
-# The wasm size gate: 592 KB today plus a 2 % margin. Every byte costs Envoy memory once per
-# process, and a new dependency shows here first (docs/memory.md).
-MAX_WASM_BYTES := 604000
+# The wasm size gate: 670 KB today plus a 2 % margin. Every byte costs Envoy memory once per
+# process, and a new dependency shows here first (docs/memory.md). Token exchange (RFC 8693) took
+# it from 596 KB: its configuration's deserializers about 21 KB, the exchange itself (subject
+# store, limiter, copies, the driver's exchange) 20 KB, map types 11 KB (before wasm-opt); Envoy's
+# RSS at 2 workers grew 1.2 MiB with it (bench/memory.py, median of 3).
+MAX_WASM_BYTES := 683000
 
 export E2E_REQUIRE_WASM := 1
 export OAUTH2_CC_WASM := $(CURDIR)/$(WASM)

@@ -132,7 +132,7 @@ def measure_cell(cell: str, workers: int, args: argparse.Namespace) -> dict:
         env["ENVOY_DYNAMIC_MODULES_SEARCH_PATH"] = str(Path(so).parent)
         modules[cell] = re.fullmatch(r"lib(.+)\.so", Path(so).name).group(1)
     boot = under_test_bootstrap(cell, token_server=ts, upstream_port=echo.port, echo_port=echo.port,
-                                wasm_file=args.wasm, floor_wasm_file=args.floor_wasm, modules=modules)
+                                wasm_file=args.wasm, floor_wasm_files={"floor": args.floor_wasm}, modules=modules)
     e = Envoy(json.dumps(boot, indent=1), work, concurrency=workers, log_level="warning",
               name=f"envoy-{cell}-{workers}", env=env)
     try:

@@ -161,10 +161,11 @@ class Window:
         return self.ir / self.requests
 
 
-def measure_requests(e: CallgrindEnvoy, client: KeepAlive, path: str, n: int, label: str) -> Window:
+def measure_requests(e: CallgrindEnvoy, client: KeepAlive, path: str, n: int, label: str,
+                     headers: Mapping[str, str] | None = None) -> Window:
     # Counting starts from zero: every window ends with a dump, and nothing is counted between.
     t0 = e.instrument_on()
-    bad = client.get(path, n)
+    bad = client.get(path, n, headers)
     dump, t1 = e.stop_and_dump(label)
     return Window(label, n, totals(dump), t1 - t0, str(dump), failed_statuses=bad)
 

@@ -36,6 +36,11 @@ TOKEN_URL = "http://idp.test/oauth2/token"
 CLIENT_ID = "svc-a"
 CLIENT_SECRET = "s3cret"
 TOKEN_REGEX = "^Bearer tok-[0-9]+$"
+# What the upstream route accepts: a client-credentials token, or one exchanged for the bench's
+# caller (tests/e2e/exchange_server.py names exchanged tokens ex-<subject>-<n>).
+UPSTREAM_TOKEN_REGEX = "^Bearer (tok-[0-9]+|ex-bench-caller-[0-9]+)$"
+# The caller whose token the exchange cells exchange, sent on every request of those cells.
+EXCHANGE_SUBJECT = "bench-caller"
 
 # key, label, description. Order = the order within each round.
 CONFIGS = [
@@ -68,8 +73,19 @@ FLOOR_VARIANT_CONFIGS = [
     ("floor_fm0", "(fm0)", "proxy-wasm floor reading `:authority`, writing one header (bench/floor, feature "
      "read-authority)"),
 ]
-LABEL = {k: lab for k, lab, _ in CONFIGS + FLOOR_VARIANT_CONFIGS}
-DESC = {k: d for k, _, d in CONFIGS + FLOOR_VARIANT_CONFIGS}
+# Cells of the instruction-count bench only: a hit on a token-exchange profile (RFC 8693), each
+# request carrying its caller's subject token (`Authorization: Bearer <a JWS>`), and what Envoy alone
+# pays for that header.
+EXCHANGE_CONFIGS = [
+    ("none_subject", "(a')", "no filter, the request carrying a subject token (`Authorization`, an ES256 JWS)"),
+    ("dynmod_exchange", "(dx)", "oauth2-cc dynamic module, token-exchange profile, cache hit for the caller's subject"),
+    ("oauth2cc_exchange", "(cx)", "oauth2-cc, token-exchange profile, cache hit for the caller's subject"),
+]
+EXCHANGE_CELLS = tuple(k for k, _, _ in EXCHANGE_CONFIGS)
+# Each exchange cell and the client-credentials cell and no-filter cell it is compared with.
+EXCHANGE_PAIRS = {"dynmod_exchange": "dynmod", "oauth2cc_exchange": "oauth2cc", "none_subject": "none"}
+LABEL = {k: lab for k, lab, _ in CONFIGS + FLOOR_VARIANT_CONFIGS + EXCHANGE_CONFIGS}
+DESC = {k: d for k, _, d in CONFIGS + FLOOR_VARIANT_CONFIGS + EXCHANGE_CONFIGS}
 ROUTES = ["direct", "upstream"]
 RQ_STAT = "http.ingress_http.downstream_rq_total"
 WASM_INJECTED = "wasmcustom.oauth2_cc.default.injected"
@@ -78,6 +94,7 @@ INJECTED_STAT = {
     "oauth2cc": WASM_INJECTED,
     "oauth2cc_nopurge": WASM_INJECTED,
     "oauth2cc_refresh": WASM_INJECTED,
+    "oauth2cc_exchange": WASM_INJECTED,
 }
 # Cells whose measured route must leave the filter's counter alone (the filter never runs there).
 ZERO_INJECTED_STAT = {"perroute": WASM_INJECTED}
@@ -86,9 +103,9 @@ REFRESH_EXPIRES_IN = 6
 REFRESH_AHEAD_RATIO = 0.5
 
 # Cells whose measured routes carry no token (their upstream route is /up/open).
-NO_TOKEN = ("none", "oauth2cc_nomatch", "perroute")
+NO_TOKEN = ("none", "none_subject", "oauth2cc_nomatch", "perroute")
 # Cells that must make no token request while measured (a cache hit throughout).
-CACHE_HIT = ("native", "oauth2cc", "oauth2cc_nopurge", "dynmod")
+CACHE_HIT = ("native", "oauth2cc", "oauth2cc_nopurge", "dynmod", "dynmod_exchange", "oauth2cc_exchange")
 FLOOR_TOKEN = "Bearer tok-0"  # what bench/floor and bench/floor-native write
 FLOORS = ("floor", "floor_native", "floor_native_fdm", "floor_fm", "floor_fm0")
 

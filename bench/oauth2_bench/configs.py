@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .common import CLIENT_ID, CLIENT_SECRET, REFRESH_AHEAD_RATIO, TOKEN_REGEX, TOKEN_URL
+from .common import CLIENT_ID, CLIENT_SECRET, EXCHANGE_CELLS, REFRESH_AHEAD_RATIO, TOKEN_URL, UPSTREAM_TOKEN_REGEX
 
 from envoy import bootstrap_dict, direct_route, route, static_cluster, wasm_filter  # noqa: E402
 
@@ -38,13 +38,20 @@ def native_filter() -> dict:
     }
 
 
-def oauth2cc_config(refresh: bool, match_nothing: bool = False, purge: bool = True) -> dict:
+EXCHANGE_GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
+
+
+def oauth2cc_config(refresh: bool, match_nothing: bool = False, purge: bool = True, exchange: bool = False) -> dict:
+    """``exchange``: a token-exchange profile (the caller's `Authorization` bearer exchanged, the
+    documented defaults otherwise) instead of client credentials."""
     profile: dict[str, Any] = {
         "cluster": "idp",
         "token_url": TOKEN_URL,
         "client_id": CLIENT_ID,
         "client_secret": {"env": "BENCH_CLIENT_SECRET"},
     }
+    if exchange:
+        profile.update(grant_type=EXCHANGE_GRANT, token_exchange={})
     if refresh:
         profile["refresh"] = {"ahead_ratio": REFRESH_AHEAD_RATIO}
     if not purge:
@@ -99,7 +106,7 @@ def under_test_bootstrap(config: str, *, token_server: Any, upstream_port: int, 
         extra_clusters=[static_cluster("echo", "127.0.0.1", echo_port)],
         routes=_routes(config),
     )
-    if config == "none":
+    if config in ("none", "none_subject"):
         return bootstrap_dict(None, wasm=False, **common)
     if config == "native":
         b = bootstrap_dict(None, wasm=False, extra_http_filters=[native_filter()], **common)
@@ -110,8 +117,9 @@ def under_test_bootstrap(config: str, *, token_server: Any, upstream_port: int, 
     if config in ("floor_native", "floor_native_fdm"):
         f = dynamic_module_filter(modules[config], "floor", "")
         return bootstrap_dict(None, wasm=False, extra_http_filters=[f], **common)
-    if config == "dynmod":
-        f = dynamic_module_filter(modules[config], "oauth2_cc", json.dumps(oauth2cc_config(refresh=False)))
+    if config in ("dynmod", "dynmod_exchange"):
+        plugin = oauth2cc_config(refresh=False, exchange=config in EXCHANGE_CELLS)
+        f = dynamic_module_filter(modules[config], "oauth2_cc", json.dumps(plugin))
         return bootstrap_dict(None, wasm=False, extra_http_filters=[f], **common)
     if config == "perroute":
         f = wasm_filter(oauth2cc_config(refresh=False), env={"BENCH_CLIENT_SECRET": CLIENT_SECRET},
@@ -121,7 +129,7 @@ def under_test_bootstrap(config: str, *, token_server: Any, upstream_port: int, 
         return bootstrap_dict(None, wasm=False, extra_http_filters=[f], **common)
     return bootstrap_dict(
         oauth2cc_config(refresh=config == "oauth2cc_refresh", match_nothing=config == "oauth2cc_nomatch",
-                        purge=config != "oauth2cc_nopurge"),
+                        purge=config != "oauth2cc_nopurge", exchange=config in EXCHANGE_CELLS),
         wasm=True,
         wasm_file=wasm_file,
         env={"BENCH_CLIENT_SECRET": CLIENT_SECRET},
@@ -135,7 +143,7 @@ def upstream_bootstrap() -> dict:
     ok = {"status": 200, "body": {"inline_string": "ok"}}
     routes = [
         {"match": {"prefix": "/up/auth",
-                   "headers": [{"name": "authorization", "string_match": {"safe_regex": {"regex": TOKEN_REGEX}}}]},
+                   "headers": [{"name": "authorization", "string_match": {"safe_regex": {"regex": UPSTREAM_TOKEN_REGEX}}}]},
          "direct_response": ok},
         {"match": {"prefix": "/up/auth"}, "direct_response": {"status": 401, "body": {"inline_string": "no"}}},
         {"match": {"prefix": "/up/open"}, "direct_response": ok},

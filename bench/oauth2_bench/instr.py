@@ -19,24 +19,26 @@ from pathlib import Path
 from typing import Any
 
 from .callgrind import Background, CallgrindEnvoy, KeepAlive, Window, executable_maps, measure_idle, measure_requests
-from .common import (CACHE_HIT, CLIENT_SECRET, FLOORS, INJECTED_STAT, LABEL, ROUTES, RQ_STAT, STEADY_EXPIRES_IN,
-                     TOKEN_REGEX, ZERO_INJECTED_STAT, BenchError, path_of)
+from .common import (CACHE_HIT, CLIENT_SECRET, EXCHANGE_CELLS, EXCHANGE_SUBJECT, FLOORS, INJECTED_STAT, LABEL,
+                     ROUTES, RQ_STAT, STEADY_EXPIRES_IN, TOKEN_REGEX, ZERO_INJECTED_STAT, BenchError, path_of)
 from .configs import under_test_bootstrap, upstream_bootstrap
 from .processes import Processes, counters
 
 from envoy import Envoy, request  # noqa: E402
+from exchange_server import ExchangeServer  # noqa: E402
 from servers import EchoUpstream, TokenServer  # noqa: E402
 
 # The cells, in the order they run. Labels and descriptions are in common.CONFIGS and
 # common.FLOOR_VARIANT_CONFIGS.
 INSTR_CELLS = ["none", "native", "floor_native", "floor_native_fdm", "dynmod", "floor", "floor_fm", "floor_fm0",
-               "oauth2cc", "oauth2cc_nopurge", "perroute"]
-DYNAMIC_MODULE_CELLS = ("floor_native", "floor_native_fdm", "dynmod")
+               "oauth2cc", "oauth2cc_nopurge", "perroute", *EXCHANGE_CELLS]
+DYNAMIC_MODULE_CELLS = ("floor_native", "floor_native_fdm", "dynmod", "dynmod_exchange")
 WASM_FLOOR_CELLS = ("floor", "floor_fm", "floor_fm0")
 # The floor of each cell's kind (what any module of that kind pays), and the floor that does the
 # same reads as the filter (what the goals compare with).
 KIND_FLOOR = {"floor_native_fdm": "floor_native", "dynmod": "floor_native", "floor_fm": "floor",
-              "floor_fm0": "floor", "oauth2cc": "floor", "oauth2cc_nopurge": "floor", "perroute": "none"}
+              "floor_fm0": "floor", "oauth2cc": "floor", "oauth2cc_nopurge": "floor", "perroute": "none",
+              "dynmod_exchange": "floor_native", "oauth2cc_exchange": "floor"}
 MATCHED_FLOOR = {"dynmod": "floor_native_fdm", "oauth2cc": "floor_fm", "oauth2cc_nopurge": "floor_fm0"}
 # After the admin API was asked for the counters: its connection's clean-up must not fall into the
 # idle window.
@@ -91,11 +93,18 @@ class CellRunner:
         self.files = files  # cell key -> module file (wasm or .so); "wasm" -> oauth2-cc's wasm
         self.params = params
         self.valgrind_args = valgrind_args or []
+        # What every request of the running cell carries: the exchange cells' subject token.
+        self.request_headers: dict[str, str] = {}
 
     def start(self, key: str, name: str, concurrency: int = 1, callgrind: bool = True,
               log_level: str = "warning", component_log_level: str | None = None) -> tuple[Envoy, TokenServer]:
         sh = self.shared
-        ts = TokenServer(expires_in=STEADY_EXPIRES_IN).start()
+        if key in EXCHANGE_CELLS:
+            ts = ExchangeServer(expires_in=STEADY_EXPIRES_IN).start()
+            self.request_headers = {"authorization": f"Bearer {ts.mint_subject(EXCHANGE_SUBJECT)}"}
+        else:
+            ts = TokenServer(expires_in=STEADY_EXPIRES_IN).start()
+            self.request_headers = {}
         sh.procs.servers.append(ts)
         modules = {k: module_name(self.files[k]) for k in DYNAMIC_MODULE_CELLS if k in self.files}
         b = under_test_bootstrap(key, token_server=ts, upstream_port=sh.upstream.listener_port(),
@@ -128,9 +137,10 @@ class CellRunner:
         problem = "not tried"
         while time.monotonic() < deadline:
             try:
-                r = e.request("/echo", timeout=30)
+                r = e.request("/echo", self.request_headers, timeout=30)
                 got = r.json()["headers"].get("authorization") if r.status == 200 else None
-                problem = (f"/echo answered {r.status}" if r.status != 200 else echo_problem(key, got, ts))
+                problem = (f"/echo answered {r.status}" if r.status != 200
+                           else echo_problem(key, got, ts, self.request_headers.get("authorization")))
             except OSError as ex:
                 problem = f"/echo failed: {ex!r}"
             if problem is None:
@@ -167,10 +177,10 @@ class CellRunner:
         try:
             client = KeepAlive(e.listener_port())
             stat = INJECTED_STAT.get(key) or ZERO_INJECTED_STAT.get(key) or (
-                "oauth2_cc.default.injected" if key == "dynmod" else None)
+                "oauth2_cc.default.injected" if key in ("dynmod", "dynmod_exchange") else None)
             names = [RQ_STAT] + ([stat] if stat else [])
             for rk in routes or ROUTES:
-                bad = client.get(path_of(key, rk), p.warmup)
+                bad = client.get(path_of(key, rk), p.warmup, self.request_headers)
                 if bad:
                     out["problems"].append(f"{rk}: warm-up statuses {sorted(set(bad))}")
             c0, tok0 = settled(e, names), ts.count()
@@ -178,7 +188,8 @@ class CellRunner:
             idle = measure_idle(e, p.idle_s, f"{key}-idle")
             windows: dict[str, Window] = {}
             for rk in routes or ROUTES:
-                windows[rk] = measure_requests(e, client, path_of(key, rk), p.requests, f"{key}-{rk}")
+                windows[rk] = measure_requests(e, client, path_of(key, rk), p.requests, f"{key}-{rk}",
+                                               self.request_headers)
             c1, tok1 = settled(e, names), ts.count()
             out["maps"] = executable_maps(e.pid)
             self._judge(key, out, windows, c1, c0, tok1 - tok0, stat)
@@ -224,7 +235,14 @@ def settled(e: Envoy, names: list[str], timeout: float = 30.0) -> dict[str, int]
     return last
 
 
-def echo_problem(key: str, got: str | None, ts: TokenServer) -> str | None:
+def echo_problem(key: str, got: str | None, ts: TokenServer, sent: str | None = None) -> str | None:
+    """What is wrong with the ``authorization`` the echo upstream got (None: nothing); ``sent``:
+    the one the request carried."""
+    if key == "none_subject":
+        return None if got == sent else "the subject token did not reach the upstream unchanged"
+    if key in EXCHANGE_CELLS:
+        subject = ts.subject_of(got[7:]) if got and got.startswith("Bearer ex-") else None
+        return None if subject == EXCHANGE_SUBJECT else f"authorization {got!r} is not a token exchanged for the caller"
     if key in NO_TOKEN_ON_ECHO:
         return None if got is None else f"no token expected, yet the upstream got authorization {got!r}"
     if got is None:

@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def cell_files(a: argparse.Namespace) -> dict[str, str]:
     return {"wasm": a.wasm, "oauth2cc": a.wasm, "oauth2cc_nopurge": a.wasm, "perroute": a.wasm,
-            "dynmod": a.dynmod, "floor": str(DEFAULT_FLOOR_WASM),
+            "oauth2cc_exchange": a.wasm, "dynmod": a.dynmod, "dynmod_exchange": a.dynmod, "floor": str(DEFAULT_FLOOR_WASM),
             "floor_fm": str(FLOOR_WASM_VARIANTS["floor_fm"]), "floor_fm0": str(FLOOR_WASM_VARIANTS["floor_fm0"]),
             "floor_native": str(DEFAULT_FLOOR_NATIVE), "floor_native_fdm": str(DEFAULT_FLOOR_NATIVE_FDM)}
 

@@ -21,6 +21,9 @@
 //!   host uses for its own keys.
 //! - [`metrics`]: [`metrics::Metric`] and [`metrics::MetricIds`], the one table of metric names
 //!   both hosts define.
+//! - [`exchange`]: RFC 8693 token exchange: the request's [`exchange::Subject`], the refusals
+//!   ([`exchange::Refusal`]) and the bounded per-worker copies of exchanged tokens
+//!   ([`exchange::copies`]) a host keeps for its hit path.
 //! - [`wake_registry`]: the list of VM wake queues the proxy-wasm host keeps in shared data.
 //! - `test_support`, only with the `test-support` feature (the hosts' tests and `fuzz/`): the
 //!   parsers the fuzzers feed, route selection, the secret a configuration read.
@@ -35,6 +38,7 @@
 #![cfg_attr(feature = "test-support", warn(unreachable_pub))]
 
 pub mod config;
+pub mod exchange;
 pub mod lifecycle;
 pub mod metrics;
 pub mod request;

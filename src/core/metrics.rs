@@ -20,6 +20,8 @@ pub enum Metric {
     FailedRequest,
     Purged,
     BudgetRefused,
+    /// A token-exchange profile refused a request (`Refusal::counter` names the counter).
+    Refused(crate::exchange::Refusal),
 }
 
 /// Every `fetch_failed.<reason>` label: `TokenError::label` (RFC 6749 §5.2 codes kept by name,
@@ -62,15 +64,36 @@ const TOKEN_LIFETIME: &str = "token_lifetime_s";
 pub struct MetricIds<Id> {
     counters: [Option<Id>; COUNTERS.len()],
     fetch_failed: Vec<Option<Id>>,
+    /// `Refusal::ALL`'s counters, in order.
+    refused: [Option<Id>; 4],
     token_remaining_s: Option<Id>,
     token_lifetime_s: Option<Id>,
 }
 
 impl<Id: Copy> MetricIds<Id> {
-    /// Defines every metric of `profile` through the host's `counter` and `gauge` definers, which
-    /// receive the full name.
+    /// Defines every metric of a client-credentials profile named `profile` through the host's
+    /// `counter` and `gauge` definers, which receive the full name.
     pub fn define(
         profile: &str,
+        counter: impl FnMut(&str) -> Option<Id>,
+        gauge: impl FnMut(&str) -> Option<Id>,
+    ) -> MetricIds<Id> {
+        Self::define_with(profile, false, counter, gauge)
+    }
+
+    /// Defines every metric of `profile`: a token-exchange profile also has the counters of its
+    /// refusals (`Refusal::counter`), which no other profile shows.
+    pub fn define_profile(
+        profile: &crate::config::Profile,
+        counter: impl FnMut(&str) -> Option<Id>,
+        gauge: impl FnMut(&str) -> Option<Id>,
+    ) -> MetricIds<Id> {
+        Self::define_with(&profile.name, profile.exchange.is_some(), counter, gauge)
+    }
+
+    fn define_with(
+        profile: &str,
+        exchange: bool,
         mut counter: impl FnMut(&str) -> Option<Id>,
         mut gauge: impl FnMut(&str) -> Option<Id>,
     ) -> MetricIds<Id> {
@@ -81,6 +104,8 @@ impl<Id: Copy> MetricIds<Id> {
                 .iter()
                 .map(|reason| counter(&format!("{prefix}.fetch_failed.{reason}")))
                 .collect(),
+            refused: crate::exchange::Refusal::ALL
+                .map(|r| if exchange { counter(&format!("{prefix}.{}", r.counter())) } else { None }),
             token_remaining_s: gauge(&format!("{prefix}.{TOKEN_REMAINING}")),
             token_lifetime_s: gauge(&format!("{prefix}.{TOKEN_LIFETIME}")),
         }
@@ -96,6 +121,10 @@ impl<Id: Copy> MetricIds<Id> {
             Metric::FailedRequest => 3,
             Metric::Purged => 4,
             Metric::BudgetRefused => 5,
+            Metric::Refused(refusal) => {
+                let index = crate::exchange::Refusal::ALL.iter().position(|r| r == refusal);
+                return index.and_then(|i| self.refused.get(i).copied().flatten());
+            }
             Metric::FetchFailed(reason) => {
                 let index = reason_index(reason).or_else(|| reason_index("other_error"));
                 return index.and_then(|i| self.fetch_failed.get(i).copied().flatten());
@@ -152,7 +181,32 @@ mod tests {
             expect(Metric::FetchFailed(reason.to_string()), &format!("oauth2_cc.billing.fetch_failed.{reason}"));
         }
         assert_eq!(names.len(), 6 + FETCH_FAILED_REASONS.len(), "{names:?}");
+        assert_eq!(ids.counter(&Metric::Refused(crate::exchange::Refusal::SubjectMissing)), None);
         assert!(ids.token_remaining_s().is_some());
+    }
+
+    #[test]
+    fn an_exchange_profile_also_counts_its_refusals() {
+        let json = r#"{"profiles": {"tools": {"cluster": "idp", "token_url": "http://idp/t", "client_id": "c",
+            "client_secret": "s", "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange", "token_exchange": {}}}}"#;
+        let config = crate::config::parse(json.as_bytes(), &|_| None).expect("valid");
+        let mut names = Vec::new();
+        let ids = MetricIds::define_profile(
+            &config.profiles[0],
+            |name| {
+                names.push(name.to_string());
+                Some(names.len() - 1)
+            },
+            |_| None,
+        );
+        for refusal in crate::exchange::Refusal::ALL {
+            let id = ids.counter(&Metric::Refused(refusal)).unwrap_or(usize::MAX);
+            assert_eq!(
+                names.get(id).map(String::as_str),
+                Some(format!("oauth2_cc.tools.{}", refusal.counter()).as_str())
+            );
+        }
+        assert_eq!(names.len(), 6 + FETCH_FAILED_REASONS.len() + 4, "{names:?}");
     }
 
     #[test]

@@ -16,7 +16,9 @@
 //! ([`RequestPath::wants_status`]); whether a status matters is decided here, so only a status in
 //! the list reaches the driver (and its lock, in a host that has one).
 
-use crate::config::Config;
+use crate::config::{Config, MissingSubject};
+use crate::exchange::copies::SubjectCopy;
+use crate::exchange::{Refusal, Subject, SubjectFact, SubjectKey};
 use crate::lifecycle::{FailureReply, RequestOutcome, Snapshot, failure_reply, unknown_profile_reply};
 use crate::metrics::Metric;
 pub use crate::route::RequestFacts;
@@ -50,6 +52,8 @@ pub struct RequestPath {
     phase: Phase,
     profile: Option<usize>,
     injected: Option<u64>,
+    /// The subject of a token-exchange profile's request.
+    subject: Option<SubjectKey>,
 }
 
 /// What the host does next.
@@ -59,6 +63,10 @@ pub enum Step<'a> {
     Continue,
     /// Look up this worker's copy of `profile`'s token and give it to [`RequestPath::on_copy`].
     LookUpCopy { profile: usize },
+    /// A token-exchange profile: look up this worker's copy of the token exchanged for `subject`
+    /// (by the subject token's bytes) and give it to [`RequestPath::on_subject_copy`]; on
+    /// `AskDriver`, ask `Driver::on_subject_request` with `subject`.
+    LookUpSubjectCopy { profile: usize, subject: Subject },
     /// Ask the driver (`Driver::on_request`) and give its outcome to [`RequestPath::on_outcome`].
     AskDriver { profile: usize },
     /// Write `name: value` on the request and say whether Envoy took it
@@ -82,6 +90,7 @@ impl std::fmt::Debug for Step<'_> {
         match self {
             Step::Continue => f.write_str("Continue"),
             Step::LookUpCopy { profile } => write!(f, "LookUpCopy({profile})"),
+            Step::LookUpSubjectCopy { profile, .. } => write!(f, "LookUpSubjectCopy({profile}, [redacted])"),
             Step::AskDriver { profile } => write!(f, "AskDriver({profile})"),
             Step::WriteHeader { name, .. } => write!(f, "WriteHeader({name}: [redacted])"),
             Step::Pause => f.write_str("Pause"),
@@ -114,6 +123,8 @@ pub enum Delivered<'a> {
     Token { profile: usize, header: &'a str, value: &'a str, generation: u64 },
     /// The driver failed the request (and counted it).
     Fail { profile: usize },
+    /// The driver refused the request (and counted it).
+    Refused { profile: usize, refusal: Refusal },
 }
 
 impl RequestPath {
@@ -136,6 +147,18 @@ impl RequestPath {
             }
         };
         let Some(profile) = config.profiles.get(index) else { return self.untouched() };
+        if let Some(te) = &profile.exchange {
+            return match crate::exchange::read_subject(te, facts) {
+                SubjectFact::Present(subject) => {
+                    self.profile = Some(index);
+                    self.phase = Phase::LookingUp;
+                    Next::step(Step::LookUpSubjectCopy { profile: index, subject })
+                }
+                SubjectFact::Missing if te.missing_subject == MissingSubject::Pass => self.untouched(),
+                SubjectFact::Missing => self.refuse(config, index, Refusal::SubjectMissing, true),
+                SubjectFact::Unverified => self.refuse(config, index, Refusal::SubjectUnverified, true),
+            };
+        }
         // Any value counts as present, whatever its bytes.
         if profile.inject.keep_existing && facts.has_header(&profile.inject.header) {
             return self.untouched();
@@ -158,6 +181,41 @@ impl RequestPath {
         }
     }
 
+    /// A token-exchange profile's copy for the request's subject (`None`: the host has none). A hit
+    /// is written as any copy; on a miss the subject token is checked (one that cannot be a token
+    /// counts as missing) and its key taken (the only SHA-256 of the request), and the driver asked.
+    pub fn on_subject_copy<'a>(
+        &mut self,
+        config: &'a Config,
+        subject: &Subject,
+        copy: Option<&'a SubjectCopy>,
+    ) -> Next<'a> {
+        match copy {
+            Some(copy) => {
+                self.subject = Some(copy.subject);
+                self.on_copy(config, Some(&copy.snapshot))
+            }
+            None => {
+                let Some(profile) = self.profile else { return Next::step(Step::Nothing) };
+                if subject.token().is_none() {
+                    // Not a token (control bytes, too long): no subject, as the profile says.
+                    let pass = config
+                        .profiles
+                        .get(profile)
+                        .and_then(|p| p.exchange.as_ref())
+                        .is_some_and(|te| te.missing_subject == MissingSubject::Pass);
+                    return if pass {
+                        self.untouched()
+                    } else {
+                        self.refuse(config, profile, Refusal::SubjectMissing, true)
+                    };
+                }
+                self.subject = Some(subject.key());
+                self.on_copy(config, None)
+            }
+        }
+    }
+
     /// The driver's outcome for a request that found no copy.
     pub fn on_outcome<'a>(&mut self, config: &'a Config, outcome: &'a RequestOutcome) -> Next<'a> {
         debug_assert_eq!(self.phase, Phase::Asking, "an outcome nobody asked for");
@@ -170,6 +228,7 @@ impl RequestPath {
             }
             // The driver counted its decision.
             RequestOutcome::Fail => self.fail(config, profile, None),
+            RequestOutcome::Refuse(refusal) => self.refuse(config, profile, *refusal, false),
         }
     }
 
@@ -196,6 +255,7 @@ impl RequestPath {
             }
             // The driver counted its decision.
             Some(Delivered::Fail { profile }) => self.fail(config, profile, None),
+            Some(Delivered::Refused { profile, refusal }) => self.refuse(config, profile, refusal, false),
             // Woken with nothing to carry out: never left stopped, never sent on without a token.
             None => {
                 let profile = self.profile.unwrap_or(0);
@@ -222,6 +282,12 @@ impl RequestPath {
         self.injected = Some(generation);
         let step = if resume { Step::Resume } else { Step::Continue };
         Next { step, count: Some((profile, Metric::Injected)) }
+    }
+
+    /// The subject of a token-exchange profile's request: the host reports a purge status with it
+    /// (`Driver::on_subject_status`).
+    pub fn subject_key(&self) -> Option<SubjectKey> {
+        self.subject
     }
 
     /// The profile whose token this request gets, once selected.
@@ -279,6 +345,16 @@ impl RequestPath {
         let Some(p) = config.profiles.get(profile) else { return self.fail(config, profile, None) };
         self.phase = Phase::Writing { generation, resume };
         Next::step(Step::WriteHeader { name: &p.inject.header, value })
+    }
+
+    /// A token-exchange profile's refusal; `count`: the path decided it (the driver counts its own).
+    fn refuse(&mut self, config: &Config, profile: usize, refusal: Refusal, count: bool) -> Next<'static> {
+        self.phase = Phase::Failed;
+        let name = config.profiles.get(profile).map_or("", |p| p.name.as_str());
+        Next {
+            step: Step::Reply { reply: refusal.reply(name), error: None },
+            count: count.then(|| (profile, refusal.metric())),
+        }
     }
 
     fn fail(&mut self, config: &Config, profile: usize, error: Option<String>) -> Next<'static> {

@@ -24,6 +24,14 @@ pub trait RequestFacts {
     fn metadata_profile(&mut self) -> Option<String>;
     /// `filter_metadata.oauth2_cc.disabled` of the Envoy route is `true`.
     fn metadata_disabled(&mut self) -> bool;
+    /// A string value in the request's dynamic metadata (`None`: absent or not a string).
+    fn dynamic_metadata_string(&mut self, _namespace: &str, _key: &str) -> Option<Vec<u8>> {
+        None
+    }
+    /// Whether the request's dynamic metadata has `key` in `namespace`, whatever its value.
+    fn dynamic_metadata_has_key(&mut self, _namespace: &str, _key: &str) -> bool {
+        false
+    }
 }
 
 /// Which profile a request gets.

@@ -44,6 +44,18 @@ pub(crate) struct RequestExtras<'a> {
     pub client_assertion: Option<&'a str>,
     /// RFC 7523 §2.1 authorization grant assertion: sent as `assertion`.
     pub grant_assertion: Option<&'a str>,
+    /// RFC 8693 §2.1: the subject (and actor) of a token exchange.
+    pub exchange: Option<ExchangeParams<'a>>,
+}
+
+/// The RFC 8693 §2.1 parameters of one exchange (the profile gives audience, resource and scope).
+#[derive(Clone, Copy)]
+pub(crate) struct ExchangeParams<'a> {
+    pub(crate) subject_token: &'a str,
+    pub(crate) subject_token_type: &'a str,
+    /// `actor_token` and `actor_token_type`.
+    pub(crate) actor: Option<(&'a str, &'a str)>,
+    pub(crate) requested_token_type: Option<&'a str>,
 }
 
 pub(crate) use crate::assertion::CLIENT_ASSERTION_TYPE;
@@ -52,6 +64,17 @@ pub(crate) use crate::assertion::CLIENT_ASSERTION_TYPE;
 pub(crate) fn build(profile: &Profile, token_url: &HttpUrl, extras: &RequestExtras) -> TokenRequest {
     let mut params: Vec<(&str, &str)> = Vec::with_capacity(8);
     params.push(("grant_type", &profile.grant_type));
+    if let Some(exchange) = &extras.exchange {
+        params.push(("subject_token", exchange.subject_token));
+        params.push(("subject_token_type", exchange.subject_token_type));
+        if let Some((token, token_type)) = exchange.actor {
+            params.push(("actor_token", token));
+            params.push(("actor_token_type", token_type));
+        }
+        if let Some(requested) = exchange.requested_token_type {
+            params.push(("requested_token_type", requested));
+        }
+    }
     let scope = profile.scopes.join(" ");
     if !scope.is_empty() {
         params.push(("scope", &scope));
@@ -225,13 +248,44 @@ mod tests {
             &profile(
                 json!({"auth_method": "none", "client_secret": null, "token_request_headers": {"Accept": "application/jwt", "X-Api-Key": "k"}}),
             ),
-            &RequestExtras { client_assertion: Some("a.b.c"), grant_assertion: None },
+            &RequestExtras { client_assertion: Some("a.b.c"), ..RequestExtras::default() },
         );
         assert_eq!(request.header("accept"), Some("application/jwt"));
         assert_eq!(request.header("x-api-key"), Some("k"));
         let pairs = body_pairs(&request);
         assert!(pairs.contains(&("client_assertion_type".into(), CLIENT_ASSERTION_TYPE.into())));
         assert!(pairs.contains(&("client_assertion".into(), "a.b.c".into())));
+    }
+
+    #[test]
+    fn token_exchange_sends_the_subject_actor_and_types_with_any_client_authentication() {
+        let p = profile(json!({"grant_type": crate::config::TOKEN_EXCHANGE_GRANT_TYPE, "audience": "tools",
+                               "resource": "https://tools.example", "scopes": ["read"], "token_exchange": {}}));
+        let exchange = ExchangeParams {
+            subject_token: "subject.jwt",
+            subject_token_type: crate::config::ACCESS_TOKEN_TYPE,
+            actor: Some(("actor-token", "urn:ietf:params:oauth:token-type:jwt")),
+            requested_token_type: Some("urn:ietf:params:oauth:token-type:access_token"),
+        };
+        let request = build_fixed(&p, &RequestExtras { exchange: Some(exchange), ..RequestExtras::default() });
+        assert_eq!(request.header(":method"), Some("POST"));
+        assert!(request.header("authorization").is_some_and(|v| v.starts_with("Basic ")), "client_secret_basic");
+        assert_eq!(
+            body_pairs(&request),
+            vec![
+                ("grant_type".into(), "urn:ietf:params:oauth:grant-type:token-exchange".into()),
+                ("subject_token".into(), "subject.jwt".into()),
+                ("subject_token_type".into(), "urn:ietf:params:oauth:token-type:access_token".into()),
+                ("actor_token".into(), "actor-token".into()),
+                ("actor_token_type".into(), "urn:ietf:params:oauth:token-type:jwt".into()),
+                ("requested_token_type".into(), "urn:ietf:params:oauth:token-type:access_token".into()),
+                ("scope".into(), "read".into()),
+                ("audience".into(), "tools".into()),
+                ("resource".into(), "https://tools.example".into()),
+            ]
+        );
+        let debug = format!("{request:?}");
+        assert!(!debug.contains("subject.jwt") && !debug.contains("actor-token"), "{debug}");
     }
 
     #[test]

@@ -75,6 +75,8 @@ pub enum Level {
 
 pub const REQUEST_HEADER: u32 = 0;
 pub const RESPONSE_HEADER: u32 = 2;
+/// `envoy_dynamic_module_type_metadata_source_Dynamic`: the stream's dynamic metadata.
+pub const METADATA_DYNAMIC: u32 = 0;
 /// `envoy_dynamic_module_type_metadata_source_Route`.
 pub const METADATA_ROUTE: u32 = 1;
 /// `envoy_dynamic_module_type_attribute_id_XdsRouteName`.
@@ -101,6 +103,8 @@ pub struct Callbacks {
     pub get_attribute_string: unsafe extern "C" fn(Ptr, u32, *mut Buffer) -> bool,
     pub get_metadata_string: unsafe extern "C" fn(Ptr, u32, Buffer, Buffer, *mut Buffer) -> bool,
     pub get_metadata_bool: unsafe extern "C" fn(Ptr, u32, Buffer, Buffer, *mut bool) -> bool,
+    pub get_metadata_keys_count: unsafe extern "C" fn(Ptr, u32, Buffer) -> usize,
+    pub get_metadata_keys: unsafe extern "C" fn(Ptr, u32, Buffer, *mut Buffer) -> bool,
     pub filter_scheduler_new: unsafe extern "C" fn(Ptr) -> Ptr,
     pub filter_scheduler_commit: unsafe extern "C" fn(Ptr, u64),
     pub filter_scheduler_delete: unsafe extern "C" fn(Ptr),
@@ -158,6 +162,8 @@ pub fn resolve() -> Result<(), &'static str> {
         get_attribute_string: find(c"envoy_dynamic_module_callback_http_filter_get_attribute_string")?,
         get_metadata_string: find(c"envoy_dynamic_module_callback_http_get_metadata_string")?,
         get_metadata_bool: find(c"envoy_dynamic_module_callback_http_get_metadata_bool")?,
+        get_metadata_keys_count: find(c"envoy_dynamic_module_callback_http_get_metadata_keys_count")?,
+        get_metadata_keys: find(c"envoy_dynamic_module_callback_http_get_metadata_keys")?,
         filter_scheduler_new: find(c"envoy_dynamic_module_callback_http_filter_scheduler_new")?,
         filter_scheduler_commit: find(c"envoy_dynamic_module_callback_http_filter_scheduler_commit")?,
         filter_scheduler_delete: find(c"envoy_dynamic_module_callback_http_filter_scheduler_delete")?,
@@ -280,13 +286,41 @@ impl Stream {
 
     /// A string in the route's metadata (lent like [`Stream::header`]'s bytes).
     pub fn route_metadata_string(&self, namespace: &str, key: &str) -> Option<&[u8]> {
+        self.metadata_string(METADATA_ROUTE, namespace, key)
+    }
+
+    /// A string in the stream's dynamic metadata (lent like [`Stream::header`]'s bytes).
+    pub fn dynamic_metadata_string(&self, namespace: &str, key: &str) -> Option<&[u8]> {
+        self.metadata_string(METADATA_DYNAMIC, namespace, key)
+    }
+
+    /// Whether the stream's dynamic metadata has `key` in `namespace`, whatever its value (a
+    /// struct, such as the payload jwt_authn writes, has no getter of its own).
+    pub fn dynamic_metadata_has_key(&self, namespace: &str, key: &str) -> bool {
+        let Some(c) = callbacks() else { return false };
+        // SAFETY: the live stream and a live namespace buffer.
+        let count = unsafe { (c.get_metadata_keys_count)(self.0, METADATA_DYNAMIC, Buffer::of(namespace.as_bytes())) };
+        // A namespace with more keys than this is not one we look into.
+        if count == 0 || count > 1024 {
+            return false;
+        }
+        let mut keys = vec![Buffer::NULL; count];
+        // SAFETY: `keys` has room for the `count` buffers Envoy writes.
+        let found = unsafe {
+            (c.get_metadata_keys)(self.0, METADATA_DYNAMIC, Buffer::of(namespace.as_bytes()), keys.as_mut_ptr())
+        };
+        // SAFETY: Envoy owns the key bytes until the end of the hook.
+        found && keys.iter().any(|k| !k.ptr.is_null() && unsafe { k.as_bytes() } == key.as_bytes())
+    }
+
+    fn metadata_string(&self, source: u32, namespace: &str, key: &str) -> Option<&[u8]> {
         let c = callbacks()?;
         let mut out = Buffer::NULL;
         // SAFETY: the live stream, live key buffers; `out` is written by Envoy.
         let found = unsafe {
             (c.get_metadata_string)(
                 self.0,
-                METADATA_ROUTE,
+                source,
                 Buffer::of(namespace.as_bytes()),
                 Buffer::of(key.as_bytes()),
                 &mut out,

@@ -38,8 +38,8 @@ impl Metrics {
             .profiles
             .iter()
             .map(|profile| ProfileMetrics {
-                ids: MetricIds::define(
-                    &profile.name,
+                ids: MetricIds::define_profile(
+                    profile,
                     |name| handle.define_counter(main, name),
                     |name| handle.define_gauge(main, name),
                 ),

@@ -130,6 +130,12 @@ unsafe extern "C" fn attribute(_: Ptr, _: u32, _: *mut Buffer) -> bool {
 unsafe extern "C" fn metadata_string(_: Ptr, _: u32, _: Buffer, _: Buffer, _: *mut Buffer) -> bool {
     false
 }
+unsafe extern "C" fn metadata_keys_count(_: Ptr, _: u32, _: Buffer) -> usize {
+    0
+}
+unsafe extern "C" fn metadata_keys(_: Ptr, _: u32, _: Buffer, _: *mut Buffer) -> bool {
+    false
+}
 unsafe extern "C" fn metadata_bool(_: Ptr, _: u32, _: Buffer, _: Buffer, _: *mut bool) -> bool {
     false
 }
@@ -186,6 +192,8 @@ fn install_fake_envoy() {
         get_attribute_string: attribute,
         get_metadata_string: metadata_string,
         get_metadata_bool: metadata_bool,
+        get_metadata_keys_count: metadata_keys_count,
+        get_metadata_keys: metadata_keys,
         filter_scheduler_new: scheduler_new,
         filter_scheduler_commit: stream_commit,
         filter_scheduler_delete: scheduler_delete,
@@ -384,6 +392,9 @@ fn destroy_if_done(
 fn config(max_steps: usize) -> Config {
     let mut config = Config::new();
     config.max_steps = MaxSteps::FailAfter(max_steps);
+    // Shuttle runs each thread on its own stack, 32 KiB by default: the request hook's unoptimised
+    // frames (a token-exchange step carries the subject by value) overflow it.
+    config.stack_size = 0x20000;
     config
 }
 

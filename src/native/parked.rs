@@ -11,6 +11,8 @@ pub enum Outcome {
     Resume { header: String, value: String, generation: u64 },
     /// Answer with the failure reply of the profile.
     Fail,
+    /// Answer with the reply of a token-exchange profile's refusal.
+    Refuse(oauth2_cc_core::exchange::Refusal),
 }
 
 /// The event id posted to a paused request's worker.

@@ -345,6 +345,7 @@ impl Plugin {
                     self.deliver(request, Outcome::Resume { header, value, generation })
                 }
                 Action::Fail { request, .. } => self.deliver(request, Outcome::Fail),
+                Action::Refuse { request, refusal, .. } => self.deliver(request, Outcome::Refuse(refusal)),
                 Action::Log { level: l, message } => abi::log(level(l), &format!("oauth2_cc: {message}")),
                 Action::Count { profile, metric } => match thread {
                     Thread::Main(main) => self.metrics.count_on_main(main, profile, &metric),

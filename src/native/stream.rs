@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::abi::{self, Level, RESPONSE_HEADER, Stream};
 use crate::parked::{Outcome, Parked};
 use crate::plugin::{Plugin, Thread};
+use oauth2_cc_core::exchange::Subject;
+use oauth2_cc_core::exchange::copies::{SubjectCopies, SubjectCopy, bounds};
 use oauth2_cc_core::lifecycle::{Metric, RequestId, RequestOutcome, Snapshot};
 use oauth2_cc_core::request::RequestFacts;
 use oauth2_cc_core::request::{Delivered, Next, RequestPath, Step};
@@ -29,8 +31,18 @@ struct Copies {
     snapshots: Vec<Option<Snapshot>>,
 }
 
+/// This worker's copies of exchanged tokens (token-exchange profiles), valid while the epoch is
+/// current; each copy is used until its own `use_until_ms`, checked against the process clock.
+struct ExchangedCopies {
+    plugin: u64,
+    epoch: u64,
+    copies: SubjectCopies,
+}
+
 thread_local! {
     static COPIES: RefCell<Copies> = const { RefCell::new(Copies { plugin: 0, epoch: 0, snapshots: Vec::new() }) };
+    static EXCHANGED: RefCell<ExchangedCopies> =
+        RefCell::new(ExchangedCopies { plugin: 0, epoch: 0, copies: SubjectCopies::default() });
 }
 
 /// Request ids for the driver, unique in the process.
@@ -52,17 +64,77 @@ impl StreamFilter {
         let plugin = &*self.plugin;
         let config = &*plugin.config;
         let mut facts = StreamFacts { stream: &stream, authority: None, path: None, method: None };
-        let mut next = self.path.on_request_headers(config, &mut facts);
-        if let Step::LookUpCopy { profile } = next.step {
-            next = match Self::write_copy(plugin, &mut self.path, stream, profile) {
+        let first = self.path.on_request_headers(config, &mut facts);
+        let next = match first.step {
+            Step::LookUpSubjectCopy { profile, subject } => return self.subject_request(stream, profile, subject),
+            Step::LookUpCopy { profile } => match Self::write_copy(plugin, &mut self.path, stream, profile) {
                 Some(next) => next,
                 None => self.path.on_copy(config, None),
-            };
-        }
+            },
+            step => Next { step, count: first.count },
+        };
         match next.step {
-            Step::AskDriver { profile } => self.ask_driver(stream, profile),
+            Step::AskDriver { profile } => self.ask_driver(stream, profile, None),
             step => self.finish(stream, step, next.count),
         }
+    }
+
+    /// A token-exchange profile: this worker's copy of the token exchanged for the request's
+    /// subject (one SHA-256, already taken, and one clock read), or the driver.
+    fn subject_request(&mut self, stream: Stream, profile: usize, subject: Subject) -> Verdict {
+        let plugin = Arc::clone(&self.plugin);
+        let config = &*plugin.config;
+        let hit = Self::write_subject_copy(&plugin, &mut self.path, stream, profile, &subject);
+        let next = match hit {
+            Some(next) => next,
+            None => self.path.on_subject_copy(config, &subject, None),
+        };
+        match next.step {
+            Step::AskDriver { profile } => self.ask_driver(stream, profile, Some(&subject)),
+            step => self.finish(stream, step, next.count),
+        }
+    }
+
+    fn write_subject_copy(
+        plugin: &Plugin,
+        path: &mut RequestPath,
+        stream: Stream,
+        profile: usize,
+        subject: &Subject,
+    ) -> Option<Next<'static>> {
+        let epoch = plugin.epoch();
+        EXCHANGED.with(|cell| {
+            let mut exchanged = cell.try_borrow_mut().ok()?;
+            if exchanged.plugin != plugin.id || exchanged.epoch != epoch {
+                exchanged.copies.clear();
+                exchanged.plugin = plugin.id;
+                exchanged.epoch = epoch;
+            }
+            let copy = exchanged.copies.get(profile, subject.bytes(), Some(crate::env::now_ms()))?;
+            let next = path.on_subject_copy(&plugin.config, subject, Some(copy));
+            match next.step {
+                Step::WriteHeader { name, value } => {
+                    let written = stream.set_request_header(name, value.as_bytes());
+                    Some(path.on_header_written(&plugin.config, written))
+                }
+                _ => None,
+            }
+        })
+    }
+
+    /// Keeps the driver's copy of an exchanged token in this worker's copies.
+    fn keep_subject_copy(plugin: &Plugin, profile: usize, subject: &Subject, copy: SubjectCopy) {
+        let Some(bounds) = bounds(&plugin.config, profile) else { return };
+        let epoch = plugin.epoch();
+        EXCHANGED.with(|cell| {
+            let Ok(mut exchanged) = cell.try_borrow_mut() else { return };
+            if exchanged.plugin != plugin.id || exchanged.epoch != epoch {
+                exchanged.copies.clear();
+                exchanged.plugin = plugin.id;
+                exchanged.epoch = epoch;
+            }
+            exchanged.copies.insert(profile, subject.bytes(), copy, bounds);
+        });
     }
 
     /// The hit path: this worker's copy of the token, refreshed under the driver's lock only when
@@ -91,20 +163,33 @@ impl StreamFilter {
     }
 
     /// No copy: the driver decides under its lock; a request told to wait is parked there.
-    fn ask_driver(&mut self, stream: Stream, profile: usize) -> Verdict {
+    fn ask_driver(&mut self, stream: Stream, profile: usize, subject: Option<&Subject>) -> Verdict {
         let plugin = Arc::clone(&self.plugin);
         let config = &*plugin.config;
         let request = REQUEST_IDS.fetch_add(1, Ordering::Relaxed);
         // The mailbox is made first and listed before the driver's lock is released: the main
         // thread may resume a waiting request at once, before this thread could list it later.
         let mailbox = stream.scheduler().map(|scheduler| Arc::new(Parked::new(scheduler)));
-        let outcome = plugin.run_with(Thread::Worker(Some(stream)), |driver, now| {
-            let (outcome, actions) = driver.on_request(profile, request, now, &mut crate::env::ProcessEnv);
+        let (outcome, copy) = plugin.run_with(Thread::Worker(Some(stream)), |driver, now| {
+            let env = &mut crate::env::ProcessEnv;
+            let (outcome, actions) = match subject {
+                Some(subject) => driver.on_subject_request(profile, request, subject, now, env),
+                None => driver.on_request(profile, request, now, env),
+            };
             if let (RequestOutcome::Wait, Some(mailbox)) = (&outcome, &mailbox) {
                 plugin.park(request, Arc::clone(mailbox));
             }
-            (outcome, actions)
+            let copy = match (&outcome, subject) {
+                (RequestOutcome::Inject { .. }, Some(subject)) => {
+                    driver.cached_subject(profile, subject.bytes()).cloned()
+                }
+                _ => None,
+            };
+            ((outcome, copy), actions)
         });
+        if let (Some(copy), Some(subject)) = (copy, subject) {
+            Self::keep_subject_copy(&plugin, profile, subject, copy);
+        }
         let mut next = self.path.on_outcome(config, &outcome);
         if let Step::WriteHeader { name, value } = next.step {
             let written = stream.set_request_header(name, value.as_bytes());
@@ -170,6 +255,7 @@ impl StreamFilter {
                 Delivered::Token { profile, header, value, generation: *generation }
             }
             Outcome::Fail => Delivered::Fail { profile },
+            Outcome::Refuse(refusal) => Delivered::Refused { profile, refusal: *refusal },
         };
         let mut next = self.path.on_delivered(config, Some(delivered));
         if let Step::WriteHeader { name, value } = next.step {
@@ -193,8 +279,13 @@ impl StreamFilter {
         }
         let status = stream.header(RESPONSE_HEADER, ":status");
         if let Step::ReportStatus { profile, generation } = self.path.on_response_status(config, status) {
+            let subject = self.path.subject_key();
             self.plugin.run(Thread::Worker(Some(stream)), |driver, now| {
-                driver.on_response_status(profile, generation, status, now, &mut crate::env::ProcessEnv)
+                let env = &mut crate::env::ProcessEnv;
+                match subject {
+                    Some(key) => driver.on_subject_status(profile, &key, generation, status, now, env),
+                    None => driver.on_response_status(profile, generation, status, now, env),
+                }
             });
         }
     }
@@ -258,5 +349,11 @@ impl RequestFacts for StreamFacts<'_> {
     }
     fn metadata_disabled(&mut self) -> bool {
         self.stream.route_metadata_bool("oauth2_cc", "disabled").unwrap_or(false)
+    }
+    fn dynamic_metadata_string(&mut self, namespace: &str, key: &str) -> Option<Vec<u8>> {
+        self.stream.dynamic_metadata_string(namespace, key).map(<[u8]>::to_vec)
+    }
+    fn dynamic_metadata_has_key(&mut self, namespace: &str, key: &str) -> bool {
+        self.stream.dynamic_metadata_has_key(namespace, key)
     }
 }

@@ -22,6 +22,8 @@ enum Call {
     Callout { cluster: String, headers: Vec<(String, String)>, body: Vec<u8> },
     ConfigCommit(u64),
     StreamCommit(u64),
+    SetHeader(String, String),
+    Reply(u32, String),
 }
 
 static CALLS: Mutex<Vec<Call>> = Mutex::new(Vec::new());
@@ -51,7 +53,10 @@ unsafe extern "C" fn no() -> bool {
 /// The upstream's `:status` on every response.
 static STATUS: Mutex<&'static [u8]> = Mutex::new(b"200");
 
-/// Every request is `GET /` (enough for the routes of [`config`]).
+/// The request's `authorization` header (none by default).
+static AUTHORIZATION: Mutex<Option<&'static [u8]>> = Mutex::new(None);
+
+/// Every request is `GET /` (enough for the routes of [`config`]), with [`AUTHORIZATION`].
 unsafe extern "C" fn get_header(_: Ptr, _: u32, name: Buffer, out: *mut Buffer, _: usize, _: *mut usize) -> bool {
     static PATH: &[u8] = b"/";
     static METHOD: &[u8] = b"GET";
@@ -59,21 +64,34 @@ unsafe extern "C" fn get_header(_: Ptr, _: u32, name: Buffer, out: *mut Buffer, 
         ":path" => PATH,
         ":method" => METHOD,
         ":status" => *STATUS.lock().unwrap(),
+        "authorization" => match *AUTHORIZATION.lock().unwrap() {
+            Some(value) => value,
+            None => return false,
+        },
         _ => return false,
     };
     // SAFETY: the module passes a live out slot; the value is static.
     unsafe { *out = Buffer::of(value) };
     true
 }
-unsafe extern "C" fn set_header(_: Ptr, _: u32, _: Buffer, _: Buffer) -> bool {
+unsafe extern "C" fn set_header(_: Ptr, _: u32, name: Buffer, value: Buffer) -> bool {
+    record(Call::SetHeader(text(name), text(value)));
     true
 }
-unsafe extern "C" fn send_response(_: Ptr, _: u32, _: *mut HttpHeader, _: usize, _: Buffer, _: Buffer) {}
+unsafe extern "C" fn send_response(_: Ptr, status: u32, _: *mut HttpHeader, _: usize, body: Buffer, _: Buffer) {
+    record(Call::Reply(status, text(body)));
+}
 unsafe extern "C" fn continue_decoding(_: Ptr) {}
 unsafe extern "C" fn attribute(_: Ptr, _: u32, _: *mut Buffer) -> bool {
     false
 }
 unsafe extern "C" fn metadata_string(_: Ptr, _: u32, _: Buffer, _: Buffer, _: *mut Buffer) -> bool {
+    false
+}
+unsafe extern "C" fn metadata_keys_count(_: Ptr, _: u32, _: Buffer) -> usize {
+    0
+}
+unsafe extern "C" fn metadata_keys(_: Ptr, _: u32, _: Buffer, _: *mut Buffer) -> bool {
     false
 }
 unsafe extern "C" fn metadata_bool(_: Ptr, _: u32, _: Buffer, _: Buffer, _: *mut bool) -> bool {
@@ -163,6 +181,8 @@ fn fake_envoy() -> MutexGuard<'static, ()> {
         get_attribute_string: attribute,
         get_metadata_string: metadata_string,
         get_metadata_bool: metadata_bool,
+        get_metadata_keys_count: metadata_keys_count,
+        get_metadata_keys: metadata_keys,
         filter_scheduler_new: stream_scheduler_new,
         filter_scheduler_commit: stream_commit,
         filter_scheduler_delete: scheduler_delete,
@@ -179,6 +199,7 @@ fn fake_envoy() -> MutexGuard<'static, ()> {
     CALLS.lock().unwrap().clear();
     *CALLOUT_RESULT.lock().unwrap() = 0;
     *ON_STREAM_SCHEDULER.lock().unwrap() = None;
+    *AUTHORIZATION.lock().unwrap() = None;
     guard
 }
 
@@ -429,4 +450,84 @@ fn the_tick_thread_sleeps_until_the_earliest_wake_and_an_earlier_one_wakes_it_at
     assert!(took < Duration::from_millis(400), "the sleeping thread was not woken: posted after {took:?}");
     assert!(calls().contains(&Call::ConfigCommit(EVENT_TICK)));
     ticker.unregister(1);
+}
+
+/// A token-exchange profile whose cache key no other test uses.
+fn exchange_config(cluster: &str) -> String {
+    config(cluster).replace(
+        r#""client_secret": "s3cr3t-value""#,
+        r#""client_secret": "s3cr3t-value", "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+           "token_exchange": {}"#,
+    )
+}
+
+fn set_authorization(value: Option<&str>) {
+    *AUTHORIZATION.lock().unwrap() = value.map(|v| &*Box::leak(v.as_bytes().to_vec().into_boxed_slice()));
+}
+
+/// The caller's bearer goes to the IdP as the subject token from the main thread, the exchanged
+/// token replaces it, and the next request of the same subject on this worker is a hit on the
+/// worker's own copy (no driver event); another subject misses; no subject gets 401.
+#[test]
+fn an_exchange_sends_the_callers_token_and_a_hit_needs_no_driver() {
+    let _envoy = fake_envoy();
+    let plugin = Plugin::load(on_main(), handle(), exchange_config("idp-exchange").as_bytes()).unwrap();
+    plugin.on_main_event(on_main(), EVENT_TICK);
+    assert!(!calls().iter().any(|c| matches!(c, Call::Callout { .. })), "no token before a caller");
+    let stream = abi::Stream(std::ptr::null_mut());
+    set_authorization(Some("Bearer alice-subject-token"));
+    let mut first = StreamFilter::new(Arc::clone(&plugin));
+    assert_eq!(first.on_request_headers(stream), Verdict::Stop);
+    assert!(calls().contains(&Call::ConfigCommit(EVENT_WAKE)), "the kick goes to the main thread: {:?}", calls());
+    plugin.on_main_event(on_main(), EVENT_WAKE);
+    let bodies: Vec<String> = calls()
+        .into_iter()
+        .filter_map(|c| {
+            if let Call::Callout { body, .. } = c { Some(String::from_utf8_lossy(&body).into_owned()) } else { None }
+        })
+        .collect();
+    let [body] = bodies.as_slice() else { panic!("one exchange expected: {bodies:?}") };
+    assert!(body.contains("subject_token=alice-subject-token"), "{body}");
+    assert!(body.contains("grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange"), "{body}");
+    let answer = br#"{"access_token":"exchanged-for-alice","expires_in":3600}"#;
+    plugin.on_callout_done(on_main(), 77, true, &[(b":status", b"200")], &[&answer[..]]);
+    plugin.on_main_event(on_main(), EVENT_WAKE);
+    first.on_delivered(stream);
+    assert!(!first.waiting());
+    assert!(calls().contains(&Call::SetHeader("authorization".into(), "Bearer exchanged-for-alice".into())));
+
+    // The same subject again: this worker's copy is filled on the next miss, then hits.
+    let mut second = StreamFilter::new(Arc::clone(&plugin));
+    assert_eq!(second.on_request_headers(stream), Verdict::Continue);
+    CALLS.lock().unwrap().clear();
+    let events = plugin.driver_events.load(Ordering::Relaxed);
+    let mut third = StreamFilter::new(Arc::clone(&plugin));
+    assert_eq!(third.on_request_headers(stream), Verdict::Continue);
+    assert_eq!(plugin.driver_events.load(Ordering::Relaxed), events, "a hit takes no lock");
+    let written: Vec<Call> =
+        calls().into_iter().filter(|c| matches!(c, Call::SetHeader(..) | Call::Callout { .. })).collect();
+    assert_eq!(written, vec![Call::SetHeader("authorization".into(), "Bearer exchanged-for-alice".into())]);
+
+    // Another subject is not served alice's token.
+    set_authorization(Some("Bearer bob-subject-token"));
+    CALLS.lock().unwrap().clear();
+    let mut bob = StreamFilter::new(Arc::clone(&plugin));
+    assert_eq!(bob.on_request_headers(stream), Verdict::Stop, "bob waits for his own exchange");
+    assert!(!calls().iter().any(|c| matches!(c, Call::SetHeader(_, v) if v.contains("alice"))), "{:?}", calls());
+    bob.on_complete();
+
+    // No subject token: 401, counted, nothing exchanged.
+    set_authorization(None);
+    CALLS.lock().unwrap().clear();
+    let mut nobody = StreamFilter::new(Arc::clone(&plugin));
+    assert_eq!(nobody.on_request_headers(stream), Verdict::Stop);
+    let replies: Vec<Call> = calls().into_iter().filter(|c| matches!(c, Call::Reply(..))).collect();
+    assert_eq!(
+        replies,
+        vec![Call::Reply(401, r#"{"error":"subject_token_missing","profile":"p"}"#.into())],
+        "{:?}",
+        calls()
+    );
+    assert!(calls().iter().all(|c| !format!("{c:?}").contains("subject-token") || matches!(c, Call::Callout { .. })));
+    plugin.shut_down(on_main());
 }

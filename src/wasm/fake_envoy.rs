@@ -60,6 +60,10 @@ struct Host {
     /// Request and response headers, by http context.
     request_headers: HashMap<u32, Vec<(String, Vec<u8>)>>,
     response_headers: HashMap<u32, Vec<(String, Vec<u8>)>>,
+    /// Properties (dynamic metadata, ...) by http context, by path (parts joined with NUL).
+    properties: HashMap<u32, HashMap<String, Vec<u8>>>,
+    /// The body of each callout, by token.
+    callout_bodies: HashMap<u32, Vec<u8>>,
     /// The answer served to `proxy_on_http_call_response`.
     call_headers: Vec<(String, Vec<u8>)>,
     call_body: Vec<u8>,
@@ -215,11 +219,21 @@ pub extern "C" fn proxy_replace_header_map_value(
 pub extern "C" fn proxy_get_property(
     path: *const u8,
     path_size: usize,
-    _out_data: *mut *mut u8,
-    _out_size: *mut usize,
+    out_data: *mut *mut u8,
+    out_size: *mut usize,
 ) -> Status {
-    record(Call::GetProperty(unsafe { text(path, path_size) }));
-    Status::NotFound
+    let path = unsafe { text(path, path_size) };
+    let value = with(|h| {
+        h.calls.push(Call::GetProperty(path.clone()));
+        h.properties.get(&h.effective).and_then(|p| p.get(&path)).cloned()
+    });
+    match value {
+        Some(v) => {
+            unsafe { give(&v, out_data, out_size) };
+            Status::Ok
+        }
+        None => Status::NotFound,
+    }
 }
 
 #[unsafe(no_mangle)]
@@ -411,17 +425,19 @@ pub extern "C" fn proxy_http_call(
     upstream_size: usize,
     _headers: *const u8,
     _headers_size: usize,
-    _body: *const u8,
-    _body_size: usize,
+    body: *const u8,
+    body_size: usize,
     _trailers: *const u8,
     _trailers_size: usize,
     _timeout: u32,
     out_token: *mut u32,
 ) -> Status {
     let cluster = unsafe { text(upstream, upstream_size) };
+    let body = unsafe { bytes(body, body_size) }.to_vec();
     let token = with(|h| {
         h.next_token += 1;
         let (context, token) = (h.effective, h.next_token);
+        h.callout_bodies.insert(token, body);
         h.calls.push(Call::Callout { context, cluster, token });
         token
     });
@@ -552,6 +568,16 @@ pub fn response(context: u32, status: &[u8]) -> Action {
     with(|h| h.response_headers.insert(context, vec![(":status".into(), status.to_vec())]));
     enter(context);
     sdk::proxy_on_response_headers(context, 1, false)
+}
+
+/// Sets a property `context`'s request will read (`path`: its parts, as the filter names them).
+pub fn set_property(context: u32, path: &[&str], value: &[u8]) {
+    with(|h| h.properties.entry(context).or_default().insert(path.join("\0"), value.to_vec()));
+}
+
+/// The body callout `token` was sent with.
+pub fn callout_body(token: u32) -> Vec<u8> {
+    with(|h| h.callout_bodies.get(&token).cloned().unwrap_or_default())
 }
 
 pub fn request_header(context: u32, name: &str) -> Option<Vec<u8>> {

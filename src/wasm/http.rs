@@ -6,6 +6,13 @@
 //! token borrowed from the driver (`Driver::cached`), one header write, an in-VM counter. A request
 //! that finds no copy asks the driver (`Driver::on_request`), which may pause it; the root
 //! context's driver resumes or fails it later (see `vm`).
+//!
+//! A token-exchange profile reads the request's subject token (a header, or dynamic metadata
+//! another filter wrote) and, in the jwt_authn-verified mode, jwt_authn's payload in the dynamic
+//! metadata, as the request path asks; its copy is this VM's copy for that subject
+//! (`Driver::cached_subject`). On a miss the subject goes to the driver
+//! (`Driver::on_subject_request`), which keeps its token in this VM's memory until the root
+//! context, kicked through this VM's own queue, sends the exchange.
 
 use std::rc::Rc;
 
@@ -14,6 +21,7 @@ use proxy_wasm::types::{Action, MapType};
 
 use crate::adapter;
 use crate::vm::{RequestState, VmState};
+use oauth2_cc_core::exchange::Subject;
 use oauth2_cc_core::request::RequestFacts;
 use oauth2_cc_core::request::{Next, RequestPath, Step};
 
@@ -31,11 +39,13 @@ pub struct TokenInjector {
     /// Shared with the root context once the request pauses (the only allocation beyond the
     /// context itself, and only for a request that waits).
     paused: Option<Rc<RequestState>>,
+    /// A token-exchange request's subject, kept from the copy lookup for the driver (a miss).
+    subject: Option<Subject>,
 }
 
 impl TokenInjector {
     pub fn new(context_id: u32, vm: Rc<VmState>) -> Self {
-        TokenInjector { context_id, vm, path: RequestPath::new(), paused: None }
+        TokenInjector { context_id, vm, path: RequestPath::new(), paused: None, subject: None }
     }
 
     /// The request's place in the path, wherever it is kept.
@@ -52,13 +62,23 @@ impl TokenInjector {
         let Some(configured) = configured.as_ref() else { return Some(Next { step: Step::Continue, count: None }) };
         let config = configured.driver.config();
         let mut next = self.path.on_request_headers(config, &mut HostRequestFacts::default());
-        if let Step::LookUpCopy { profile } = next.step {
-            next = self.path.on_copy(config, configured.driver.cached(profile));
+        match next.step {
+            Step::LookUpCopy { profile } => next = self.path.on_copy(config, configured.driver.cached(profile)),
+            Step::LookUpSubjectCopy { profile, subject } => {
+                let copy = configured.driver.cached_subject(profile, subject.bytes());
+                next = self.path.on_subject_copy(config, &subject, copy);
+                if matches!(next.step, Step::AskDriver { .. }) {
+                    self.subject = Some(subject);
+                }
+            }
+            _ => {}
         }
         Some(self.vm.write_header(config, &mut self.path, next))
     }
 
     /// No copy of the token: the driver decides from the shared entry.
+    // Out of line: the miss path must not grow the hit path's function (docs/memory.md, "Function shape").
+    #[inline(never)]
     fn miss(&mut self, profile: usize) -> Action {
         let now_ms = adapter::now_ms();
         let request = u64::from(self.context_id);
@@ -68,8 +88,12 @@ impl TokenInjector {
             paused.insert(request, Rc::clone(&state));
         }
         let mut decided = None;
+        let subject = self.subject.take();
         self.vm.drive(now_ms, |driver, env| {
-            let (outcome, actions) = driver.on_request(profile, request, now_ms, env);
+            let (outcome, actions) = match &subject {
+                Some(subject) => driver.on_subject_request(profile, request, subject, now_ms, env),
+                None => driver.on_request(profile, request, now_ms, env),
+            };
             decided = Some(outcome);
             actions
         });
@@ -143,12 +167,27 @@ impl HttpContext for TokenInjector {
             Err(_) => return Action::Continue,
         };
         if let Step::ReportStatus { profile, generation } = report {
-            let now_ms = adapter::now_ms();
-            self.vm.drive(now_ms, |driver, env| {
-                driver.on_response_status(profile, generation, status.as_deref(), now_ms, env)
-            });
+            self.report_status(&path, profile, generation, status.as_deref());
         }
         Action::Continue
+    }
+}
+
+impl TokenInjector {
+    /// A status the profile purges on: the driver drops that token (this request's subject's, on
+    /// a token-exchange profile).
+    // Out of line: a rare path, kept out of the function every response runs (docs/memory.md).
+    #[inline(never)]
+    fn report_status(&self, path: &RequestPath, profile: usize, generation: u64, status: Option<&[u8]>) {
+        let now_ms = adapter::now_ms();
+        match path.subject_key() {
+            Some(subject) => self.vm.drive(now_ms, |driver, env| {
+                driver.on_subject_status(profile, &subject, generation, status, now_ms, env)
+            }),
+            None => {
+                self.vm.drive(now_ms, |driver, env| driver.on_response_status(profile, generation, status, now_ms, env))
+            }
+        }
     }
 }
 
@@ -211,5 +250,13 @@ impl RequestFacts for HostRequestFacts {
         // A protobuf bool comes back as one byte.
         adapter::property(&["xds", "route_metadata", "filter_metadata", "oauth2_cc", "disabled"])
             .is_some_and(|b| b.as_slice() == [1])
+    }
+    fn dynamic_metadata_string(&mut self, namespace: &str, key: &str) -> Option<Vec<u8>> {
+        // A string comes back as its bytes; the core refuses anything that is not a token.
+        adapter::property(&["metadata", "filter_metadata", namespace, key])
+    }
+    fn dynamic_metadata_has_key(&mut self, namespace: &str, key: &str) -> bool {
+        // Any value: a Struct (jwt_authn's payload) comes back serialized, absent as NotFound.
+        adapter::property(&["metadata", "filter_metadata", namespace, key]).is_some()
     }
 }

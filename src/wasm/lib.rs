@@ -27,6 +27,8 @@ proxy_wasm::main! {{
 }}
 
 #[cfg(test)]
+mod exchange_tests;
+#[cfg(test)]
 mod fake_envoy;
 #[cfg(test)]
 mod tests;

@@ -32,8 +32,8 @@ impl Metrics {
             .profiles
             .iter()
             .map(|profile| ProfileMetrics {
-                ids: MetricIds::define(
-                    &profile.name,
+                ids: MetricIds::define_profile(
+                    profile,
                     |name| adapter::define_metric(MetricType::Counter, name),
                     |name| adapter::define_metric(MetricType::Gauge, name),
                 ),

@@ -145,6 +145,10 @@ impl VmState {
                     moved_context = true;
                     self.deliver(request, Delivered::Fail { profile });
                 }
+                Action::Refuse { request, profile, refusal } => {
+                    moved_context = true;
+                    self.deliver(request, Delivered::Refused { profile, refusal });
+                }
                 Action::Log { level, message } => adapter::log(level_of(level), &message),
                 Action::Count { profile, metric } => self.with_metrics(|m| m.count(profile, &metric)),
                 Action::Gauge { profile, remaining_s, lifetime_s } => {

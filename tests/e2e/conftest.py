@@ -4,6 +4,7 @@ Fixtures (all function-scoped):
   token_server   servers.TokenServer on a free loopback port
   upstream       servers.EchoUpstream on a free loopback port
   make_token_server  ``make_token_server(**kw)``: more TokenServers (multi-profile tests)
+  exchange_server  exchange_server.ExchangeServer: an RFC 8693 token-exchange server
   plugin_config  a fresh copy of plugin_config.SAMPLE (profile "default" on cluster "idp")
   wasm_file      path of the oauth2-cc build; skips the test when it is absent
                  (fails instead when E2E_REQUIRE_WASM=1, as CI should set)
@@ -42,6 +43,7 @@ import pytest
 
 import plugin_config as pc
 from envoy import Envoy, bootstrap, native_path, wasm_path
+from exchange_server import ExchangeServer
 from servers import EchoUpstream, TokenServer
 
 ENVOYS = pytest.StashKey[list]()
@@ -184,6 +186,18 @@ def make_token_server(request) -> Iterable:
     finally:
         for s in made:
             s.stop()
+
+
+@pytest.fixture
+def exchange_server(request) -> Iterable[ExchangeServer]:
+    """An RFC 8693 token-exchange server (exchange_server.py); pass it as a token cluster:
+    ``envoy_factory.start(cfg, token_clusters={"idp": exchange_server})``."""
+    s = ExchangeServer().start()
+    request.node.stash.setdefault(SERVERS, {})["exchange_server"] = s
+    try:
+        yield s
+    finally:
+        s.stop()
 
 
 @pytest.fixture

@@ -41,6 +41,10 @@ ROUTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Route
 HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 STRING_VALUE_TYPE = "type.googleapis.com/google.protobuf.StringValue"
 TLS_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+JWT_AUTHN_TYPE = "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication"
+JWT_AUTHN_FILTER = "envoy.filters.http.jwt_authn"  # also the dynamic metadata namespace it writes
+JWT_PAYLOAD_KEY = "jwt_payload"  # jwt_authn_filter's payload_in_metadata (docs/token-exchange.md's example)
+LUA_TYPE = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
 
 # A record the filter itself wrote, from either build, up to the message: proxy-wasm's
 # "[<level>][wasm] [...] wasm log oauth2_cc oauth2_cc: <message>" or the dynamic module's
@@ -286,6 +290,58 @@ def native_filter(
     }
 
 
+def jwt_authn_filter(
+    jwks: Mapping[str, Any] | str,
+    *,
+    provider: str = "subjects",
+    issuer: str | None = None,
+    audiences: Iterable[str] | None = None,
+    payload_in_metadata: str = JWT_PAYLOAD_KEY,
+    forward: bool = True,
+    from_header: tuple[str, str] | None = None,
+    allow_missing: bool = False,
+    prefix: str = "/",
+    clock_skew_seconds: int | None = None,
+) -> dict:
+    """An ``envoy.filters.http.jwt_authn`` entry (put it before oauth2-cc: ``before_http_filters``)
+    with one provider verifying tokens against ``jwks`` inline (``local_jwks``, e.g.
+    ``ExchangeServer.jwks()``), writing a verified payload to dynamic metadata
+    ``envoy.filters.http.jwt_authn`` / ``payload_in_metadata`` and, with ``forward``, leaving the
+    token in the request. ``from_header``: (header, value prefix), default the Authorization
+    bearer. Requests under ``prefix`` require the provider (``allow_missing``: or no token at all;
+    a bad token is still refused with 401)."""
+    jwks_text = jwks if isinstance(jwks, str) else json.dumps(jwks)
+    p: dict[str, Any] = {
+        "local_jwks": {"inline_string": jwks_text},
+        "forward": forward,
+        "payload_in_metadata": payload_in_metadata,
+    }
+    if issuer is not None:
+        p["issuer"] = issuer
+    if audiences is not None:
+        p["audiences"] = list(audiences)
+    if from_header is not None:
+        p["from_headers"] = [{"name": from_header[0], "value_prefix": from_header[1]}]
+    if clock_skew_seconds is not None:
+        p["clock_skew_seconds"] = int(clock_skew_seconds)
+    requires: dict[str, Any] = {"provider_name": provider}
+    if allow_missing:
+        requires = {"requires_any": {"requirements": [requires, {"allow_missing": {}}]}}
+    return {
+        "name": JWT_AUTHN_FILTER,
+        "typed_config": {
+            "@type": JWT_AUTHN_TYPE,
+            "providers": {provider: p},
+            "rules": [{"match": {"prefix": prefix}, "requires": requires}],
+        },
+    }
+
+
+def lua_filter(source: str, name: str = "envoy.filters.http.lua") -> dict:
+    """An ``envoy.filters.http.lua`` entry running ``source`` (harness self-tests only)."""
+    return {"name": name, "typed_config": {"@type": LUA_TYPE, "default_source_code": {"inline_string": source}}}
+
+
 def native_route_enable(r: dict, *, module_file: str | None = None) -> dict:
     """Route ``r`` with the native filter enabled on it (when the HCM has it ``disabled``): Envoy's
     ``FilterConfig`` needs a per-route configuration to enable a filter; the module's has nothing
@@ -321,6 +377,7 @@ def bootstrap_dict(
     reload_base_interval: str | None = None,
     plugin_extra: Mapping[str, Any] | None = None,
     extra_http_filters: Iterable[dict] | None = None,
+    before_http_filters: Iterable[dict] | None = None,
     upstream_host: str = "127.0.0.1",
     route_timeout: str | None = None,
     filter_host: str = "wasm",
@@ -339,13 +396,16 @@ def bootstrap_dict(
     ``native_file``); ``wasm=False`` leaves the filter out whatever the host.
     filter_disabled: the filter is in the chain but off unless a route enables it
     (``typed_per_filter_config``; see ``native_route_enable``).
+    before_http_filters: filters ahead of oauth2-cc (e.g. ``jwt_authn_filter``);
+    extra_http_filters: filters after it, before the router.
     """
     if routes is None:
         routes = [route("/", "upstream", timeout=route_timeout)]
     if virtual_hosts is None:
         virtual_hosts = [{"name": "all", "domains": ["*"], "routes": routes}]
 
-    http_filters: list[dict] = []
+    http_filters: list[dict] = list(before_http_filters or [])
+    ours = len(http_filters)
     if wasm and filter_host == "native":
         if plugin_config is None:
             raise ValueError("plugin_config is required when wasm=True")
@@ -363,8 +423,8 @@ def bootstrap_dict(
                 plugin_extra=plugin_extra,
             )
         )
-    if filter_disabled and http_filters:
-        http_filters[0]["disabled"] = True
+    if filter_disabled and len(http_filters) > ours:
+        http_filters[ours]["disabled"] = True
     http_filters.extend(extra_http_filters or [])
     http_filters.append({"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER_TYPE}})
 

@@ -513,6 +513,10 @@ class TokenServer(_RecordingServer):
             return handler(rec)
         if fixed is not None:
             return fixed[0], fixed[1], fixed[2]
+        return self._default_reply(rec)
+
+    def _default_reply(self, rec: Recorded) -> tuple[int, Any, Any]:
+        """The answer when no queued reply, handler or fixed reply applies (a subclass's grant)."""
         return (
             200,
             [("Content-Type", "application/json"), ("Cache-Control", "no-store")],

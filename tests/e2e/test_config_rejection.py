@@ -40,6 +40,12 @@ def edit(path: list, value=None, *, delete: bool = False):
 P = ["profiles", "default"]
 KEYS = Path(__file__).resolve().parents[1] / "fixtures" / "keys"
 JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+TOKEN_EXCHANGE_GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
+
+
+def exchange(**token_exchange):
+    """A config edit: make the sample's profile a token exchange with these settings."""
+    return profile_fields(grant_type=TOKEN_EXCHANGE_GRANT, token_exchange=token_exchange)
 
 
 def profile_fields(**fields):
@@ -181,6 +187,39 @@ CASES = {
         profile_fields(method="GET", auth_method="none", client_secret=None, grant_type=JWT_BEARER_GRANT, jwt=ec_key_jwt()),
         GET_IN_QUERY.format("the JWT-bearer grant"),
     ),
+    # token exchange (RFC 8693): the grant and its settings come together, each bad field named
+    "exchange_grant_without_settings": (
+        profile_fields(grant_type=TOKEN_EXCHANGE_GRANT),
+        r"profiles\.default\.token_exchange: is required with grant_type urn:ietf:params:oauth:grant-type:token-exchange",
+    ),
+    "exchange_settings_without_grant": (
+        profile_fields(token_exchange={}),
+        r"profiles\.default\.token_exchange: is only used with grant_type",
+    ),
+    "exchange_with_get": (
+        lambda c: profile_fields(method="GET")(exchange()(c)),
+        r"profiles\.default\.method: a token exchange is POSTed",
+    ),
+    "exchange_unknown_actor": (
+        exchange(actor={"profile": "nope"}),
+        r"profiles\.default\.token_exchange\.actor\.profile: no profile is named",
+    ),
+    "exchange_subject_two_sources": (
+        exchange(subject={"header": "x-user-token", "metadata": {"namespace": "a", "key": "b"}}),
+        r"profiles\.default\.token_exchange\.subject: give header or metadata, not both",
+    ),
+    "exchange_in_flight_0": (
+        exchange(limits={"max_in_flight": 0}),
+        r"profiles\.default\.token_exchange\.limits\.max_in_flight: must be from 1 to 256",
+    ),
+    "exchange_cache_too_small": (
+        exchange(cache={"max_subjects": 64, "max_bytes": 1000}),
+        r"profiles\.default\.token_exchange\.cache\.max_bytes: must be from",
+    ),
+    "exchange_unknown_field": (
+        exchange(subjcet={"header": "x"}),
+        r"profiles\.default\.token_exchange\.subjcet: unknown field",
+    ),
 }
 
 REJECTION_LINE = re.compile(filter_log("error") + r"configuration rejected: (?P<msg>.*)$")
@@ -224,6 +263,16 @@ ACCEPTED = {
     "get_with_client_secret_basic": profile_fields(method="GET", auth_method="client_secret_basic"),
     "get_with_tls_client_auth": profile_fields(method="GET", auth_method="tls_client_auth", client_secret=None),
     "get_with_none": profile_fields(method="GET", auth_method="none", client_secret=None),
+    "token_exchange_defaults": exchange(),
+    "token_exchange_everything": exchange(
+        subject={"metadata": {"namespace": "envoy.filters.http.lua", "key": "subject"}},
+        requested_token_type="urn:ietf:params:oauth:token-type:jwt",
+        actor={"token": "actor-token"},
+        missing_subject="pass",
+        verified_by_jwt_authn="jwt_payload",
+        cache={"max_subjects": 100, "max_bytes": 1 << 20},
+        limits={"exchanges_per_second": 5, "burst": 5, "max_in_flight": 2},
+    ),
 }
 
 

@@ -429,7 +429,7 @@ def test_refused_plugin_config_exits(envoy_factory, stub):
 # The conftest checks themselves, run in a child pytest (pytester)
 # --------------------------------------------------------------------------- #
 
-HARNESS_FILES = ("conftest.py", "envoy.py", "servers.py", "plugin_config.py", "wasm_stub.py", "pytest.ini")
+HARNESS_FILES = ("conftest.py", "envoy.py", "servers.py", "exchange_server.py", "plugin_config.py", "wasm_stub.py", "pytest.ini")
 
 META_TESTS = """
 import os, signal, time

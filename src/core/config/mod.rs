@@ -17,8 +17,12 @@
 
 mod auth;
 mod checks;
+mod exchange;
+#[cfg(test)]
+mod exchange_tests;
 mod profile;
 mod raw;
+mod raw_exchange;
 mod routes;
 pub(crate) mod runtime;
 #[cfg(test)]
@@ -138,6 +142,7 @@ fn compile(raw: RawConfig, sources: SecretSources) -> Result<Config, ConfigError
     for (name, raw_profile) in raw.profiles {
         profiles.push(profile::compile_profile(name, raw_profile, sources)?);
     }
+    exchange::resolve_actors(&mut profiles)?;
     let mut matchers = Vec::with_capacity(raw.routes.len());
     for (index, route) in raw.routes.into_iter().enumerate() {
         matchers.push(routes::compile_route(index, route, &profiles)?);

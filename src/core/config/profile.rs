@@ -39,6 +39,7 @@ pub(super) fn compile_profile(name: String, mut raw: RawProfile, env: SecretSour
     if grant_type.is_empty() {
         return Err(ConfigError::new(at("grant_type"), "must not be empty"));
     }
+    let exchange = super::exchange::compile_exchange(&mut raw, &grant_type, &at, env)?;
     let parts = compile_request_parts(&mut raw, &at)?;
     let timeout_ms = duration(raw.timeout_ms, DEFAULT_TIMEOUT_MS, &at("timeout_ms"))?;
     let max_wait_ms = duration(raw.max_wait_ms, timeout_ms + 1_000, &at("max_wait_ms"))?;
@@ -53,7 +54,8 @@ pub(super) fn compile_profile(name: String, mut raw: RawProfile, env: SecretSour
         return Err(ConfigError::new(format!("{}[{bad}]", at("purge_on_status")), "not an HTTP status"));
     }
     let max_response_bytes = compile_limits(&raw, &at)?;
-    let cache_key = profile_cache_key(&name, &raw, &grant_type, &parts, &token_field, grant_assertion.as_ref());
+    let cache_key =
+        profile_cache_key(&name, &raw, &grant_type, &parts, &token_field, grant_assertion.as_ref(), exchange.as_ref());
     Ok(Profile {
         name,
         cluster: raw.cluster,
@@ -80,6 +82,7 @@ pub(super) fn compile_profile(name: String, mut raw: RawProfile, env: SecretSour
         grant_assertion,
         purge_on_status,
         cache_key,
+        exchange,
     })
 }
 
@@ -208,27 +211,30 @@ fn profile_cache_key(
     parts: &RequestParts,
     token_field: &FieldPath,
     grant_assertion: Option<&JwtAssertion>,
+    exchange: Option<&TokenExchange>,
 ) -> String {
-    cache_key(
-        name,
-        &[
-            &raw.cluster,
-            raw.token_url.as_deref().or(raw.issuer.as_deref()).unwrap_or_default(),
-            &raw.client_id,
-            raw.auth_method.name(),
-            grant_type,
-            &raw.scopes.join(" "),
-            raw.audience.as_deref().unwrap_or(""),
-            &parts.resources.join(" "),
-            &parts.params.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&"),
-            &token_field.display(),
-            // With the JWT-bearer grant, the assertion's claims say whose token it is.
-            &grant_assertion
-                .map(|a| {
-                    format!("{:?}|{:?}|{:?}", a.template.issuer, a.template.subject, a.template.audience)
-                        + &serde_json::Value::Object(a.template.extra_claims.clone()).to_string()
-                })
-                .unwrap_or_default(),
-        ],
-    )
+    let exchange_part = super::exchange::cache_key_part(exchange);
+    let all: [&str; 12] = [
+        &raw.cluster,
+        raw.token_url.as_deref().or(raw.issuer.as_deref()).unwrap_or_default(),
+        &raw.client_id,
+        raw.auth_method.name(),
+        grant_type,
+        &raw.scopes.join(" "),
+        raw.audience.as_deref().unwrap_or(""),
+        &parts.resources.join(" "),
+        &parts.params.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&"),
+        &token_field.display(),
+        // With the JWT-bearer grant, the assertion's claims say whose token it is.
+        &grant_assertion
+            .map(|a| {
+                format!("{:?}|{:?}|{:?}", a.template.issuer, a.template.subject, a.template.audience)
+                    + &serde_json::Value::Object(a.template.extra_claims.clone()).to_string()
+            })
+            .unwrap_or_default(),
+        &exchange_part,
+    ];
+    // Only an exchange profile has the last part: the keys of every other profile stay as they were.
+    let used = if exchange.is_some() { all.len() } else { all.len() - 1 };
+    cache_key(name, all.get(..used).unwrap_or(&all))
 }

@@ -134,6 +134,10 @@ pub(super) struct RawProfile {
     #[cfg_attr(test, schemars(extend("default" = 65536,
         "minimum" = 256, "maximum" = super::runtime::MAX_RESPONSE_BYTES_LIMIT)))]
     pub(super) max_response_bytes: Option<usize>,
+    /// RFC 8693 token exchange: required with grant_type urn:ietf:params:oauth:grant-type:token-exchange,
+    /// refused otherwise (docs/token-exchange.md).
+    #[serde(default)]
+    pub(super) token_exchange: Option<super::raw_exchange::RawTokenExchange>,
 }
 
 /// Settings of the RFC 7523 assertions (`private_key_jwt`, `client_secret_jwt`, JWT-bearer grant).

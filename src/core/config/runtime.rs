@@ -91,6 +91,8 @@ pub struct Profile {
     pub(crate) purge_on_status: Vec<u32>,
     /// The shared-data key of this profile's cache entry; changes when what the token depends on changes.
     pub cache_key: String,
+    /// RFC 8693 token exchange: a token per subject instead of one per profile.
+    pub(crate) exchange: Option<TokenExchange>,
 }
 
 /// Where the token goes on the upstream request.
@@ -151,3 +153,84 @@ pub(crate) const DEFAULT_MAX_RESPONSE_BYTES: usize = 64 * 1024;
 pub(super) const MAX_RESPONSE_BYTES_LIMIT: usize = 1024 * 1024;
 /// Upper bound for any configured duration: a day is far beyond any sane timeout or wait.
 pub(super) const MAX_DURATION_MS: u64 = 86_400_000;
+
+/// RFC 8693 §2.1 `grant_type` of a token-exchange profile.
+pub(crate) const TOKEN_EXCHANGE_GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+/// RFC 8693 §3 token type of an OAuth access token: the default subject and actor token type.
+pub(crate) const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
+/// The dynamic-metadata namespace Envoy's jwt_authn filter writes its verified payload under.
+pub(crate) const JWT_AUTHN_NAMESPACE: &str = "envoy.filters.http.jwt_authn";
+/// Subject entries per set of the per-subject cache (docs/token-exchange.md, "Store layout").
+pub(crate) const SUBJECT_SET_WAYS: usize = 8;
+
+/// How a token-exchange profile gets and caches per-subject tokens (docs/token-exchange.md).
+#[derive(Debug, Clone)]
+pub(crate) struct TokenExchange {
+    pub(crate) subject: SubjectSource,
+    pub(crate) subject_token_type: String,
+    pub(crate) requested_token_type: Option<String>,
+    pub(crate) actor: Option<Actor>,
+    pub(crate) missing_subject: MissingSubject,
+    /// The jwt_authn `payload_in_metadata` key that must be present for the request, if required.
+    pub(crate) verified_by_jwt_authn: Option<String>,
+    pub(crate) cache: SubjectCacheBounds,
+    pub(crate) limits: ExchangeLimits,
+}
+
+/// Where a request's subject token is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum SubjectSource {
+    /// The value of request header `name` (lower case) after `prefix` (compared ignoring case).
+    Header { name: String, prefix: String },
+    /// A string in the request's dynamic metadata.
+    Metadata { namespace: String, key: String },
+}
+
+/// What to do with a request that has no subject token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MissingSubject {
+    /// Answer 401.
+    Reject,
+    /// Send it on untouched, with no token.
+    Pass,
+}
+
+/// The RFC 8693 `actor_token` of an exchange.
+#[derive(Debug, Clone)]
+pub(crate) enum Actor {
+    Static {
+        token: Secret,
+        token_type: String,
+    },
+    /// The current token of profile `index` (a non-exchange profile of the same configuration).
+    Profile {
+        name: String,
+        index: usize,
+        token_type: String,
+    },
+}
+
+/// The bounds of one profile's per-subject cache: `sets` sets of [`SUBJECT_SET_WAYS`] entries,
+/// each set's value at most `set_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubjectCacheBounds {
+    pub(crate) max_subjects: usize,
+    pub(crate) sets: usize,
+    pub(crate) max_bytes: u64,
+    pub(crate) set_bytes: usize,
+}
+
+/// Limits on a profile's token requests, per Envoy process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ExchangeLimits {
+    pub(crate) per_second: u32,
+    pub(crate) burst: u32,
+    pub(crate) max_in_flight: u32,
+}
+
+/// The least byte share of one set: one largest token and its entry's bookkeeping.
+pub(crate) const MIN_SUBJECT_SET_BYTES: usize = crate::token_response::MAX_TOKEN_BYTES + 256;
+pub(crate) const DEFAULT_MAX_SUBJECTS: u32 = 1024;
+pub(crate) const DEFAULT_SUBJECT_CACHE_BYTES: u64 = 8 * 1024 * 1024;
+pub(crate) const DEFAULT_EXCHANGES_PER_SECOND: u32 = 20;
+pub(crate) const DEFAULT_MAX_IN_FLIGHT: u32 = 8;

@@ -92,6 +92,23 @@ fn auth_method_is(methods: &[&str]) -> Value {
     json!({"required": ["auth_method"], "properties": {"auth_method": {"enum": methods}}})
 }
 
+/// `token_exchange.subject`: a header (with its prefix) or a metadata key, one of the two.
+pub(super) fn subject_sources() -> Value {
+    json!([
+        {"allOf": [has("header"), lacks("metadata")]},
+        {"allOf": [has("metadata"), lacks("header"), lacks("prefix")]}
+    ])
+}
+
+/// `token_exchange.actor`: a static token or another profile, one of the two.
+pub(super) fn actor_sources() -> Value {
+    json!([{"allOf": [has("token"), lacks("profile")]}, {"allOf": [has("profile"), lacks("token")]}])
+}
+
+fn token_exchange_grant() -> Value {
+    json!({"required": ["grant_type"], "properties": {"grant_type": {"const": super::TOKEN_EXCHANGE_GRANT_TYPE}}})
+}
+
 fn jwt_bearer_grant() -> Value {
     json!({"required": ["grant_type"], "properties": {"grant_type": {"const": JWT_BEARER_GRANT_TYPE}}})
 }
@@ -104,6 +121,14 @@ pub(super) fn profile_rules() -> Value {
         "type": "object", "required": ["algorithm"], "properties": {"algorithm": {"enum": HMAC}}}}});
     let jwt_lacks_private_key = json!({"properties": {"jwt": lacks("private_key")}});
     json!([
+        // Token exchange: the grant and its settings come together; POST only; the subject's
+        // header is replaced, never kept.
+        {"if": token_exchange_grant(),
+         "then": {"allOf": [has("token_exchange"), lacks("max_fetches_per_hour"), lacks("issuer"),
+             {"properties": {"method": {"not": {"enum": ["GET", "get"]}},
+                             "params": {"propertyNames": {"not": {"enum": ["subject_token", "actor_token"]}}},
+                             "inject": {"properties": {"keep_existing": {"not": {"const": true}}}}}}]},
+         "else": lacks("token_exchange")},
         // The token endpoint: fixed, or discovered from the issuer; one of the two.
         {"oneOf": [{"allOf": [has("token_url"), lacks("issuer")]}, {"allOf": [has("issuer"), lacks("token_url")]}]},
         // GET puts every parameter in the URL: only methods whose credentials travel elsewhere.

@@ -21,6 +21,8 @@ const LEASE_SLACK_MS: u64 = 2_000;
 #[derive(Debug, Clone)]
 pub(super) struct Pending {
     pub(crate) cache_key: String,
+    /// The subject of a token exchange (its token stays with the driver's wants).
+    pub(crate) exchange: Option<PendingExchange>,
     pub(crate) sent_at_ms: u64,
     /// The lease this fetch holds (with this VM's holder): a VM can hold a newer lease while an
     /// older fetch of its own answers late, and only the fetch that holds the lease releases it.
@@ -37,12 +39,28 @@ enum Step {
     Token,
 }
 
+/// The exchange a token request makes: whose subject, its JWS `exp`, and the limiter permit it holds.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct PendingExchange {
+    pub subject: crate::exchange::SubjectKey,
+    pub subject_exp_ms: Option<u64>,
+    pub permit_until_ms: u64,
+}
+
+/// What a token request of a token-exchange profile sends besides the profile's parameters.
+pub(super) struct ExchangeCall<'a> {
+    pub subject_token: &'a str,
+    /// The actor token and its type.
+    pub actor: Option<(&'a str, &'a str)>,
+    pub pending: PendingExchange,
+}
+
 /// A failure to record against a profile.
-struct Failure {
-    class: FailureClass,
+pub(super) struct Failure {
+    pub class: FailureClass,
     /// Metric label: `TokenError::label`, `discovery`, `no_cluster`, `assertion_failed`.
-    label: String,
-    message: String,
+    pub label: String,
+    pub message: String,
 }
 
 impl From<&TokenError> for Failure {
@@ -80,6 +98,11 @@ impl Driver {
     ) {
         let config = std::sync::Arc::clone(&self.config);
         let Some(profile) = config.profiles.get(index) else { return };
+        if profile.exchange.is_some() {
+            // No profile-wide fetch: each subject's comes from a request (`maybe_exchange_all`).
+            self.note_claim_at(index, u64::MAX);
+            return self.maybe_exchange_all(index, now_ms, env, actions);
+        }
         if self.superseded.contains(&profile.cache_key) {
             return; // a newer configuration owns this key's fetches
         }
@@ -132,7 +155,9 @@ impl Driver {
                 actions.push(Action::BroadcastWake);
             }
             (Claim::Claimed(_), Update::Written(entry)) => match url {
-                Some(url) => self.send_token_request(profile, index, &url, entry.lease_until_ms, now_ms, env, actions),
+                Some(url) => {
+                    self.send_token_request(profile, index, &url, entry.lease_until_ms, now_ms, env, actions, None)
+                }
                 None => self.send_discovery(profile, index, 0, entry.lease_until_ms, now_ms, env, actions),
             },
         }
@@ -178,7 +203,7 @@ impl Driver {
                 label: "discovery".into(),
                 message: "no metadata document left to try".into(),
             };
-            return self.record_failure(index, failure, None, lease_until_ms, now_ms, env, actions);
+            return self.record_failure(index, failure, None, lease_until_ms, now_ms, env, actions, None);
         };
         let headers = vec![
             (":method".to_string(), "GET".to_string()),
@@ -192,6 +217,7 @@ impl Driver {
             id,
             Pending {
                 cache_key: profile.cache_key.clone(),
+                exchange: None,
                 sent_at_ms: now_ms,
                 lease_until_ms,
                 step: Step::Discovery { attempt },
@@ -207,7 +233,7 @@ impl Driver {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn send_token_request(
+    pub(super) fn send_token_request(
         &mut self,
         profile: &Profile,
         index: usize,
@@ -216,7 +242,9 @@ impl Driver {
         now_ms: u64,
         env: &mut dyn Environment,
         actions: &mut Vec<Action>,
+        exchange: Option<ExchangeCall<'_>>,
     ) {
+        let pending_exchange = exchange.as_ref().map(|call| call.pending);
         let (client_assertion, grant_assertion) = match sign_assertions(profile, now_ms, env) {
             Ok(signed) => signed,
             Err(error) => {
@@ -228,18 +256,35 @@ impl Driver {
                     now_ms,
                     env,
                     actions,
+                    pending_exchange.as_ref(),
                 );
             }
+        };
+        let exchange_params = match (&exchange, &profile.exchange) {
+            (Some(call), Some(te)) => Some(token_request::ExchangeParams {
+                subject_token: call.subject_token,
+                subject_token_type: &te.subject_token_type,
+                actor: call.actor,
+                requested_token_type: te.requested_token_type.as_deref(),
+            }),
+            _ => None,
         };
         let extras = RequestExtras {
             client_assertion: client_assertion.as_deref(),
             grant_assertion: grant_assertion.as_deref(),
+            exchange: exchange_params,
         };
         let request = token_request::build(profile, url, &extras);
         let id = self.next_id();
         self.pending.insert(
             id,
-            Pending { cache_key: profile.cache_key.clone(), sent_at_ms: now_ms, lease_until_ms, step: Step::Token },
+            Pending {
+                cache_key: profile.cache_key.clone(),
+                exchange: pending_exchange,
+                sent_at_ms: now_ms,
+                lease_until_ms,
+                step: Step::Token,
+            },
         );
         log(
             actions,
@@ -299,7 +344,16 @@ impl Driver {
             label: "no_cluster".into(),
             message: format!("Envoy refused to send to cluster {cluster:?}: is it defined in Envoy's configuration?"),
         };
-        self.record_failure(index, failure, None, pending.lease_until_ms, now_ms, env, &mut actions);
+        self.record_failure(
+            index,
+            failure,
+            None,
+            pending.lease_until_ms,
+            now_ms,
+            env,
+            &mut actions,
+            pending.exchange.as_ref(),
+        );
         actions
     }
 
@@ -347,6 +401,9 @@ impl Driver {
         env: &mut dyn Environment,
         actions: &mut Vec<Action>,
     ) {
+        if let Some(exchange) = &pending.exchange {
+            return self.exchange_answer(profile, index, pending, exchange, status, answer, now_ms, env, actions);
+        }
         let result = match answer.body {
             AnswerBody::TooLarge => Err(TokenError::TooLarge { limit: profile.max_response_bytes }),
             AnswerBody::Bytes(body) => token_response::parse(
@@ -369,6 +426,7 @@ impl Driver {
                     now_ms,
                     env,
                     actions,
+                    None,
                 );
             }
         };
@@ -436,7 +494,7 @@ impl Driver {
                 let _ = env.set(&endpoint_key(profile), text.as_bytes(), None);
                 self.discovered.insert(profile.cache_key.clone(), url.clone());
                 // Still under this VM's lease, which covers the whole chain.
-                self.send_token_request(profile, index, &url, lease_until_ms, now_ms, env, actions);
+                self.send_token_request(profile, index, &url, lease_until_ms, now_ms, env, actions, None);
             }
             Err(DiscoveryError::NotFound) if attempt == 0 => {
                 self.send_discovery(profile, index, 1, lease_until_ms, now_ms, env, actions)
@@ -449,7 +507,7 @@ impl Driver {
                 };
                 let failure =
                     Failure { class, label: "discovery".into(), message: format!("discovery of {issuer}: {error}") };
-                self.record_failure(index, failure, None, lease_until_ms, now_ms, env, actions);
+                self.record_failure(index, failure, None, lease_until_ms, now_ms, env, actions, None);
             }
         }
     }
@@ -464,7 +522,21 @@ impl Driver {
         now_ms: u64,
         env: &mut dyn Environment,
         actions: &mut Vec<Action>,
+        exchange: Option<&PendingExchange>,
     ) {
+        if let Some(exchange) = exchange {
+            let exchange = *exchange;
+            return self.record_subject_failure(
+                index,
+                &exchange,
+                failure,
+                retry_after_ms,
+                lease_until_ms,
+                now_ms,
+                env,
+                actions,
+            );
+        }
         let config = std::sync::Arc::clone(&self.config);
         let Some(profile) = config.profiles.get(index) else { return };
         let holder = self.holder;
@@ -497,7 +569,7 @@ impl Driver {
 /// until `lease_until_ms`: this VM's holder if the entry still holds that lease, else 0 (which
 /// releases nothing). Without it, a late answer to an older fetch of this VM released the lease of
 /// its newer fetch, and another VM started a second one (simulation seed 1730813365953125333).
-fn lease_of(entry: &crate::cache::Entry, holder: u64, lease_until_ms: u64) -> u64 {
+pub(super) fn lease_of(entry: &crate::cache::Entry, holder: u64, lease_until_ms: u64) -> u64 {
     if entry.lease_holder == holder && entry.lease_until_ms == lease_until_ms { holder } else { 0 }
 }
 

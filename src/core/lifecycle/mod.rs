@@ -13,6 +13,8 @@
 //! with CAS; the lease lasts for the whole chain of requests the fetch needs (discovery documents,
 //! then the token request), so no other VM takes over mid-chain unless the chain outlives it.
 
+mod exchange;
+mod exchange_answer;
 mod fetch;
 mod requests;
 pub mod store;
@@ -88,6 +90,12 @@ pub enum Action {
         request: RequestId,
         profile: usize,
     },
+    /// Answer the paused request with the reply of `refusal` (a token-exchange profile).
+    Refuse {
+        request: RequestId,
+        profile: usize,
+        refusal: crate::exchange::Refusal,
+    },
     Log {
         level: LogLevel,
         message: String,
@@ -115,6 +123,9 @@ impl std::fmt::Debug for Action {
                 write!(f, "Resume(request {request}, profile {profile}, generation {generation})")
             }
             Action::Fail { request, profile } => write!(f, "Fail(request {request}, profile {profile})"),
+            Action::Refuse { request, profile, refusal } => {
+                write!(f, "Refuse(request {request}, profile {profile}, {refusal:?})")
+            }
             Action::Log { level, message } => write!(f, "Log({level:?}, {message:?})"),
             Action::Count { profile, metric } => write!(f, "Count({profile}, {metric:?})"),
             Action::Gauge { profile, remaining_s, lifetime_s } => {
@@ -189,6 +200,13 @@ pub struct Driver {
     /// Per profile, the usable lifetime in seconds of the last token this VM saw in the store:
     /// kept after the token expires or is purged, for the `token_lifetime_s` gauge.
     lifetimes_s: Vec<u64>,
+    /// Token exchange: the subjects this VM wants exchanged, with their tokens (ordered, so
+    /// every run tries them in the same order).
+    wanted: BTreeMap<(usize, crate::exchange::SubjectKey), exchange::Wanted>,
+    /// Token exchange: this VM's copies of exchanged tokens for the hit path.
+    subject_copies: crate::exchange::copies::SubjectCopies,
+    /// Token exchange: per profile, the purge counter last seen (its copies are dropped when it moves).
+    purge_marks: Vec<Option<Vec<u8>>>,
 }
 
 impl Driver {
@@ -209,6 +227,9 @@ impl Driver {
             next_gauge_ms: 0,
             superseded: Vec::new(),
             lifetimes_s: Vec::new(),
+            wanted: BTreeMap::new(),
+            subject_copies: Default::default(),
+            purge_marks: Vec::new(),
         };
         let mut actions = Vec::new();
         driver.prepare_entries(now_ms, env, &mut actions);
@@ -222,6 +243,7 @@ impl Driver {
         let mut actions = Vec::new();
         let old = std::mem::replace(&mut self.config, config);
         self.rekey_waiters(&old, &mut actions);
+        self.rekey_wants(&old);
         let live: Vec<&str> = self.config.profiles.iter().map(|p| p.cache_key.as_str()).collect();
         self.pending.retain(|_, pending| live.contains(&pending.cache_key.as_str()));
         self.discovered.retain(|key, _| live.contains(&key.as_str()));
@@ -283,7 +305,10 @@ impl Driver {
         let copies = self.snapshots.iter().flatten().map(|copy| copy.valid_until_ms);
         let deadlines = self.waiters.iter().map(|waiter| waiter.deadline_ms);
         let gauges = (!self.serves_requests).then_some(self.next_gauge_ms);
-        fetches.chain(copies).chain(deadlines).chain(gauges).min()
+        // Exchanged tokens: the end of the first copy (pruned at the tick); wanted subjects are
+        // tried again at every tick, at most MAX_WAKE_INTERVAL_MS apart.
+        let subject_copies = self.subject_copies.earliest_end();
+        fetches.chain(copies).chain(deadlines).chain(gauges).chain(subject_copies).min()
     }
 
     /// A wake from any VM (a token changed) or a kick from this VM's own requests (`kicked`
@@ -303,7 +328,8 @@ impl Driver {
 
     fn prepare_entries(&mut self, now_ms: u64, env: &mut dyn Environment, actions: &mut Vec<Action>) {
         for profile in &self.config.profiles {
-            if store::ensure_entry(env, &profile.cache_key) == Written::Failed {
+            // An exchange profile's keys are its sets, written when a subject is first exchanged.
+            if profile.exchange.is_none() && store::ensure_entry(env, &profile.cache_key) == Written::Failed {
                 actions.push(Action::Log {
                     level: LogLevel::Error,
                     message: format!("profile {:?}: cannot create the token cache entry", profile.name),
@@ -313,6 +339,8 @@ impl Driver {
         self.snapshots = vec![None; self.config.profiles.len()];
         self.claim_at_ms = vec![0; self.config.profiles.len()];
         self.lifetimes_s = vec![0; self.config.profiles.len()];
+        self.subject_copies.clear();
+        self.purge_marks = Vec::new();
         self.copies_generation = self.copies_generation.wrapping_add(1);
         self.refresh_snapshots(now_ms, env);
     }
@@ -325,6 +353,9 @@ impl Driver {
         }
         self.next_gauge_ms = now_ms.saturating_add(GAUGE_PERIOD_MS);
         for (profile, p) in self.config.profiles.iter().enumerate() {
+            if p.exchange.is_some() {
+                continue; // one token per subject: no profile-wide lifetime to report
+            }
             let entry = read_entry(env, &p.cache_key);
             let remaining_ms = if entry.token.is_empty() { 0 } else { entry.expires_at_ms.saturating_sub(now_ms) };
             let Some(lifetime_s) = self.lifetimes_s.get_mut(profile) else { continue };
@@ -345,6 +376,8 @@ fn log(actions: &mut Vec<Action>, level: LogLevel, message: String) {
     actions.push(Action::Log { level, message });
 }
 
+#[cfg(test)]
+mod exchange_tests;
 #[cfg(test)]
 mod sim;
 #[cfg(test)]

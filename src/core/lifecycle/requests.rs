@@ -36,6 +36,8 @@ pub enum RequestOutcome {
     Wait,
     /// Answer with the failure reply now.
     Fail,
+    /// Answer with the reply of this refusal now (a token-exchange profile).
+    Refuse(crate::exchange::Refusal),
 }
 
 impl std::fmt::Debug for RequestOutcome {
@@ -44,6 +46,7 @@ impl std::fmt::Debug for RequestOutcome {
             RequestOutcome::Inject { generation, .. } => write!(f, "Inject(generation {generation})"),
             RequestOutcome::Wait => write!(f, "Wait"),
             RequestOutcome::Fail => write!(f, "Fail"),
+            RequestOutcome::Refuse(refusal) => write!(f, "Refuse({refusal:?})"),
         }
     }
 }
@@ -54,6 +57,8 @@ pub(super) struct Waiter {
     pub(crate) request: RequestId,
     pub(crate) profile: usize,
     pub(crate) deadline_ms: u64,
+    /// The subject of a token-exchange profile's request.
+    pub(crate) subject: Option<crate::exchange::SubjectKey>,
 }
 
 /// The local reply for a request that gets no token: never the IdP's body, never a secret.
@@ -110,6 +115,11 @@ impl Driver {
         let mut actions = Vec::new();
         let config = std::sync::Arc::clone(&self.config);
         let Some(p) = config.profiles.get(profile) else { return (RequestOutcome::Fail, actions) };
+        if p.exchange.is_some() {
+            // A host that reads no subject: fail closed, never a token of another caller.
+            actions.push(Action::Count { profile, metric: Metric::FailedRequest });
+            return (RequestOutcome::Fail, actions);
+        }
         let bytes = self.refresh_snapshot(profile, now_ms, env);
         let view = bytes.as_deref().and_then(EntryView::decode);
         let outcome = match cache::decide_request(view.as_ref(), now_ms) {
@@ -144,7 +154,7 @@ impl Driver {
                     self.waiters.iter().all(|w| w.request != request),
                     "a request paused twice would be resumed twice"
                 );
-                self.waiters.push(Waiter { request, profile, deadline_ms });
+                self.waiters.push(Waiter { request, profile, deadline_ms, subject: None });
                 debug_assert!(self.waiters.len() <= self.config.max_paused_requests);
                 actions.push(Action::Count { profile, metric: Metric::Waited });
                 actions.push(Action::Kick { profile });
@@ -210,10 +220,22 @@ impl Driver {
         }
         let config = std::sync::Arc::clone(&self.config);
         let mut entries: Vec<Option<Option<Vec<u8>>>> = vec![None; config.profiles.len()];
+        let mut sets: std::collections::HashMap<(usize, usize), crate::exchange::set::SubjectSet> =
+            std::collections::HashMap::new();
         let waiters = std::mem::take(&mut self.waiters);
         let before = waiters.len();
         for waiter in waiters {
             let Some(p) = config.profiles.get(waiter.profile) else { continue };
+            if let (Some(key), Some(te)) = (waiter.subject, p.exchange.as_ref()) {
+                let index = key.set_index(te.cache.sets);
+                let set = sets.entry((waiter.profile, index)).or_insert_with(|| {
+                    let bytes = env.get(&crate::exchange::set::set_key(&p.cache_key, index)).0;
+                    crate::exchange::set::SubjectSet::decode(bytes.as_deref())
+                });
+                let set = set.clone();
+                self.settle_subject_waiter(waiter, key, &set, now_ms, actions);
+                continue;
+            }
             let Some(slot) = entries.get_mut(waiter.profile) else { continue };
             let bytes = slot.get_or_insert_with(|| env.get(&p.cache_key).0);
             let view = bytes.as_deref().and_then(EntryView::decode);
@@ -249,6 +271,17 @@ impl Driver {
         debug_assert!(self.waiters.len() <= before);
     }
 
+    /// After a reconfiguration: wants whose profile kept its cache key follow it; the others go.
+    pub(super) fn rekey_wants(&mut self, old: &Config) {
+        let wanted = std::mem::take(&mut self.wanted);
+        for ((profile, key), want) in wanted {
+            let cache_key = old.profiles.get(profile).map(|p| p.cache_key.as_str());
+            if let Some(index) = self.config.profiles.iter().position(|p| Some(p.cache_key.as_str()) == cache_key) {
+                self.wanted.insert((index, key), want);
+            }
+        }
+    }
+
     /// After a reconfiguration: waiters whose profile kept its cache key follow it to its new
     /// index; the others get the failure reply of the old profile.
     pub(super) fn rekey_waiters(&mut self, old: &Config, actions: &mut Vec<Action>) {
@@ -282,12 +315,16 @@ impl Driver {
         for index in 0..self.config.profiles.len() {
             let _ = self.refresh_snapshot(index, now_ms, env);
         }
+        self.refresh_subject_copies(now_ms, env);
     }
 
     /// Re-reads one profile's entry into this VM's copy (and when a fetch could start); returns
     /// the entry's bytes.
     pub(super) fn refresh_snapshot(&mut self, profile: usize, now_ms: u64, env: &dyn Environment) -> Option<Vec<u8>> {
         let p = self.config.profiles.get(profile)?;
+        if p.exchange.is_some() {
+            return None; // its tokens are per subject (`refresh_subject_copies`)
+        }
         let bytes = env.get(&p.cache_key).0;
         let view = bytes.as_deref().and_then(EntryView::decode);
         let snapshot = view.filter(|v| cache::keep_vm_copy(v, now_ms)).map(|v| Snapshot {

@@ -10,7 +10,12 @@
 //! 5. a token fetched for one cache key is never served under another, and a request is settled
 //!    at most once and never after it went away;
 //! 6. a VM's copy of a token is served on the hit path no later than its `valid_until_ms` plus the
-//!    largest tick lateness (the host ticks when `Driver::next_wake` says, which drops it).
+//!    largest tick lateness (the host ticks when `Driver::next_wake` says, which drops it);
+//! 7. with a token-exchange profile (`exchange.rs`): a request is only ever given a token the IdP
+//!    exchanged for its own subject, never past the subject's own `exp` nor past the copy's
+//!    `use_until_ms` plus the largest tick lateness; single flight per (cache key, subject); no
+//!    more exchanges in flight than `max_in_flight`; the store holds a fixed number of keys per
+//!    profile, each set within its byte share.
 //!
 //! Ticks come as a host gives them: when the driver's `next_wake` says (at most
 //! `MAX_WAKE_INTERVAL_MS` later), asked again after every driver call and brought forward when a
@@ -48,6 +53,8 @@ pub(super) struct Params {
     interfere_per_mille: u64,
     reconfigs: u64,
     restarts: u64,
+    /// Profile p exchanges subject tokens (RFC 8693) instead of client credentials.
+    pub(super) exchange: Option<exchange::ExchangeParams>,
 }
 
 impl Params {
@@ -59,20 +66,22 @@ impl Params {
         } as usize;
         let mains = if vms == 1 { 0 } else { rng.range(1, 2.min(vms as u64 - 1)) as usize };
         let horizon_ms = rng.range(2_000, 30_000).min(100_000 / vms as u64 + 1_000);
+        let exchange = rng.chance(30).then(|| exchange::ExchangeParams::random(rng));
         Params {
             vms,
             mains,
             horizon_ms,
             timeout_ms: rng.range(200, 2_000),
             base_ms: rng.range(500, 2_000),
-            max_fetches: if rng.chance(30) { Some(rng.range(1, 6) as u32) } else { None },
+            max_fetches: if exchange.is_none() && rng.chance(30) { Some(rng.range(1, 6) as u32) } else { None },
             max_paused: if rng.chance(20) { rng.range(1, 3) as u32 } else { 1_000 },
             request_gap_ms: rng.range(1, 300),
-            discovery: rng.chance(20),
+            discovery: exchange.is_none() && rng.chance(20),
             ok_percent: rng.range(30, 95),
             interfere_per_mille: rng.range(0, 300),
             reconfigs: rng.below(3),
             restarts: rng.below(3),
+            exchange,
         }
     }
 
@@ -83,9 +92,13 @@ impl Params {
             if self.discovery { r#""issuer": "http://idp.test""# } else { r#""token_url": "http://idp.test/token""# };
         let budget = self.max_fetches.map(|n| format!(r#", "max_fetches_per_hour": {n}"#)).unwrap_or_default();
         let profile = |name: &str, scope: &str, wait: u64| {
+            let exchange = match &self.exchange {
+                Some(x) if name == "p" => x.profile_fields(),
+                _ => String::new(),
+            };
             format!(
                 r#""{name}": {{"cluster": "idp-{name}", {endpoint}, "client_id": "svc", "client_secret": "s3cret",
-                "timeout_ms": {}, "max_wait_ms": {wait}, "scopes": ["{scope}"], "backoff": {{"base_ms": {}, "max_ms": 8000}} {budget}}}"#,
+                "timeout_ms": {}, "max_wait_ms": {wait}, "scopes": ["{scope}"], "backoff": {{"base_ms": {}, "max_ms": 8000}} {budget} {exchange}}}"#,
                 self.timeout_ms, self.base_ms
             )
         };
@@ -119,6 +132,9 @@ pub(super) struct Stats {
     pub(crate) restarts: u64,
     pub(crate) lost_requests: u64,
     pub(crate) ticks: u64,
+    /// Exchanges started, and tokens served to a subject (token-exchange schedules).
+    pub(crate) exchanges: u64,
+    pub(crate) subject_served: u64,
 }
 
 impl Stats {
@@ -133,6 +149,8 @@ impl Stats {
         self.restarts += other.restarts;
         self.lost_requests += other.lost_requests;
         self.ticks += other.ticks;
+        self.exchanges += other.exchanges;
+        self.subject_served += other.subject_served;
     }
 }
 
@@ -218,6 +236,8 @@ struct Paused {
     incarnation: u32,
     key: String,
     bound_ms: u64,
+    /// The subject token of a token-exchange profile's request.
+    subject: Option<String>,
 }
 
 /// Where a driver call came from: a claim may start a fetch; an answer continues one.
@@ -238,7 +258,8 @@ pub(super) struct World {
     seq: u64,
     next_holder: u64,
     next_request: RequestId,
-    tokens: HashMap<String, (String, u64)>,
+    /// Every token the IdP issued: its cache key, true expiry, and the subject it was exchanged for.
+    tokens: HashMap<String, (String, u64, Option<String>)>,
     next_token: u64,
     callouts: HashMap<(usize, u32, CalloutId), usize>,
     chains: Vec<Chain>,
@@ -367,6 +388,7 @@ impl World {
             self.step(queued.ev);
             self.check_deadlines();
         }
+        self.check_store_bound();
         if self.violation.is_none() && !self.requests.is_empty() {
             let left: Vec<_> = self.requests.keys().collect();
             self.violate(format!("invariant 3: requests {left:?} still paused when the simulation drained"));
@@ -511,6 +533,9 @@ impl World {
         let config = Arc::clone(&self.configs[self.vms[vm].variant]);
         let Some(profile) = config.profiles.iter().position(|p| p.name == name) else { return };
         let key = config.profiles[profile].cache_key.clone();
+        if config.profiles[profile].exchange.is_some() {
+            return self.exchange_arrival(vm, profile, key);
+        }
         let request = self.next_request;
         self.next_request += 1;
         if !self.vms[vm].serving {
@@ -527,7 +552,7 @@ impl World {
                 self.violate(format!("invariant 6: request {request} on vm{vm} served a copy {late} ms past its end"));
             }
             let value = copy.header_value;
-            return self.served(&value, &key, &format!("hit path, request {request} on vm{vm}"));
+            return self.served(&value, &key, None, &format!("hit path, request {request} on vm{vm}"));
         }
         let mut outcome = RequestOutcome::Fail;
         let actions = self.call(vm, |d, now, env| {
@@ -537,29 +562,36 @@ impl World {
         });
         self.note(|| format!("    request {request} on vm{vm}: {outcome:?}"));
         match outcome {
-            RequestOutcome::Inject { value, .. } => self.served(&value, &key, &format!("Inject, request {request}")),
+            RequestOutcome::Inject { value, .. } => {
+                self.served(&value, &key, None, &format!("Inject, request {request}"))
+            }
             RequestOutcome::Wait => {
                 let bound_ms = self.now + config.profiles[profile].max_wait_ms + MAX_LATENESS_MS + 100;
                 let incarnation = self.vms[vm].incarnation;
-                self.requests.insert(request, Paused { vm, incarnation, key, bound_ms });
+                self.requests.insert(request, Paused { vm, incarnation, key, bound_ms, subject: None });
                 if self.rng.chance(10) {
                     let delay = self.rng.below(config.profiles[profile].max_wait_ms + 500);
                     self.schedule(delay, Ev::Gone { request });
                 }
             }
-            RequestOutcome::Fail => self.stats.failed += 1,
+            RequestOutcome::Fail | RequestOutcome::Refuse(_) => self.stats.failed += 1,
         }
         self.apply(vm, Origin::Claim, actions);
     }
 
-    /// Invariants 2 and 5 for a token handed to a request.
-    fn served(&mut self, header_value: &str, key: &str, what: &str) {
+    /// Invariants 2, 5 and 6 for a token handed to a request (of `subject`, on an exchange profile).
+    fn served(&mut self, header_value: &str, key: &str, subject: Option<&str>, what: &str) {
         self.stats.served += 1;
         let token = header_value.strip_prefix("Bearer ").unwrap_or(header_value);
         match self.tokens.get(token) {
             None => self.violate(format!("{what}: a token the IdP never issued")),
-            Some((issued_key, expiry)) => {
-                let (issued_key, expiry) = (issued_key.clone(), *expiry);
+            Some((issued_key, expiry, issued_subject)) => {
+                let (issued_key, expiry, issued_subject) = (issued_key.clone(), *expiry, issued_subject.clone());
+                if issued_subject.as_deref() != subject {
+                    self.violate(format!(
+                        "invariant 7: {what} for subject {subject:?} got the token exchanged for {issued_subject:?}"
+                    ));
+                }
                 if self.now >= expiry {
                     self.violate(format!(
                         "invariant 2: {what} got a token {} ms after its true expiry",
@@ -587,3 +619,4 @@ impl World {
 }
 
 mod actions;
+mod exchange;

@@ -3,6 +3,7 @@
 //! simulated IdP answers.
 
 use super::super::super::Callout;
+use super::exchange;
 use super::*;
 
 impl World {
@@ -37,12 +38,16 @@ impl World {
                             if current != paused.key {
                                 self.violate(format!("invariant 5: request {request} paused under {} resumed under {current}", paused.key));
                             }
-                            self.served(&value, &paused.key, &format!("Resume of request {request} on vm{vm}"));
+                            let what = format!("Resume of request {request} on vm{vm}");
+                            match paused.subject.as_deref() {
+                                Some(subject) => self.served_subject(&value, &paused.key, subject, &what),
+                                None => self.served(&value, &paused.key, None, &what),
+                            }
                         }
                         _ => self.violate(format!("request {request} resumed on vm{vm} but it is not paused there (settled, gone, or another VM's)")),
                     }
                 }
-                Action::Fail { request, .. } => {
+                Action::Fail { request, .. } | Action::Refuse { request, .. } => {
                     self.stats.failed += 1;
                     match self.requests.remove(&request) {
                         Some(paused) if paused.vm == vm && paused.incarnation == incarnation => {}
@@ -62,11 +67,18 @@ impl World {
             return self.violate(format!("vm{vm} sent to cluster {:?} of no profile", callout.cluster));
         };
         let key = profile.cache_key.clone();
+        let subject = exchange::subject_of(&callout);
         let chain = match origin {
             Origin::Continue(chain) => chain,
-            Origin::Claim => match self.start_chain(vm, &key) {
-                Some(chain) => chain,
-                None => return,
+            Origin::Claim => match &subject {
+                Some(subject) => match self.start_exchange_chain(vm, &config, &key, subject) {
+                    Some(chain) => chain,
+                    None => return,
+                },
+                None => match self.start_chain(vm, &key) {
+                    Some(chain) => chain,
+                    None => return,
+                },
             },
         };
         let incarnation = self.vms[vm].incarnation;
@@ -92,7 +104,7 @@ impl World {
             self.next_token += 1;
             let issue_ms = self.now + processing / 2;
             let (reply, issued) = idp::success(&mut self.rng, serial, issue_ms);
-            self.tokens.insert(issued.token, (key.clone(), issued.expiry_ms));
+            self.tokens.insert(issued.token, (key.clone(), issued.expiry_ms, subject.clone()));
             (reply, processing)
         } else {
             let reply = idp::failure(&mut self.rng, self.now + processing);
