@@ -55,4 +55,5 @@ def goals_markdown(res: dict) -> list[str]:
         L.append(f"| {text} | {v} | |")
     return L + ["", "Where the differences come from: \"Where the instructions go\" below (the hooks and callbacks of "
                  "the dynamic modules, the calls into the VM and host calls of the wasm cells); the memory goal: "
-                 "\"Memory and size\".", ""]
+                 "\"Memory and size\"; why the RSS and the module's size are over their goals: "
+                 "[docs/memory.md](docs/memory.md), \"What cannot be cut, and why\".", ""]
