@@ -90,16 +90,7 @@ impl Driver {
                 RequestOutcome::Fail
             }
             RequestDecision::Wait if self.waiters.len() >= self.config.max_paused_requests => {
-                log(
-                    &mut actions,
-                    LogLevel::Warn,
-                    format!(
-                        "profile {:?}: {} requests already wait for a token on this worker (max_paused_requests); failing this one",
-                        p.name, self.config.max_paused_requests
-                    ),
-                );
-                actions.push(Action::Count { profile, metric: Metric::FailedRequest });
-                RequestOutcome::Fail
+                self.fail_over_paused_limit(&p.name, profile, &mut actions)
             }
             RequestDecision::Wait => {
                 let deadline_ms = want.until_ms;

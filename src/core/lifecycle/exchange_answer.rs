@@ -4,13 +4,13 @@
 
 use super::exchange::exchange_profile;
 use super::fetch::{Failure, Pending, PendingExchange};
-use super::{Action, Answer, AnswerBody, Driver, Environment, LogLevel, Metric, Update, log, store};
+use super::{Action, Answer, Driver, Environment, LogLevel, Metric, Update, log, store};
 use crate::cache;
 use crate::config::{Profile, TokenExchange};
 use crate::entry::Entry;
 use crate::exchange::SubjectKey;
 use crate::exchange::set::{SubjectEntry, SubjectSet, purges_key, set_key};
-use crate::token_response::{self, TokenError, TokenGrant};
+use crate::token_response::TokenGrant;
 
 impl Driver {
     /// The answer to an exchange: the subject's entry gets the token (its expiry capped by the
@@ -29,16 +29,7 @@ impl Driver {
         env: &mut dyn Environment,
         actions: &mut Vec<Action>,
     ) {
-        let result = match answer.body {
-            AnswerBody::TooLarge => Err(TokenError::TooLarge { limit: profile.max_response_bytes }),
-            AnswerBody::Bytes(body) => token_response::parse(
-                status,
-                body,
-                &profile.token_field,
-                &profile.expires_in_field,
-                profile.max_response_bytes,
-            ),
-        };
+        let result = super::fetch::parse_answer(profile, status, answer.body);
         let grant = match result {
             Ok(grant) => grant,
             Err(error) => {

@@ -91,6 +91,26 @@ pub(crate) fn unknown_profile_reply(config: &Config) -> FailureReply {
 }
 
 impl Driver {
+    /// A request that would wait while `max_paused_requests` already wait on this driver: failed
+    /// now, for a client-credentials and an exchange profile alike.
+    pub(super) fn fail_over_paused_limit(
+        &self,
+        name: &str,
+        profile: usize,
+        actions: &mut Vec<Action>,
+    ) -> RequestOutcome {
+        log(
+            actions,
+            LogLevel::Warn,
+            format!(
+                "profile {name:?}: {} requests already wait for a token on this worker (max_paused_requests); failing this one",
+                self.config.max_paused_requests
+            ),
+        );
+        actions.push(Action::Count { profile, metric: Metric::FailedRequest });
+        RequestOutcome::Fail
+    }
+
     /// The hit path: this VM's copy of the profile's token, if it has one (no store read, no clock).
     pub fn cached(&self, profile: usize) -> Option<&Snapshot> {
         self.snapshots.get(profile)?.as_ref()
@@ -137,16 +157,7 @@ impl Driver {
                 RequestOutcome::Fail
             }
             RequestDecision::Wait if self.waiters.len() >= self.config.max_paused_requests => {
-                log(
-                    &mut actions,
-                    LogLevel::Warn,
-                    format!(
-                        "profile {:?}: {} requests already wait for a token on this worker (max_paused_requests); failing this one",
-                        p.name, self.config.max_paused_requests
-                    ),
-                );
-                actions.push(Action::Count { profile, metric: Metric::FailedRequest });
-                RequestOutcome::Fail
+                self.fail_over_paused_limit(&p.name, profile, &mut actions)
             }
             RequestDecision::Wait => {
                 let deadline_ms = now_ms.saturating_add(p.max_wait_ms);
