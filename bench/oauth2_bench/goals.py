@@ -52,7 +52,7 @@ def _missing(res: dict, key: str) -> str:
 def goals_markdown(res: dict) -> list[str]:
     summ = res["summary"]
     present = {c["key"] for c in res["configs"]}
-    L = ["## Goals (issue 12)", "",
+    L = ["## Goals", "",
          "Medians of per-round differences and ratios (paired by round) on each route; \"missed by\" is how far "
          "the median is from the bound. (f) is the cheapest proxy-wasm module that writes a header, (fd) the "
          "cheapest dynamic module that does: a goal a floor misses cannot be met by any module of its kind on "

@@ -352,7 +352,8 @@ mod tests {
         assert!(!format!("{grant:?}").contains("secret-token"));
     }
 
-    /// The signer's reason reaches the failure (issue 13), as a fixed text, never key material.
+    /// The signer's reason reaches the failure, as a fixed text, never key material: an operator
+    /// sees why signing failed without the key ever reaching a log line.
     #[test]
     fn assertion_failure_keeps_the_signers_detail() {
         use crate::assertion::JwtAlgorithm;

@@ -8,7 +8,7 @@
 //! Audit of the proxy-wasm 0.2.5 SDK (what it would do on a hostile byte or an unexpected status),
 //! and why this module declares the host functions itself:
 //! - `hostcalls::get_map_value`, `get_map`, `get_grpc_status`, the header-pair decoders: unwrap
-//!   `String::from_utf8` — a non-UTF-8 header value kills the VM (issue 11). Not used: raw
+//!   `String::from_utf8` — a non-UTF-8 header value kills the VM. Not used: raw
 //!   `proxy_get_header_map_value` here, returning bytes.
 //! - Every other `hostcalls::*` wrapper: `panic!("unexpected status")` on any status it did not
 //!   list. Not used, except `dispatch_http_call` (below): raw declarations here map every status.

@@ -67,7 +67,7 @@ def ec_key_jwt() -> dict:
     return {"algorithm": "ES256", "private_key": (KEYS / "ec_p256_pkcs8.pem").read_text()}
 
 
-# RFC 6749 §2.3.1: GET puts every parameter in the URL, so it is refused with these (issue 11)
+# RFC 6749 §2.3.1: GET puts every parameter in the URL, so it is refused with these
 GET_IN_QUERY = r"profiles\.default\.method: GET would put the credentials of {} in the URL"
 
 # id -> (edit of the sample config, or a raw configuration string; regex the rejection line must match)

@@ -1,4 +1,4 @@
-"""A hostile client cannot stop token injection (issue 11, item 6).
+"""A hostile client cannot stop token injection.
 
 Envoy with two workers and ``failure_policy: FAIL_RELOAD`` (the README's advice). Every request-side
 input the filter reads — header matchers (``routes[].match.headers``), the ``keep_existing`` header,

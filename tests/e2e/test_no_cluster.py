@@ -1,4 +1,4 @@
-"""A token cluster Envoy does not have (issue 11, item 5).
+"""A token cluster Envoy does not have.
 
 A profile whose ``cluster`` is not defined in Envoy: requests on its route get the failure reply,
 each attempt gives one clear error line naming the cluster (and the profile), the failure is

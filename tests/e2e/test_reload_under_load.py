@@ -1,4 +1,4 @@
-"""Reloads under load (issue 11, item 7).
+"""Reloads under load.
 
 Envoy with two workers reads its listener from a file (filesystem LDS); the test rewrites it
 (temporary file + rename) to push a new plugin configuration with the same ``vm_id`` while a steady

@@ -1,4 +1,4 @@
-"""Whole-second ``exp`` never lets an expired token through (issue 11, item 4).
+"""Whole-second ``exp`` never lets an expired token through.
 
 A real IdP stamps ``iat``/``exp`` in whole seconds (``exp = floor(now) + lifetime``), so its token
 lives up to 1 s less than ``expires_in`` says. With 3-5 s lifetimes and steady traffic for ~20 s,

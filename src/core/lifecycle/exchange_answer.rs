@@ -29,7 +29,7 @@ impl Driver {
         env: &mut dyn Environment,
         actions: &mut Vec<Action>,
     ) {
-        let result = super::fetch::parse_answer(profile, status, answer.body);
+        let result = super::parse_answer(profile, status, answer.body);
         let grant = match result {
             Ok(grant) => grant,
             Err(error) => {

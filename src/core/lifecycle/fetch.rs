@@ -10,7 +10,7 @@ use crate::config::{ClientAuth, JwtAssertion, Profile, TokenEndpoint};
 use crate::discovery::{self, DiscoveryError};
 use crate::retry_after::retry_after_ms;
 use crate::token_request::{self, RequestExtras};
-use crate::token_response::{self, FailureClass, TokenError, TokenGrant};
+use crate::token_response::{FailureClass, TokenError};
 use crate::url::HttpUrl;
 
 /// The most requests one fetch sends: two discovery documents, then the token request.
@@ -404,7 +404,7 @@ impl Driver {
         if let Some(exchange) = &pending.exchange {
             return self.exchange_answer(profile, index, pending, exchange, status, answer, now_ms, env, actions);
         }
-        let result = parse_answer(profile, status, answer.body);
+        let result = super::parse_answer(profile, status, answer.body);
         let grant = match result {
             Ok(grant) => grant,
             Err(error) => {
@@ -589,19 +589,4 @@ fn sign_assertions(
     };
     let grant = profile.grant_assertion.as_ref().map(&mut sign).transpose()?;
     Ok((client, grant))
-}
-
-/// What an IdP's answer says, for a client-credentials fetch and an exchange alike: the grant, or
-/// why there is none.
-pub(super) fn parse_answer(profile: &Profile, status: u32, body: AnswerBody<'_>) -> Result<TokenGrant, TokenError> {
-    match body {
-        AnswerBody::TooLarge => Err(TokenError::TooLarge { limit: profile.max_response_bytes }),
-        AnswerBody::Bytes(body) => token_response::parse(
-            status,
-            body,
-            &profile.token_field,
-            &profile.expires_in_field,
-            profile.max_response_bytes,
-        ),
-    }
 }

@@ -152,6 +152,25 @@ pub enum AnswerBody<'a> {
     TooLarge,
 }
 
+/// What an IdP's answer says, for a client-credentials fetch and an exchange alike: the grant, or
+/// why there is none.
+fn parse_answer(
+    profile: &crate::config::Profile,
+    status: u32,
+    body: AnswerBody<'_>,
+) -> Result<crate::token_response::TokenGrant, crate::token_response::TokenError> {
+    match body {
+        AnswerBody::TooLarge => Err(crate::token_response::TokenError::TooLarge { limit: profile.max_response_bytes }),
+        AnswerBody::Bytes(body) => crate::token_response::parse(
+            status,
+            body,
+            &profile.token_field,
+            &profile.expires_in_field,
+            profile.max_response_bytes,
+        ),
+    }
+}
+
 /// How often the main-thread VM sets the token gauges.
 const GAUGE_PERIOD_MS: u64 = 1_000;
 

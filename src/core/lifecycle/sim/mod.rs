@@ -1,4 +1,4 @@
-//! A deterministic simulation of the whole token lifecycle (issue 11 item 3): 1–32 simulated VMs
+//! A deterministic simulation of the whole token lifecycle: 1–32 simulated VMs
 //! over one shared store with Envoy's compare-and-swap semantics and a simulated clock, driven by
 //! seeded random interleavings of requests, ticks, wakes, kicks, IdP answers of every class,
 //! undeliverable callouts, reconfigurations and VM restarts. Invariants are checked after every
