@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -118,3 +119,11 @@ def path_of(config: str, route_kind: str) -> str:
 
 class BenchError(RuntimeError):
     pass
+
+
+def module_name(so: str) -> str:
+    """``lib<name>.so`` -> ``<name>``: how DynamicModuleConfig.name finds the file."""
+    m = re.fullmatch(r"lib(.+)\.so", Path(so).name)
+    if not m:
+        raise BenchError(f"{so}: a dynamic module's file must be named lib<name>.so")
+    return m.group(1)

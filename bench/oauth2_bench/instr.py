@@ -20,7 +20,7 @@ from typing import Any
 
 from .callgrind import Background, CallgrindEnvoy, KeepAlive, Window, executable_maps, measure_idle, measure_requests
 from .common import (CACHE_HIT, CLIENT_SECRET, EXCHANGE_CELLS, EXCHANGE_SUBJECT, FLOORS, INJECTED_STAT, LABEL,
-                     ROUTES, RQ_STAT, STEADY_EXPIRES_IN, TOKEN_REGEX, ZERO_INJECTED_STAT, BenchError, path_of)
+                     ROUTES, RQ_STAT, STEADY_EXPIRES_IN, TOKEN_REGEX, ZERO_INJECTED_STAT, BenchError, module_name, path_of)
 from .configs import under_test_bootstrap, upstream_bootstrap
 from .processes import Processes, counters
 
@@ -53,14 +53,6 @@ class Params:
     warmup: int = 50  # requests per route before counting
     idle_s: float = 2.0  # the idle window: the timers' rate
     runs: int = 2
-
-
-def module_name(so: str) -> str:
-    """``lib<name>.so`` -> ``<name>``: how DynamicModuleConfig.name finds the file."""
-    m = re.fullmatch(r"lib(.+)\.so", Path(so).name)
-    if not m:
-        raise BenchError(f"{so}: a dynamic module's file must be named lib<name>.so")
-    return m.group(1)
 
 
 class Shared:

@@ -18,7 +18,7 @@ from typing import Any
 from . import machine
 from .common import (CACHE_HIT, CLIENT_SECRET, CLK_TCK, CONFIGS, FLOORS, INJECTED_STAT, LABEL, REFRESH_AHEAD_RATIO,
                      REFRESH_EXPIRES_IN, ROOT, ROUTES, RQ_STAT, STEADY_EXPIRES_IN, TOKEN_REGEX, ZERO_INJECTED_STAT,
-                     BenchError, path_of)
+                     BenchError, module_name, path_of)
 from .configs import NATIVE_SECRET, native_filter, oauth2cc_config, under_test_bootstrap, upstream_bootstrap
 from .processes import (PinnedEnvoy, Processes, core_ticks, counters, finish_profile, proc_cpu_ticks, run_wrk,
                         start_profile, vm_rss_kib)
@@ -35,14 +35,6 @@ DYNAMIC_MODULE_CELLS = ("floor_native", "dynmod")
 
 def cal_txt(c: dict) -> str:
     return f"{c['wall_s'] * 1e3:.0f} ms, {100 * c['cpu_s'] / c['wall_s']:.0f}% of it on the CPU"
-
-
-def module_name(so: str) -> str:
-    """``lib<name>.so`` -> ``<name>``: how DynamicModuleConfig.name finds the file."""
-    m = re.fullmatch(r"lib(.+)\.so", Path(so).name)
-    if not m:
-        raise BenchError(f"{so}: a dynamic module's file must be named lib<name>.so")
-    return m.group(1)
 
 
 class Bench:
