@@ -68,8 +68,13 @@ def status_of(sock: socket.socket, deadline: float) -> int:
 
 def cancel_round(e: Envoy, upstream, index: int, rng: random.Random) -> dict:
     """One round: the token purged, then CLIENTS requests paused for the next one, most hung up."""
-    upstream.fail_next(1)
-    purged = request(e.port, f"/purge-{index}", timeout=5).status
+    # Only the purge request is refused: a request of the last round that Envoy forwarded just as
+    # its client hung up may still reach the upstream now, and must not take the 401.
+    purge_path = f"/purge-{index}"
+    upstream.set_handler(lambda rec: (401, {"WWW-Authenticate": 'Bearer error="invalid_token"'}, {"error": "purge"})
+                         if rec.target == purge_path else (200, [("Content-Type", "application/json")], upstream.echo(rec)))
+    purged = request(e.port, purge_path, timeout=5).status
+    upstream.set_handler(None)
     t0 = time.monotonic()
     socks = [open_request(e.port, f"/storm-{index}") for _ in range(CLIENTS)]
     staying = set(rng.sample(range(CLIENTS), STAYING))
