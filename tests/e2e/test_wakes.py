@@ -27,8 +27,9 @@ def ticks(e) -> list[int]:
 
 def test_an_idle_filter_wakes_for_its_refreshes_and_at_most_once_a_second(
         envoy_factory, token_server, upstream, filter_host, record_property):
-    # A 4 s token: refreshed 2.4 s after each token request, usable for 3 s (helpers.token_schedule).
-    lifetime = 4
+    # A 6 s token: refreshed 4 s after each token request, usable for 5 s (helpers.token_schedule):
+    # a second for the refresh to land, however loaded the machine (0.6 s with a 4 s token was not).
+    lifetime = 6
     refresh_s, usable_s = token_schedule(lifetime)
     token_server.set_expires_in(lifetime)
     e = envoy_factory.start(one_profile(), component_log_level="wasm:debug")
