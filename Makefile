@@ -35,7 +35,7 @@ export E2E_REQUIRE_WASM := 1
 export OAUTH2_CC_WASM := $(CURDIR)/$(WASM)
 export OAUTH2_CC_NATIVE := $(CURDIR)/$(NATIVE)
 
-.PHONY: all help run test test-builds test-beside-e2e e2e-prebuilt unit unit-wasm e2e lint fmt build size tools wasm-target wasm-opt clean bench bench-time cost bench-floor bench-floor-native bench-symbols bench-smoke bench-memory valgrind schema wrk fuzz rules compat simulate dist dist-check dist-tools validate
+.PHONY: all help run test test-builds test-beside-e2e test-e2e-track test-cost-beside build-wasm build-native e2e-prebuilt unit unit-wasm e2e lint fmt build size tools wasm-target wasm-opt clean bench bench-time cost bench-floor bench-floor-native bench-symbols bench-smoke bench-memory valgrind schema wrk fuzz rules compat simulate dist dist-check dist-tools validate
 
 ## all: the default target: build
 all: build
@@ -67,15 +67,26 @@ $(VENV)/.installed: tests/e2e/requirements.txt
 	@touch $@
 
 ## build: both builds: build/oauth2_cc.wasm (release wasm, unused SDK exports dropped, wasm-opt -Oz) and build/liboauth2_cc.so (dynamic module, profile native)
-build: wasm-target wasm-opt
+# Two targets, so that `make -j2 build` compiles them at once: each ends in a long single-threaded
+# LTO step, and they share no compiled unit (different targets and profiles).
+build: build-wasm build-native
+
+## build-wasm: build/oauth2_cc.wasm only
+build-wasm: wasm-target wasm-opt
 	cargo build --release --target $(WASM_TARGET) -p oauth2-cc-wasm
-	cargo build --profile native -p oauth2-cc-native
 	@mkdir -p build
-	@cp -p $(CARGO_NATIVE) $(NATIVE)
 	@if [ ! -f $(WASM) ] || [ $(CARGO_WASM) -nt $(WASM) ] || [ Makefile -nt $(WASM) ] || [ tools/strip_exports.py -nt $(WASM) ]; then \
 	  echo "strip exports, wasm-opt $(CARGO_WASM) -> $(WASM)"; \
 	  python3 tools/strip_exports.py $(CARGO_WASM) build/oauth2_cc.stripped.wasm $(UNUSED_EXPORTS) && \
 	  wasm-opt $(WASM_OPT_FLAGS) build/oauth2_cc.stripped.wasm -o $(WASM) && rm -f build/oauth2_cc.stripped.wasm; fi
+
+## build-native: build/liboauth2_cc.so only
+# Copied only when cargo wrote a newer one: an Envoy with the module loaded has the file mapped, and
+# rewriting it in place would crash that Envoy.
+build-native:
+	cargo build --profile native -p oauth2-cc-native
+	@mkdir -p build
+	@if [ ! -f $(NATIVE) ] || [ $(CARGO_NATIVE) -nt $(NATIVE) ]; then cp -p $(CARGO_NATIVE) $(NATIVE); fi
 
 ## size: the wasm size against the gate
 size: build
@@ -86,22 +97,30 @@ size: build
 run: tools build
 	$(PY) demo/run.py
 
-## test: every check (what CI runs): test-builds, then e2e-prebuilt beside test-beside-e2e (lint, unit, unit-wasm), then cost, size, rules
-# The e2e suite mostly waits (Envoy start-up, timers), so the compilers fill the idle CPU at nice 19,
-# which keeps them from slowing the e2e tests' Envoys. Each step stays a target of its own
-# (docs/development.md, "What make test runs, and when").
+## test: every check (what CI runs): two tracks at once, then size and rules. The e2e track: both builds, then the e2e suite. Beside it at nice 19: lint, unit, unit-wasm, then the cost test (once the builds are done)
+# The e2e track takes longest; the other runs in the CPU it leaves idle (the builds' single-threaded
+# link steps, the e2e tests' waits on Envoy and timers), at nice 19 so that it does not slow the
+# e2e tests' Envoys. The cost test counts instructions, which the load does not change. Each step
+# stays a target of its own (docs/development.md, "What make test runs, and when").
 test: tools
-	@$(MAKE) --no-print-directory test-builds
-	@$(MAKE) --no-print-directory -j2 --output-sync=target e2e-prebuilt test-beside-e2e
-	@$(MAKE) --no-print-directory cost size rules
+	@$(MAKE) --no-print-directory -j4 --output-sync=target test-beside-e2e test-e2e-track test-cost-beside
+	@$(MAKE) --no-print-directory size rules
 
-## test-builds: what the e2e tests load: both builds, build/oauth2-cc and the native floor (make test's first step)
+## test-builds: what the e2e tests load: both builds, build/oauth2-cc and the native floor
 test-builds: build validate bench-floor-native
 
-## test-beside-e2e: lint, unit, unit-wasm one after another at nice 19 (make test runs this beside e2e-prebuilt)
+## test-e2e-track: test-builds, then the e2e suite (make test's first track)
+test-e2e-track: test-builds
+	$(E2E_PYTEST)
+
+## test-beside-e2e: lint, unit, unit-wasm one after another at nice 19 (make test's second track)
 # Outside make's jobserver (MAKEFLAGS cleared): one step at a time, and cargo on every core.
 test-beside-e2e:
 	MAKEFLAGS= nice -n 19 $(MAKE) --no-print-directory lint unit unit-wasm
+
+## test-cost-beside: the cost test at nice 19 once test-beside-e2e and test-builds are done (the end of make test's second track)
+test-cost-beside: test-beside-e2e test-builds bench-floor valgrind
+	nice -n 19 $(PY) -m pytest tests/e2e/test_cost.py -q
 
 ## unit: the native unit tests of the workspace (cargo test --workspace --all-targets: the core, the dynamic module, validate, and the proxy-wasm host against a fake Envoy), and the dynamic module model-checked under shuttle (about 10 s)
 # One feature set for the whole workspace in lint and unit (--workspace, dev-dependencies included), so
@@ -142,7 +161,7 @@ e2e: tools build bench-floor-native validate
 # E2E_ARGS: more pytest arguments (-k NAME, --host wasm, -x).
 E2E_ARGS ?=
 E2E_PYTEST = $(PY) -m pytest tests/e2e -q -n $(E2E_WORKERS) --dist loadgroup --ignore=tests/e2e/test_cost.py --durations=20 $(E2E_ARGS)
-## e2e-prebuilt: the e2e tests on what test-builds left, without running cargo (make test runs it beside the compilers)
+## e2e-prebuilt: the e2e tests on what an earlier build left (make test-builds), without running cargo
 e2e-prebuilt: $(VENV)/.installed
 	$(E2E_PYTEST)
 
@@ -153,7 +172,7 @@ lint: wasm-target $(VENV)/.installed
 	cargo fmt --check --manifest-path bench/floor/Cargo.toml
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo clippy --workspace --all-targets --features oauth2-cc-native/model-check -- -D warnings
-	cargo clippy --release --target $(WASM_TARGET) -p oauth2-cc-core -p oauth2-cc-wasm -- -D warnings
+	cargo clippy --target $(WASM_TARGET) -p oauth2-cc-core -p oauth2-cc-wasm -- -D warnings
 	cargo clippy --release --target $(WASM_TARGET) --manifest-path bench/floor/Cargo.toml -- -D warnings
 	cargo clippy --release --target $(WASM_TARGET) --manifest-path bench/floor/Cargo.toml --features read-status --target-dir bench/floor/target/fm -- -D warnings
 	cargo fmt --check --manifest-path bench/floor-native/Cargo.toml
