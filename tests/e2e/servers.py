@@ -101,6 +101,23 @@ def json_body(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
+def token_by_scope(token_server) -> None:
+    """Make ``token_server`` issue tokens named after the scope they were issued for:
+    ``tok-<scope>-<n>``, n counting per scope (an hour's lifetime)."""
+    lock = threading.Lock()
+    counts: dict[str, int] = {}
+
+    def handler(rec):
+        scope = rec.form.get("scope", "?")
+        with lock:
+            counts[scope] = counts.get(scope, 0) + 1
+            tok = f"tok-{scope}-{counts[scope]}"
+        return 200, [("Content-Type", "application/json")], json_body(
+            {"access_token": tok, "token_type": "Bearer", "expires_in": 3600})
+
+    token_server.set_handler(handler)
+
+
 # --------------------------------------------------------------------------- #
 # Server plumbing shared by both servers
 # --------------------------------------------------------------------------- #

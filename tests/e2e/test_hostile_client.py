@@ -25,13 +25,12 @@ from __future__ import annotations
 import email.utils
 import math
 import re
-import threading
 import time
 
 
 import plugin_config as pc
 from envoy import Response, bootstrap_dict, http_connection_manager, raw_request, route, start_bootstrap
-from servers import json_body
+from servers import json_body, token_by_scope
 
 # Envoy's own wasm failures (besides the harness's `critical` check, in conftest).
 VM_FAILURE = re.compile(r"Uncaught RuntimeError|unreachable|VM failed|panicked at|Plugin configured to fail closed")
@@ -78,22 +77,6 @@ def envoy_routes() -> list[dict]:
         route("/named/", name=LONG_NAME),
         route("/", name="catch-all"),
     ]
-
-
-def token_by_scope(token_server):
-    """Tokens named after the scope they were issued for: ``tok-<scope>-<n>``."""
-    lock = threading.Lock()
-    counts: dict[str, int] = {}
-
-    def handler(rec):
-        scope = rec.form.get("scope", "?")
-        with lock:
-            counts[scope] = counts.get(scope, 0) + 1
-            tok = f"tok-{scope}-{counts[scope]}"
-        return 200, [("Content-Type", "application/json")], json_body(
-            {"access_token": tok, "token_type": "Bearer", "expires_in": 3600})
-
-    token_server.set_handler(handler)
 
 
 def start_envoy(envoy_factory, token_server, upstream):

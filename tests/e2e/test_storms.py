@@ -17,19 +17,17 @@ filter configuration grows by one per reload, since the old listener drains for 
 
 from __future__ import annotations
 
-import json
 import random
-import re
 import select
 import socket
-import threading
 import time
 
 import pytest
 
 import plugin_config as pc
-from envoy import FILTER_LOG, Envoy, request
-from servers import json_body
+from envoy import Envoy, request
+from lds import LdsEnvoy, Traffic, scoped_config
+from servers import token_by_scope
 
 # Hundreds of clients and reloads under load: one such test at a time (make e2e's xdist groups).
 pytestmark = pytest.mark.cpu_heavy
@@ -132,123 +130,16 @@ def test_cancel_storm_leaves_envoy_serving(envoy_factory, token_server, upstream
 # Reload storm
 # --------------------------------------------------------------------------- #
 
-LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
-CONFIGURED = re.compile(FILTER_LOG + r"configured \d+ profile")
 RELOADS = 8
 SETTLE_S = 0.6
 
 
-def reload_config(scope: str, extra_routes: int = 0) -> dict:
-    routes = [pc.match_route("default", path_prefix=f"/unused-{i}/") for i in range(extra_routes)]
-    routes.append(pc.match_route("default"))
-    return pc.config(profiles={"default": pc.profile(scopes=[scope], max_wait_ms=6000)}, routes=routes)
-
-
-class LdsEnvoy:
-    """An Envoy (either build) whose listener comes from a file, so its filter configuration can
-    be replaced."""
-
-    def __init__(self, envoy_factory, tmp_path, config: dict):
-        self.native = envoy_factory.filter_host == "native"
-        boot = json.loads(envoy_factory.config_text(config))
-        self.listener = boot["static_resources"].pop("listeners")[0]
-        self.lds = tmp_path / "lds" / "listeners.json"
-        self.lds.parent.mkdir(parents=True, exist_ok=True)
-        self.write(config)
-        boot["dynamic_resources"] = {"lds_config": {"resource_api_version": "V3", "path_config_source": {
-            "path": str(self.lds), "watched_directory": {"path": str(self.lds.parent)}}}}
-        boot["node"] = {"id": "storm", "cluster": "storm"}
-        e = envoy_factory._new(json.dumps(boot), "lds", 2, None, None, ())
-        e.allow_critical = False
-        e.expect_running = True
-        envoy_factory.envoys.append(e)
-        e.start()
-        e.wait_ready(30)
-        e.wait_log(r"lds: add/update listener")
-        self.envoy = e
-        # A configuration is logged once by the dynamic module, once per VM by proxy-wasm
-        # (two on the main thread, one per worker).
-        self.configured_per_reload = 1 if self.native else 4
-
-    def write(self, config: dict):
-        new = json.loads(json.dumps(self.listener))
-        filt = new["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"][0]["typed_config"]
-        value = filt["filter_config"] if self.native else filt["config"]["configuration"]
-        value["value"] = json.dumps(config)
-        tmp = self.lds.with_name("listeners.tmp")
-        tmp.write_text(json.dumps({"resources": [{"@type": LISTENER_TYPE, **new}]}))
-        tmp.rename(self.lds)  # atomic: Envoy never reads half a file
-
-    def reload(self, config: dict, timeout: float = 15):
-        e = self.envoy
-        updates = len(re.findall(r"lds: add/update listener", e.log()))
-        configured = len(CONFIGURED.findall(e.log()))
-        self.write(config)
-        deadline = time.monotonic() + timeout
-        while (len(re.findall(r"lds: add/update listener", e.log())) <= updates
-               or len(CONFIGURED.findall(e.log())) < configured + self.configured_per_reload):
-            assert time.monotonic() < deadline, f"reload not applied in {timeout} s\n{e.log_tail(40)}"
-            time.sleep(0.05)
-
-    def threads(self) -> int:
-        with open(f"/proc/{self.envoy.pid}/status") as f:
-            return int(next(line.split()[1] for line in f if line.startswith("Threads:")))
-
-
-class Traffic:
-    """Client threads sending requests back to back; records (time, status, Authorization)."""
-
-    def __init__(self, port: int, threads: int = 4):
-        self.port = port
-        self.results: list[tuple[float, int, str | None]] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
-
-    def _run(self):
-        while not self._stop.is_set():
-            t = time.monotonic()
-            try:
-                r = request(self.port, "/work", timeout=10)
-                res = (t, r.status, r.json()["headers"].get("authorization") if r.status == 200 else None)
-            except (OSError, ValueError) as exc:
-                res = (t, 0, repr(exc))
-            with self._lock:
-                self.results.append(res)
-            time.sleep(0.005)
-
-    def __enter__(self):
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        for t in self._threads:
-            t.join(15)
-
-    def since(self, t0: float) -> list[tuple[float, int, str | None]]:
-        with self._lock:
-            return [r for r in self.results if r[0] >= t0]
-
-
 def test_reload_storm_loses_nothing_fetches_per_key_and_keeps_threads_flat(
         envoy_factory, token_server, tmp_path, filter_host):
-    lock = threading.Lock()
-    counts: dict[str, int] = {}
-
-    def handler(rec):
-        scope = rec.form.get("scope", "?")
-        with lock:
-            counts[scope] = counts.get(scope, 0) + 1
-            tok = f"tok-{scope}-{counts[scope]}"
-        return 200, [("Content-Type", "application/json")], json_body(
-            {"access_token": tok, "token_type": "Bearer", "expires_in": 3600})
-
-    token_server.set_handler(handler)
+    token_by_scope(token_server)
     token_server.set_delay(0.3)
     scope = "s0"
-    lds = LdsEnvoy(envoy_factory, tmp_path, reload_config(scope))
+    lds = LdsEnvoy(envoy_factory, tmp_path, scoped_config(scope))
     e = lds.envoy
     assert e.request("/warm").status == 200
     rows, problems, threads = [], [], []
@@ -259,17 +150,20 @@ def test_reload_storm_loses_nothing_fetches_per_key_and_keeps_threads_flat(
             changes_key = i % 2 == 0
             if changes_key:
                 scope, what = f"s{i}", f"scopes -> [s{i}]"
-                config = reload_config(scope)
+                config = scoped_config(scope)
             else:
-                config, what = reload_config(scope, extra_routes=i), f"{i} extra route(s)"
+                config, what = scoped_config(scope, extra_routes=i), f"{i} extra route(s)"
             before = token_server.count()
             lds.reload(config)
+            applied = time.monotonic()
+            # An absence window for the token requests a reload must not cause.
             time.sleep(SETTLE_S)
             scopes = [r.form.get("scope") for r in token_server.requests[before:]]
-            tokens = sorted({a for _, _, a in traffic.since(time.monotonic() - SETTLE_S / 2)})
+            # Judged: the requests sent once the new configuration had half the window to take over.
+            tokens = sorted({a for _, _, a in traffic.answered_since(applied + SETTLE_S / 2)})
             threads.append(lds.threads())
             rows.append(f"reload {i} ({what}): token requests {scopes}, tokens served after it {tokens}, "
-                        f"Envoy threads {threads[-1]}")
+                        f"longest answer {traffic.longest_since(applied):.2f} s, Envoy threads {threads[-1]}")
             want = [scope] if changes_key else []
             if scopes != want:
                 problems.append(f"reload {i} ({what}): token requests for scopes {scopes}, expected {want}")
