@@ -15,7 +15,7 @@ use crate::exchange::copies::SubjectCopy;
 use crate::exchange::limiter::{Limiter, Refused};
 use crate::exchange::set::{SubjectEntry, SubjectSet, limit_key, purges_key, set_key};
 use crate::exchange::{Refusal, Subject, SubjectKey};
-use crate::lifecycle::requests::Waiter;
+use crate::lifecycle::requests::{Waiter, fail_fast};
 
 /// A subject this VM wants exchanged: its token, until when (its requests' deadlines), and its
 /// JWS `exp` (read once, on the miss).
@@ -80,25 +80,18 @@ impl Driver {
                 actions.push(Action::Count { profile, metric: Refusal::SubjectRejected.metric() });
                 RequestOutcome::Refuse(Refusal::SubjectRejected)
             }
-            RequestDecision::Fail => {
-                log(
-                    &mut actions,
-                    LogLevel::Debug,
-                    format!("profile {:?}: the last exchange of this subject failed; failing fast", p.name),
-                );
-                actions.push(Action::Count { profile, metric: Metric::FailedRequest });
-                RequestOutcome::Fail
-            }
-            RequestDecision::Wait if self.waiters.len() >= self.config.max_paused_requests => {
-                self.fail_over_paused_limit(&p.name, profile, &mut actions)
-            }
+            RequestDecision::Fail => fail_fast(
+                profile,
+                format!("profile {:?}: the last exchange of this subject failed; failing fast", p.name),
+                &mut actions,
+            ),
             RequestDecision::Wait => {
-                let deadline_ms = want.until_ms;
-                self.waiters.push(Waiter { request, profile, deadline_ms, subject: Some(key) });
-                self.wanted.insert((profile, key), want);
-                actions.push(Action::Count { profile, metric: Metric::Waited });
-                actions.push(Action::Kick { profile });
-                RequestOutcome::Wait
+                let waiter = Waiter { request, profile, deadline_ms: want.until_ms, subject: Some(key) };
+                let outcome = self.pause(waiter, &p.name, &mut actions);
+                if outcome == RequestOutcome::Wait {
+                    self.wanted.insert((profile, key), want);
+                }
+                outcome
             }
         };
         (outcome, actions)

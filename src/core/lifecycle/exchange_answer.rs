@@ -179,10 +179,7 @@ impl Driver {
         let mut actions = Vec::new();
         let config = std::sync::Arc::clone(&self.config);
         let Some((p, te)) = exchange_profile(&config.profiles, profile) else { return actions };
-        let Some(status) = status.and_then(crate::request::parse_status) else { return actions };
-        if !p.purge_on_status.contains(&status) {
-            return actions;
-        }
+        let Some(status) = super::requests::rejection(p, status) else { return actions };
         let key = *subject;
         let update = store::update_bytes(env, &set_key(&p.cache_key, key.set_index(te.cache.sets)), |bytes| {
             let mut set = SubjectSet::decode(bytes);

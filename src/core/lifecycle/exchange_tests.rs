@@ -311,8 +311,8 @@ fn an_upstream_401_drops_that_subjects_token_on_every_vm() {
     let mut vms = vms(&config, &mut store, 2);
     let alice = Subject::new("alice-token");
     let bob = Subject::new("bob-token");
-    for subject in [&alice, &bob] {
-        let _ = vms[0].on_subject_request(0, 1, subject, 0, &mut store);
+    for (request, subject) in [(1, &alice), (11, &bob)] {
+        let _ = vms[0].on_subject_request(0, request, subject, 0, &mut store);
         for call in sends(&vms[0].on_wake(&[0], 0, &mut store)) {
             let _ = vms[0].on_answer(call.id, answer(b"200", &exchanged_for(call, 100)), 1, &mut store);
         }

@@ -90,25 +90,46 @@ pub(crate) fn unknown_profile_reply(config: &Config) -> FailureReply {
     }
 }
 
+/// The upstream's `status` (bytes of `:status`) if it is one that means `profile`'s token was
+/// rejected (`purge_on_status`).
+pub(super) fn rejection(profile: &crate::config::Profile, status: Option<&[u8]>) -> Option<u32> {
+    status.and_then(crate::request::parse_status).filter(|s| profile.purge_on_status.contains(s))
+}
+
+/// A request failed at once because the last fetch of its token failed (`why` says which one).
+pub(super) fn fail_fast(profile: usize, why: String, actions: &mut Vec<Action>) -> RequestOutcome {
+    log(actions, LogLevel::Debug, why);
+    actions.push(Action::Count { profile, metric: Metric::FailedRequest });
+    RequestOutcome::Fail
+}
+
 impl Driver {
-    /// A request that would wait while `max_paused_requests` already wait on this driver: failed
-    /// now, for a client-credentials and an exchange profile alike.
-    pub(super) fn fail_over_paused_limit(
-        &self,
-        name: &str,
-        profile: usize,
-        actions: &mut Vec<Action>,
-    ) -> RequestOutcome {
-        log(
-            actions,
-            LogLevel::Warn,
-            format!(
-                "profile {name:?}: {} requests already wait for a token on this worker (max_paused_requests); failing this one",
-                self.config.max_paused_requests
-            ),
+    /// Pauses `waiter` until its token arrives or its deadline passes, for a client-credentials
+    /// and an exchange profile alike; a request that would wait while `max_paused_requests`
+    /// already wait on this driver is failed now instead.
+    pub(super) fn pause(&mut self, waiter: Waiter, name: &str, actions: &mut Vec<Action>) -> RequestOutcome {
+        let profile = waiter.profile;
+        if self.waiters.len() >= self.config.max_paused_requests {
+            log(
+                actions,
+                LogLevel::Warn,
+                format!(
+                    "profile {name:?}: {} requests already wait for a token on this worker (max_paused_requests); failing this one",
+                    self.config.max_paused_requests
+                ),
+            );
+            actions.push(Action::Count { profile, metric: Metric::FailedRequest });
+            return RequestOutcome::Fail;
+        }
+        debug_assert!(
+            self.waiters.iter().all(|w| w.request != waiter.request),
+            "a request paused twice would be resumed twice"
         );
-        actions.push(Action::Count { profile, metric: Metric::FailedRequest });
-        RequestOutcome::Fail
+        self.waiters.push(waiter);
+        debug_assert!(self.waiters.len() <= self.config.max_paused_requests);
+        actions.push(Action::Count { profile, metric: Metric::Waited });
+        actions.push(Action::Kick { profile });
+        RequestOutcome::Wait
     }
 
     /// The hit path: this VM's copy of the profile's token, if it has one (no store read, no clock).
@@ -147,29 +168,14 @@ impl Driver {
             RequestDecision::Inject { token, generation } => {
                 RequestOutcome::Inject { value: format!("{}{}", p.inject.prefix, token), generation }
             }
-            RequestDecision::Fail => {
-                log(
-                    &mut actions,
-                    LogLevel::Debug,
-                    format!("profile {:?}: no token and the last fetch failed; failing fast", p.name),
-                );
-                actions.push(Action::Count { profile, metric: Metric::FailedRequest });
-                RequestOutcome::Fail
-            }
-            RequestDecision::Wait if self.waiters.len() >= self.config.max_paused_requests => {
-                self.fail_over_paused_limit(&p.name, profile, &mut actions)
-            }
+            RequestDecision::Fail => fail_fast(
+                profile,
+                format!("profile {:?}: no token and the last fetch failed; failing fast", p.name),
+                &mut actions,
+            ),
             RequestDecision::Wait => {
                 let deadline_ms = now_ms.saturating_add(p.max_wait_ms);
-                debug_assert!(
-                    self.waiters.iter().all(|w| w.request != request),
-                    "a request paused twice would be resumed twice"
-                );
-                self.waiters.push(Waiter { request, profile, deadline_ms, subject: None });
-                debug_assert!(self.waiters.len() <= self.config.max_paused_requests);
-                actions.push(Action::Count { profile, metric: Metric::Waited });
-                actions.push(Action::Kick { profile });
-                RequestOutcome::Wait
+                self.pause(Waiter { request, profile, deadline_ms, subject: None }, &p.name, &mut actions)
             }
         };
         (outcome, actions)
@@ -200,10 +206,7 @@ impl Driver {
         let mut actions = Vec::new();
         let config = std::sync::Arc::clone(&self.config);
         let Some(p) = config.profiles.get(profile) else { return actions };
-        let Some(status) = status.and_then(crate::request::parse_status) else { return actions };
-        if !p.purge_on_status.contains(&status) {
-            return actions;
-        }
+        let Some(status) = rejection(p, status) else { return actions };
         let purged = store::update_entry(env, &p.cache_key, |entry| cache::purge(entry, generation));
         // This VM drops its copy of the rejected token now, even when another VM purged it first
         // and this VM's wake is still to come.

@@ -489,6 +489,19 @@ impl World {
         self.configs[self.vms[vm].variant].profiles.get(profile).map(|p| p.cache_key.clone())
     }
 
+    /// A new request id on `vm`, which now serves requests (its driver is told on the first).
+    fn begin_request(&mut self, vm: usize) -> RequestId {
+        let request = self.next_request;
+        self.next_request += 1;
+        if !self.vms[vm].serving {
+            self.vms[vm].serving = true;
+            if let Some(driver) = self.vms[vm].driver.as_mut() {
+                driver.set_serves_requests();
+            }
+        }
+        request
+    }
+
     fn arrival(&mut self) {
         let workers: Vec<usize> = (0..self.vms.len()).filter(|&v| self.vms[v].worker).collect();
         if workers.is_empty() {
@@ -502,14 +515,7 @@ impl World {
         if config.profiles[profile].exchange.is_some() {
             return self.exchange_arrival(vm, profile, key);
         }
-        let request = self.next_request;
-        self.next_request += 1;
-        if !self.vms[vm].serving {
-            self.vms[vm].serving = true;
-            if let Some(driver) = self.vms[vm].driver.as_mut() {
-                driver.set_serves_requests();
-            }
-        }
+        let request = self.begin_request(vm);
         let hit = self.vms[vm].driver.as_ref().and_then(|d| d.cached(profile)).cloned();
         if let Some(copy) = hit {
             self.note(|| format!("    request {request} on vm{vm} hit"));

@@ -73,14 +73,7 @@ impl World {
     pub(super) fn exchange_arrival(&mut self, vm: usize, profile: usize, key: String) {
         let Some(x) = self.params.exchange.clone() else { return };
         let token = x.token(self.rng.below(x.subjects));
-        let request = self.next_request;
-        self.next_request += 1;
-        if !self.vms[vm].serving {
-            self.vms[vm].serving = true;
-            if let Some(driver) = self.vms[vm].driver.as_mut() {
-                driver.set_serves_requests();
-            }
-        }
+        let request = self.begin_request(vm);
         let hit = self.vms[vm].driver.as_ref().and_then(|d| d.cached_subject(profile, token.as_bytes())).cloned();
         if let Some(copy) = hit {
             self.note(|| format!("    request {request} on vm{vm} hit (subject {})", short(&token)));
